@@ -1,0 +1,60 @@
+"""Float64 NumPy implementations of SPEC section 1, written directly from the formulas.
+
+They broadcast the full (L, D_in, D_out) difference tensor, which is the point: they are the
+obvious reading of the formulas, for small test shapes only.
+"""
+
+import numpy as np
+
+
+def _flat(x, w):
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    return x.reshape(-1, x.shape[-1]), w
+
+
+def dense(x, w):
+    x2, w = _flat(x, w)
+    return (x2 @ w).reshape(*np.shape(x)[:-1], w.shape[1])
+
+
+def adder(x, w):
+    x2, w = _flat(x, w)
+    y = -np.abs(x2[:, :, None] - w[None]).sum(axis=1)
+    return y.reshape(*np.shape(x)[:-1], w.shape[1])
+
+
+def euclid(x, w):
+    x2, w = _flat(x, w)
+    y = -((x2[:, :, None] - w[None]) ** 2).sum(axis=1)
+    return y.reshape(*np.shape(x)[:-1], w.shape[1])
+
+
+def hardtanh(z):
+    return np.clip(z, -1.0, 1.0)
+
+
+def adder_grads(x, w, g, grad, clip_scale=4.0):
+    """(dL/dx, dL/dw) of ``adder`` under the rule ``grad`` for the cotangent ``g``."""
+    x2, w = _flat(x, w)
+    g2 = np.asarray(g, np.float64).reshape(-1, w.shape[1])
+    diff = x2[:, :, None] - w[None]  # (L, D_in, D_out): x[l, i] - w[i, d]
+    if grad == "exact":
+        dx_term, dw_term = np.sign(-diff), np.sign(diff)
+    elif grad == "addernet":
+        dx_term, dw_term = hardtanh(-diff), diff
+    elif grad == "clipped":
+        dx_term, dw_term = hardtanh(clip_scale * -diff), diff
+    else:
+        raise ValueError(grad)
+    dx = np.einsum("ld,lid->li", g2, dx_term).reshape(np.shape(x))
+    dw = np.einsum("ld,lid->id", g2, dw_term)
+    return dx, dw
+
+
+def rel_err(actual, expected):
+    """Relative Frobenius error, the measure SPEC section 1 states the tolerance in."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    denom = np.linalg.norm(expected)
+    return np.linalg.norm(actual - expected) / (denom if denom > 0 else 1.0)
