@@ -14,17 +14,17 @@ cotangent of ``y[l, d]``.
 ``adder`` is not differentiable at ``x == w`` and its true gradient, a sign, trains badly, so its
 backward pass is a choice (``grad``):
 
-=============  ==========================================  ==============================================
-``grad``       dL/dw[i, d] = sum_l of                      dL/dx[l, i] = sum_d of
-=============  ==========================================  ==============================================
-``"exact"``    ``g[l,d] * sign(x[l,i] - w[i,d])``          ``g[l,d] * sign(w[i,d] - x[l,i])``
-``"addernet"`` ``g[l,d] * (x[l,i] - w[i,d])``              ``g[l,d] * hardtanh(w[i,d] - x[l,i])``
-``"clipped"``  ``g[l,d] * (x[l,i] - w[i,d])``              ``g[l,d] * hardtanh(clip_scale * (w[i,d] - x[l,i]))``
-=============  ==========================================  ==============================================
+* ``"exact"``:    dL/dw[i, d] = sum_l g[l,d] * sign(x[l,i] - w[i,d]),
+                  dL/dx[l, i] = sum_d g[l,d] * sign(w[i,d] - x[l,i]);
+* ``"addernet"``: dL/dw[i, d] = sum_l g[l,d] * (x[l,i] - w[i,d]),
+                  dL/dx[l, i] = sum_d g[l,d] * hardtanh(w[i,d] - x[l,i]);
+* ``"clipped"``:  dL/dw[i, d] = sum_l g[l,d] * (x[l,i] - w[i,d]),
+                  dL/dx[l, i] = sum_d g[l,d] * hardtanh(clip_scale * (w[i,d] - x[l,i])),
 
-``"addernet"`` is AdderNet's full-precision gradient (its Eqs. 5 and 8). ``"clipped"`` is the fix
-of the *Exploration of AdderViT* study (Problem 1): scaling by 4 before the clip brings the x
-gradient closer to the true sign while keeping it bounded.
+with ``hardtanh(z) = clip(z, -1, 1)``. ``"addernet"`` is AdderNet's full-precision gradient for the
+weights with a HardTanh-clipped input gradient. ``"clipped"`` is the fix of the *Exploration of
+AdderViT* study (its Problem 1): scaling by 4 before the clip brings the x gradient closer to the
+true sign while keeping it bounded.
 
 Implementation (memory and speed):
 
@@ -74,7 +74,9 @@ def _check_operands(op: str, x: jax.Array, w: jax.Array) -> None:
             f"{op}: w must be a 2-D (D_in, D_out) weight matrix, got rank {len(w_shape)} ({shapes})"
         )
     if len(x_shape) < 1:
-        raise ValueError(f"{op}: x must have shape (..., D_in) with at least one dimension ({shapes})")
+        raise ValueError(
+            f"{op}: x must have shape (..., D_in) with at least one dimension ({shapes})"
+        )
     if x_shape[-1] != w_shape[0]:
         raise ValueError(
             f"{op}: feature mismatch, x.shape[-1]={x_shape[-1]} must equal w.shape[0]={w_shape[0]} "

@@ -1,0 +1,118 @@
+"""Time ops.adder against ops.dense of the same shape: forward, and forward + backward.
+
+    python experiments/bench_ops.py                       # ViT-like shapes, grad="clipped"
+    python experiments/bench_ops.py --grad exact addernet clipped --naive
+
+Single timings on shared machines swing by 2x, so each adder run is paired with a dense run of
+the same shape right after it, in one process and after warm-up, and the table reports the median
+of the per-pair ratios (plus the median absolute times). ``--naive`` adds the obvious broadcast
+formula ``-sum(|x[:, :, None] - w|, axis=1)`` (forward only: its backward needs the whole
+(L, D_in, D_out) tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from addervit_jax import ops
+
+# (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down) and the CIFAR-sized
+# SimpleViT MLP on a batch of 64 images of 64 patches.
+DEFAULT_SHAPES = ["4096x384x1536", "4096x1536x384", "4096x384x1152", "4096x128x256"]
+
+
+def describe_device() -> str:
+    device = jax.devices()[0]
+    kind = device.device_kind
+    if device.platform == "cpu":
+        model = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+        except (OSError, StopIteration):
+            pass
+        kind = f"{model}, {os.cpu_count()} cores"
+    return f"{device.platform} ({kind}), jax {jax.__version__}"
+
+
+def naive_adder(x, w):
+    return -jnp.sum(jnp.abs(x[:, :, None] - w[None]), axis=1)
+
+
+def forward_and_backward(op):
+    def loss(x, w, r):
+        return jnp.sum(op(x, w) * r)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def paired_ratio(f, baseline, args, repeats: int) -> tuple[float, float, float]:
+    """Median over ``repeats`` alternating runs of time(f) / time(baseline), and both medians."""
+    jax.block_until_ready(f(*args))  # compile and warm up both
+    jax.block_until_ready(baseline(*args))
+    ratios, t_f, t_b = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        t1 = time.perf_counter()
+        jax.block_until_ready(baseline(*args))
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+        t_f.append(t1 - t0)
+        t_b.append(t2 - t1)
+    return statistics.median(ratios), statistics.median(t_f), statistics.median(t_b)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="LxD_INxD_OUT")
+    parser.add_argument("--grad", nargs="+", default=["clipped"], choices=ops.GRAD_RULES)
+    parser.add_argument("--backend", default="auto", choices=ops.BACKENDS)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--naive", action="store_true", help="also time the broadcast formula")
+    args = parser.parse_args(argv)
+
+    print(f"device: {describe_device()}; adder backend: {ops.resolve_backend(args.backend)}")
+    print(f"median of {args.repeats} alternating runs after warm-up\n")
+    print("| shape (L x D_in x D_out) | op | pass | ratio to dense | op time (ms) | dense (ms) |")
+    print("|---|---|---|---:|---:|---:|")
+    dense_fwd = jax.jit(lambda x, w, r: ops.dense(x, w))
+    dense_fb = forward_and_backward(ops.dense)
+    for spec in args.shapes:
+        length, d_in, d_out = (int(v) for v in spec.lower().split("x"))
+        kx, kw, kr = jax.random.split(jax.random.key(0), 3)
+        inputs = (
+            jax.random.normal(kx, (length, d_in)),
+            jax.random.normal(kw, (d_in, d_out)),
+            jax.random.normal(kr, (length, d_out)),
+        )
+        rows = []
+        if args.naive:
+            rows.append(("naive adder", "forward", jax.jit(lambda x, w, r: naive_adder(x, w))))
+        forward = jax.jit(lambda x, w, r: ops.adder(x, w, backend=args.backend))
+        rows.append(("adder", "forward", forward))
+        for grad in args.grad:
+
+            def adder(x, w, grad=grad):
+                return ops.adder(x, w, grad=grad, backend=args.backend)
+
+            rows.append((f"adder grad={grad}", "fwd+bwd", forward_and_backward(adder)))
+        for name, kind, fn in rows:
+            baseline = dense_fwd if kind == "forward" else dense_fb
+            ratio, t_op, t_dense = paired_ratio(fn, baseline, inputs, args.repeats)
+            print(
+                f"| {spec} | {name} | {kind} | {ratio:.2f}x | {1e3 * t_op:.1f} | "
+                f"{1e3 * t_dense:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
