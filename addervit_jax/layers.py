@@ -1,0 +1,221 @@
+"""Flax NNX linear layers around the three similarity operations of ``addervit_jax.ops``.
+
+``AdderDense`` is the layer of the *Exploration of AdderViT* study's final method,
+
+    y = F * N(adder(E * x, W)) + b,
+
+with ``E`` (``stretch``, shape ``(in,)``, init ones) an input stretch against the L1 distance's loss
+of diversity (the study's Problem 2), ``F`` (``mask``, shape ``(out,)``, init ones) an output soft
+mask, so that ``F = 0, b = 0`` makes ``x + layer(x)`` exactly the identity (its Problem 3), and
+``N`` a LayerNorm without affine parameters over the output features (``norm="layer"``) or the
+identity (``norm="none"``). ``W`` starts from N(0, 1), as in AdderNet.
+
+``EuclidDense`` is the same layer around ``ops.euclid``; ``Dense`` is the multiplication baseline,
+with no extra normalisation so that comparisons are not confounded. ``make_linear`` is the one
+factory the models use for every linear site.
+
+The adder weight ``W`` is an :class:`AdderWeight`, a subclass of ``nnx.Param``. It is the only
+parameter AdderNet's adaptive learning rate applies to; select it with the NNX filter
+``AdderWeight``, e.g. ``nnx.state(model, AdderWeight)``, or test ``isinstance(v, AdderWeight)``
+on the variables of ``nnx.state(model, nnx.Param)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from addervit_jax import ops
+
+__all__ = [
+    "LINEAR_KINDS",
+    "AdderDense",
+    "AdderWeight",
+    "Dense",
+    "EuclidDense",
+    "make_linear",
+    "similarity_scope",
+]
+
+LINEAR_KINDS = ("multi", "adder", "adder_orig", "euclid")
+NORMS = ("layer", "none")
+DENSE_INIT = nnx.initializers.lecun_normal()  # flax's Dense default
+DISTANCE_INIT = nnx.initializers.normal(stddev=1.0)  # AdderNet and the study: W ~ N(0, 1)
+
+
+class AdderWeight(nnx.Param):
+    """The weight ``W`` of an adder layer: what AdderNet's adaptive learning rate scales."""
+
+
+def similarity_scope(kind: str):
+    """Name scope that marks a similarity computation of ``kind`` for ``addervit_jax.profile``."""
+    return jax.named_scope(f"similarity_{kind}")
+
+
+class Dense(nnx.Module):
+    """The multiplication baseline ``y = x @ W + b`` (``ops.dense``)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        kernel_init: nnx.Initializer = DENSE_INIT,
+        rngs: nnx.Rngs,
+    ):
+        _check_features(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        with similarity_scope("multi"):
+            y = ops.dense(x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class _DistanceDense(nnx.Module):
+    """``y = F * N(similarity(E * x, W)) + b`` for a distance-based similarity."""
+
+    kind: str
+    weight_type: type[nnx.Param] = nnx.Param
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stretch: bool = True,
+        mask: bool = True,
+        norm: str = "layer",
+        use_bias: bool = True,
+        kernel_init: nnx.Initializer = DISTANCE_INIT,
+        rngs: nnx.Rngs,
+    ):
+        _check_features(in_features, out_features)
+        if norm not in NORMS:
+            raise ValueError(
+                f"{type(self).__name__}: unknown norm={norm!r}; expected one of {NORMS}"
+            )
+        self.in_features, self.out_features, self.norm = in_features, out_features, norm
+        self.kernel = self.weight_type(kernel_init(rngs.params(), (in_features, out_features)))
+        self.stretch = nnx.Param(jnp.ones((in_features,))) if stretch else None
+        self.mask = nnx.Param(jnp.ones((out_features,))) if mask else None
+        self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+
+    def _similarity(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.stretch is not None:
+            x = x * self.stretch[...]
+        with similarity_scope(self.kind):
+            y = self._similarity(x, self.kernel[...])
+        if self.norm == "layer":
+            # Adder and euclid outputs are large negative sums of D_in distances; the study's
+            # layer normalises them over the output features before the mask.
+            y = jax.nn.standardize(y, axis=-1, epsilon=1e-5)
+        if self.mask is not None:
+            y = y * self.mask[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class AdderDense(_DistanceDense):
+    """``y = F * N(adder(E * x, W)) + b``; ``grad``, ``clip_scale``, ``backend`` go to the op."""
+
+    kind = "adder"
+    weight_type = AdderWeight
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        grad: str = "clipped",
+        clip_scale: float = 4.0,
+        backend: str = "auto",
+        **kwargs: Any,
+    ):
+        _check_adder_options(type(self).__name__, grad, clip_scale, backend)
+        super().__init__(in_features, out_features, **kwargs)
+        self.grad, self.clip_scale, self.backend = grad, float(clip_scale), backend
+
+    def _similarity(self, x, w):
+        return ops.adder(x, w, grad=self.grad, clip_scale=self.clip_scale, backend=self.backend)
+
+
+class EuclidDense(_DistanceDense):
+    """``y = F * N(euclid(E * x, W)) + b`` (exact gradients)."""
+
+    kind = "euclid"
+
+    def _similarity(self, x, w):
+        return ops.euclid(x, w)
+
+
+# Options each kind of site accepts. A model passes one set of options to every site; an option
+# that belongs to another kind (``grad`` at a ``multi`` site) is dropped, an unknown one raises.
+_SITE_OPTIONS = {
+    "multi": {"use_bias", "kernel_init"},
+    "adder": {
+        "grad",
+        "clip_scale",
+        "backend",
+        "stretch",
+        "mask",
+        "norm",
+        "use_bias",
+        "kernel_init",
+    },
+    "adder_orig": {"backend", "norm", "use_bias", "kernel_init"},
+    "euclid": {"stretch", "mask", "norm", "use_bias", "kernel_init"},
+}
+_ALL_OPTIONS = set().union(*_SITE_OPTIONS.values()) | {"grad", "clip_scale", "stretch", "mask"}
+
+
+def make_linear(kind: str, in_features: int, out_features: int, *, rngs: nnx.Rngs, **opts):
+    """The one factory for linear sites: ``kind`` in ``multi | adder | adder_orig | euclid``.
+
+    ``adder_orig`` is AdderNet's original layer: ``grad="addernet"``, no stretch E, no mask F
+    (it keeps the normalisation, which AdderNet had as batch norm after every adder layer).
+    Options that do not apply to ``kind`` are ignored; unknown option names raise ``TypeError``.
+    """
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"make_linear: unknown kind={kind!r}; expected one of {LINEAR_KINDS}")
+    unknown = set(opts) - _ALL_OPTIONS
+    if unknown:
+        raise TypeError(f"make_linear: unknown option(s) {sorted(unknown)} for kind={kind!r}")
+    opts = {k: v for k, v in opts.items() if k in _SITE_OPTIONS[kind]}
+    if kind == "multi":
+        return Dense(in_features, out_features, rngs=rngs, **opts)
+    if kind == "adder":
+        return AdderDense(in_features, out_features, rngs=rngs, **opts)
+    if kind == "adder_orig":
+        return AdderDense(
+            in_features, out_features, grad="addernet", stretch=False, mask=False, rngs=rngs, **opts
+        )
+    return EuclidDense(in_features, out_features, rngs=rngs, **opts)
+
+
+def _check_features(in_features, out_features) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_adder_options(layer: str, grad, clip_scale, backend) -> None:
+    if grad not in ops.GRAD_RULES:
+        raise ValueError(f"{layer}: unknown grad={grad!r}; expected one of {ops.GRAD_RULES}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"{layer}: unknown backend={backend!r}; expected one of {ops.BACKENDS}")
+    if not isinstance(clip_scale, int | float) or not (0 < clip_scale < math.inf):
+        raise ValueError(f"{layer}: clip_scale must be a positive number, got {clip_scale!r}")
