@@ -1,0 +1,153 @@
+"""AdderDense / EuclidDense / Dense against direct float64 formulas, and make_linear."""
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from flax import nnx
+
+from addervit_jax import layers
+
+
+def _randomise(layer, seed):
+    """Replace every parameter by fresh random values (E, F and b are ones/zeros at init)."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.iter_graph(layer):
+        if isinstance(var, nnx.Param):
+            var[...] = jnp.asarray(rng.normal(size=var.shape), jnp.float32)
+    return layer
+
+
+def _standardize(y, eps=1e-5):
+    mean = y.mean(-1, keepdims=True)
+    var = ((y - mean) ** 2).mean(-1, keepdims=True)
+    return (y - mean) / np.sqrt(var + eps)
+
+
+def _params(layer):
+    return {
+        name: None
+        if getattr(layer, name, None) is None
+        else np.asarray(getattr(layer, name)[...], np.float64)
+        for name in ("kernel", "stretch", "mask", "bias")
+    }
+
+
+def _distance_layer_reference(layer, x, similarity):
+    p = _params(layer)
+    h = np.asarray(x, np.float64)
+    if p["stretch"] is not None:
+        h = h * p["stretch"]
+    y = similarity(h, p["kernel"])
+    if layer.norm == "layer":
+        y = _standardize(y)
+    if p["mask"] is not None:
+        y = y * p["mask"]
+    if p["bias"] is not None:
+        y = y + p["bias"]
+    return y
+
+
+@pytest.mark.parametrize("cls", [layers.AdderDense, layers.EuclidDense])
+@pytest.mark.parametrize("norm", ["layer", "none"])
+@pytest.mark.parametrize(("lead", "d_in", "d_out"), [((5,), 13, 7), ((2, 3), 1, 9), ((4,), 33, 2)])
+def test_distance_layer_matches_float64_formula(cls, norm, lead, d_in, d_out):
+    layer = _randomise(cls(d_in, d_out, norm=norm, rngs=nnx.Rngs(0)), seed=d_in)
+    x = np.random.default_rng(1).normal(size=(*lead, d_in)).astype(np.float32)
+    similarity = ref.adder if cls is layers.AdderDense else ref.euclid
+    expected = _distance_layer_reference(layer, x, similarity)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert y.shape == (*lead, d_out)
+    # LayerNorm subtracts the large common part of -sum_i |x_i - w_id|, which amplifies float32
+    # rounding of the sum; 1e-4 leaves room for that and nothing else.
+    assert ref.rel_err(y, expected) < (1e-4 if norm == "layer" else 1e-5)
+
+
+def test_dense_matches_float64_formula():
+    layer = _randomise(layers.Dense(11, 6, rngs=nnx.Rngs(0)), seed=3)
+    x = np.random.default_rng(2).normal(size=(3, 4, 11)).astype(np.float32)
+    p = _params(layer)
+    assert ref.rel_err(layer(x), ref.dense(x, p["kernel"]) + p["bias"]) < 1e-5
+
+
+@pytest.mark.parametrize("grad", ["clipped", "addernet", "exact"])
+def test_adder_layer_gradients_follow_the_rule(grad):
+    # Without the norm, y = F * adder(E * x, W) + b, so every gradient is a rule of ops.adder
+    # composed with elementwise products, computed here in float64.
+    layer = _randomise(layers.AdderDense(10, 6, grad=grad, norm="none", rngs=nnx.Rngs(0)), seed=4)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, 10)).astype(np.float32)
+    r = rng.normal(size=(7, 6)).astype(np.float32)
+
+    def loss(layer, x):
+        return jnp.sum(layer(x) * r)
+
+    grads, dx = nnx.grad(loss, argnums=(0, 1))(layer, x)
+    p = _params(layer)
+    h = x * p["stretch"]
+    g = r * p["mask"]
+    dh, dw = ref.adder_grads(h, p["kernel"], g, grad)
+    assert ref.rel_err(grads.kernel[...], dw) < 1e-5
+    assert ref.rel_err(dx, dh * p["stretch"]) < 1e-5
+    assert ref.rel_err(grads.stretch[...], (dh * x).sum(0)) < 1e-5
+    assert ref.rel_err(grads.mask[...], (ref.adder(h, p["kernel"]) * r).sum(0)) < 1e-5
+    assert ref.rel_err(grads.bias[...], r.sum(0)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["adder", "euclid"])
+def test_zero_mask_and_bias_make_the_residual_block_the_identity(kind):
+    layer = layers.make_linear(kind, 8, 8, rngs=nnx.Rngs(0))
+    layer.mask[...] = jnp.zeros(8)
+    layer.bias[...] = jnp.zeros(8)
+    x = jax.random.normal(jax.random.key(0), (4, 5, 8))
+    y = layer(x)
+    np.testing.assert_array_equal(y, np.zeros_like(y))
+    np.testing.assert_array_equal(x + y, x)
+
+
+def test_no_shape_is_frozen_at_first_call():
+    layer = layers.AdderDense(6, 4, rngs=nnx.Rngs(0))
+    for shape in [(2, 6), (7, 6), (3, 4, 5, 6), (6,)]:
+        x = jax.random.normal(jax.random.key(len(shape)), shape)
+        assert layer(x).shape == (*shape[:-1], 4)
+
+
+def test_adder_weight_is_marked_for_the_optimiser():
+    model = nnx.Sequential(
+        layers.make_linear("adder", 4, 5, rngs=nnx.Rngs(0)),
+        layers.make_linear("euclid", 5, 5, rngs=nnx.Rngs(1)),
+        layers.make_linear("multi", 5, 3, rngs=nnx.Rngs(2)),
+    )
+    adder_state = nnx.state(model, layers.AdderWeight)
+    leaves = jax.tree.leaves(adder_state)
+    assert len(leaves) == 1 and leaves[0].shape == (4, 5)
+    assert isinstance(model.layers[0].kernel, layers.AdderWeight)
+    assert not isinstance(model.layers[1].kernel, layers.AdderWeight)
+    assert not isinstance(model.layers[2].kernel, layers.AdderWeight)
+    # still an ordinary trainable parameter
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == 4 + 4 + 2
+
+
+def test_make_linear_kinds_and_options():
+    rngs = nnx.Rngs(0)
+    opts = {"grad": "exact", "clip_scale": 2.0, "stretch": False, "norm": "none"}
+    multi = layers.make_linear("multi", 3, 4, rngs=rngs, **opts)
+    assert type(multi) is layers.Dense
+    adder = layers.make_linear("adder", 3, 4, rngs=rngs, **opts)
+    assert (adder.grad, adder.clip_scale, adder.stretch, adder.norm) == ("exact", 2.0, None, "none")
+    assert adder.mask is not None
+    orig = layers.make_linear("adder_orig", 3, 4, rngs=rngs, **opts)
+    assert (orig.grad, orig.stretch, orig.mask, orig.norm) == ("addernet", None, None, "none")
+    euclid = layers.make_linear("euclid", 3, 4, rngs=rngs, **opts)
+    assert type(euclid) is layers.EuclidDense and euclid.stretch is None
+    with pytest.raises(ValueError, match="kind='adderr'"):
+        layers.make_linear("adderr", 3, 4, rngs=rngs)
+    with pytest.raises(TypeError, match="strech"):
+        layers.make_linear("adder", 3, 4, rngs=rngs, strech=True)
+    with pytest.raises(ValueError, match="grad='sign'"):
+        layers.make_linear("adder", 3, 4, rngs=rngs, grad="sign")
+    with pytest.raises(ValueError, match="norm='batch'"):
+        layers.make_linear("euclid", 3, 4, rngs=rngs, norm="batch")
+    with pytest.raises(ValueError, match="in_features"):
+        layers.make_linear("multi", 0, 4, rngs=rngs)
