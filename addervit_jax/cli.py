@@ -1,19 +1,27 @@
 """The ``addervit`` command.
 
-addervit demo     # the three similarity operations and the adder backward rules on toy tensors
+addervit train [--config NAME_OR_PATH] [--config.key=value ...] [--workdir DIR] [--resume]
+addervit eval --checkpoint WORKDIR [--split SPLIT]
+addervit demo     # the similarity operations and the adder backward rules on toy tensors
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from addervit_jax import ops
+from addervit_jax import configs, ops
+
+DEFAULT_CONFIG = "digits"
 
 
 def _timed_ratio(f, baseline, args, repeats=5) -> float:
@@ -67,9 +75,90 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_train_flags(argv: list[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "config name or file", flag_values=flag_values, lock_config=True
+    )
+    flags.DEFINE_string(
+        "workdir", None, "run directory (default: a new one under ./runs)", flag_values=flag_values
+    )
+    flags.DEFINE_bool(
+        "resume", False, "continue from the latest checkpoint in --workdir", flag_values=flag_values
+    )
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("\n\n")[1].splitlines()[1].strip())
+        print(flag_values.get_help())
+        raise SystemExit(0)
+    names = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if not names:
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+        names = [0]
+    i = names[-1]
+    if argv[i] == "--config":
+        if i + 1 >= len(argv):
+            raise SystemExit("addervit train: --config needs a name or a path")
+        argv[i + 1] = configs.path(argv[i + 1])
+    else:
+        argv[i] = "--config=" + configs.path(argv[i].partition("=")[2])
+    try:
+        rest = flag_values(["addervit train", *argv])
+    except flags.Error as err:
+        raise SystemExit(f"addervit train: {err}") from err
+    if len(rest) > 1:
+        raise SystemExit(f"addervit train: unexpected arguments {rest[1:]}")
+    return flag_values
+
+
+def train_command(argv: list[str]) -> int:
+    from addervit_jax import train
+
+    flag_values = _parse_train_flags(argv)
+    config = flag_values.config
+    workdir = flag_values.workdir
+    if workdir is None:
+        if flag_values.resume:
+            raise SystemExit("addervit train: --resume needs the --workdir of the run")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        workdir = pathlib.Path("runs") / f"{config.variant}-{config.dataset}-{stamp}"
+    try:
+        summary = train.train(config, workdir, resume=flag_values.resume)
+    except (ValueError, FileExistsError, train.TrainingDiverged) as err:
+        print(f"addervit train: {err}", file=sys.stderr)
+        return 1
+    if "signal" in summary:
+        print(f"resume with: addervit train --workdir {workdir} --resume [same --config flags]")
+        return 128 + summary["signal"]
+    return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="addervit eval")
+    parser.add_argument("--checkpoint", required=True, help="work directory of a training run")
+    parser.add_argument("--split", default=None, help="dataset split (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    args = parser.parse_args(argv)
+    from addervit_jax import train
+
+    result = train.evaluate_workdir(args.checkpoint, split=args.split, batch_size=args.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train_command(argv[1:])
+    if argv and argv[0] == "eval":
+        return eval_command(argv[1:])
     parser = argparse.ArgumentParser(prog="addervit", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="train a model (see addervit train --help)")
+    commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     p_demo = commands.add_parser("demo", help="the ops and their gradients on toy tensors")
     p_demo.add_argument("--tokens", type=int, default=1024, help="L of the timed example")
     p_demo.add_argument("--features", type=int, default=128, help="D_in of the timed example")

@@ -1,0 +1,130 @@
+"""What a training run writes: a progress bar, metrics as JSON lines, a summary and PNG curves.
+
+Files in the work directory:
+  metrics.jsonl   one object per line: {"step", "split": "train"|"eval", "loss", "accuracy", ...}
+                  (a resumed run appends to it, so the curves cover the whole run)
+  summary.json    the final summary returned by ``train.train``
+  curves.png      training loss and train/eval accuracy against the step
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+from tqdm import tqdm
+
+__all__ = ["RunLog", "plot_curves", "read_metrics"]
+
+
+def _to_python(metrics: dict) -> dict:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+class RunLog:
+    def __init__(
+        self, workdir: pathlib.Path, *, total_steps: int, start_step: int, enabled: bool = True
+    ):
+        self.workdir, self.enabled = pathlib.Path(workdir), enabled
+        self._best = None
+        self._step = start_step
+        self._bar = (
+            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            if enabled
+            else None
+        )
+        self._file = open(self.workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+
+    def header(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def _write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def train(self, step: int, metrics: dict, *, images_per_second: float) -> None:
+        record = {"step": step, "split": "train", **_to_python(metrics)}
+        record["images_per_second"] = images_per_second
+        self._write(record)
+        if self._bar is not None:
+            self._bar.update(step - self._step)
+            self._bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                acc=f"{record['accuracy']:.3f}",
+                img_s=f"{images_per_second:.0f}",
+            )
+        self._step = step
+
+    def eval(self, step: int, result: dict) -> None:
+        record = {"step": step, "split": "eval", **result}
+        self._write(record)
+        if self._best is None or result["accuracy"] > self._best:
+            self._best = result["accuracy"]
+        if self.enabled:
+            tqdm.write(
+                f"step {step}: eval accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+                f"({result['count']} images)"
+            )
+
+    def best_eval_accuracy(self) -> float | None:
+        return self._best
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        self.close()
+        (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(read_metrics(self.workdir), self.workdir / "curves.png", title=_title(summary))
+        print(
+            f"{summary['status']}: {summary['variant']} on {summary['dataset']}, step "
+            f"{summary['steps']}, eval accuracy {summary['eval_accuracy']:.4f}, "
+            f"{summary['images_per_second']:.0f} images/s; wrote {self.workdir}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _title(summary: dict) -> str:
+    return f"{summary['variant']} on {summary['dataset']}"
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: pathlib.Path, *, title: str = "") -> None:
+    """Loss (left) and accuracy (right) against the step, train and eval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for rows, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
+        if rows:
+            steps = [r["step"] for r in rows]
+            ax_loss.plot(steps, [r["loss"] for r in rows], style, label=label, markersize=3)
+            ax_acc.plot(steps, [r["accuracy"] for r in rows], style, label=label, markersize=3)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title=f"{title}: loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title=f"{title}: accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

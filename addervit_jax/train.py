@@ -1,0 +1,553 @@
+"""The one trainer: a jitted train step over a device mesh, Orbax checkpoints, logs and plots.
+
+``train(config, workdir, resume=False)`` trains any named variant on any dataset of
+``addervit_jax.data`` on one CPU, one GPU, or many devices and hosts. ``train_step`` and
+``eval_step`` are pure functions of a :class:`TrainState`, which tests call directly.
+
+Reproducibility: the data order is a function of ``(seed, step)`` and the augmentation key of
+``fold_in(rng, step)``, so a run resumed from a checkpoint at step ``k`` computes exactly what the
+uninterrupted run computes from step ``k`` on (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from addervit_jax import data, models, optim
+
+__all__ = [
+    "TrainState",
+    "TrainingDiverged",
+    "create_train_state",
+    "eval_step",
+    "evaluate",
+    "evaluate_workdir",
+    "restore",
+    "train",
+    "train_step",
+    "validate_config",
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data of the run's base key
+    graphdef: Any = struct.field(pytree_node=False)
+    rest: nnx.State = struct.field(pytree_node=False)  # non-trainable variables
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+    """``models.build`` overrides: ``config.model`` plus the dataset's image size and classes."""
+    height, _, channels = data.DATASETS[config.dataset].image_shape
+    overrides = {
+        "image_size": height,
+        "channels": channels,
+        "num_classes": data.DATASETS[config.dataset].num_classes,
+    }
+    overrides.update(dict(config.model) if config.get("model") else {})
+    return overrides
+
+
+def uses_adaptive_lr(config) -> bool:
+    if config.get("adaptive_lr") is not None:
+        return bool(config.adaptive_lr)
+    return models.VARIANTS[config.variant].adaptive_lr
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fail before any compute on an impossible configuration, naming the fields."""
+    problems = []
+    if config.variant not in models.VARIANTS:
+        problems.append(f"variant={config.variant!r} (known: {sorted(models.VARIANTS)})")
+    if config.dataset not in data.DATASETS:
+        problems.append(f"dataset={config.dataset!r} (known: {sorted(data.DATASETS)})")
+    if config.optimizer not in optim.OPTIMIZERS:
+        problems.append(f"optimizer={config.optimizer!r} (known: {optim.OPTIMIZERS})")
+    for field in ("batch_size", "num_epochs"):
+        if not config[field] > 0:
+            problems.append(f"{field}={config[field]} must be positive")
+    if not config.learning_rate > 0:
+        problems.append(f"learning_rate={config.learning_rate} must be positive")
+    if config.batch_size % jax.device_count():
+        problems.append(
+            f"batch_size={config.batch_size} must be divisible by the {jax.device_count()} "
+            "devices of the data-parallel mesh"
+        )
+    if config.randaugment is not None and len(tuple(config.randaugment)) != 2:
+        problems.append(f"randaugment={config.randaugment} must be (num_ops, magnitude) or None")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    try:
+        models.config(config.variant, **model_overrides(config))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"invalid config: model: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# State, steps
+# ---------------------------------------------------------------------------------------------
+
+
+def create_train_state(config, *, total_steps: int, steps_per_epoch: int) -> TrainState:
+    model = models.build(config.variant, rngs=nnx.Rngs(config.seed), **model_overrides(config))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optim.make_optimizer(
+        name=config.optimizer,
+        learning_rate=config.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        grad_clip=config.grad_clip,
+        adaptive=uses_adaptive_lr(config),
+        eta=config.adaptive_eta,
+        end_fraction=config.end_lr_fraction,
+    )
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(config.seed)),
+        graphdef=graphdef,
+        rest=rest,
+        tx=tx,
+    )
+
+
+def _cross_entropy(logits, labels, smoothing):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch: dict, *, info, config) -> tuple[TrainState, dict]:
+    """One optimiser step on a (sharded) global batch of uint8 images and int labels."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    images = data.preprocess(
+        key,
+        batch["image"],
+        info,
+        train=True,
+        crop_padding=config.crop_padding,
+        flip=config.flip,
+        randaugment=None if config.randaugment is None else tuple(config.randaugment),
+    )
+
+    def loss_fn(params):
+        logits = nnx.merge(state.graphdef, params, state.rest)(images)
+        loss = _cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+        return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, info) -> dict:
+    """Sums of correct predictions, loss and examples over the valid (masked) part of a batch."""
+    images = data.preprocess(None, batch["image"], info, train=False)
+    logits = nnx.merge(state.graphdef, state.params, state.rest)(images)
+    mask = batch["mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    loss = _cross_entropy(logits, batch["label"], 0.0)
+    return {
+        "correct": jnp.sum(correct * mask),
+        "loss": jnp.sum(loss * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D ``data`` mesh over every device of every process.
+
+    Auto axes: XLA propagates the shardings of the batch and the parameters through the step
+    (JAX 0.10's ``make_mesh`` would otherwise make them explicit, typed shardings).
+    """
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _param_sharding(mesh, x, fsdp: bool):
+    """FSDP-style: split the largest axis divisible by the mesh size; otherwise replicate."""
+    if not fsdp or not hasattr(x, "shape") or x.ndim == 0:
+        return NamedSharding(mesh, P())
+    size = mesh.shape["data"]
+    axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % size == 0 and x.shape[a] >= size]
+    if not axes:
+        return NamedSharding(mesh, P())
+    spec = [None] * x.ndim
+    spec[axes[0]] = "data"
+    return NamedSharding(mesh, P(*spec))
+
+
+def shard_state(state: TrainState, mesh, fsdp: bool) -> TrainState:
+    shardings = jax.tree.map(lambda x: _param_sharding(mesh, x, fsdp), state)
+    return jax.device_put(state, shardings)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    """Host batch (identical on every process) -> arrays split over the ``data`` axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    rows = next(iter(batch.values())).shape[0] // jax.process_count()
+    start = jax.process_index() * rows
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v[start : start + rows], v.shape)
+        for k, v in batch.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(tree) -> dict[str, Any]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path, simple=True, separator="."): x for path, x in leaves}
+
+
+def _unflat(template, flat: dict[str, Any]):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    keys = [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in leaves]
+    return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
+
+
+class Checkpoints:
+    """Orbax checkpoints of (params, optimiser state, step, rng) plus the data position."""
+
+    def __init__(self, directory: pathlib.Path, *, keep: int):
+        self.manager = ocp.CheckpointManager(
+            directory.absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def save(self, state: TrainState, *, data_position: int, force: bool = False) -> None:
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        arrays = _flat((state.step, state.params, state.opt_state, state.rng))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays),
+                meta=ocp.args.JsonSave({"step": step, "data_position": data_position}),
+            ),
+            force=force,
+        )
+
+    def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
+        """The newest checkpoint that restores; older ones are tried after a warning."""
+        target = _flat((template.step, template.params, template.opt_state, template.rng))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back
+                warnings.warn(
+                    f"checkpoint at step {step} in {self.manager.directory} could not be restored "
+                    f"({type(err).__name__}: {str(err)[:200]}); trying the previous one",
+                    stacklevel=2,
+                )
+                continue
+            step_, params, opt_state, rng = _unflat(
+                (template.step, template.params, template.opt_state, template.rng),
+                dict(restored.state),
+            )
+            state = template.replace(step=step_, params=params, opt_state=opt_state, rng=rng)
+            return state, dict(restored.meta)
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopSignals:
+    """Turn SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def params_checksum(params) -> float:
+    """Sum of |p| over all parameters (float64 on the host): equal runs give equal checksums."""
+    total = jax.jit(
+        lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(p)),
+        out_shardings=NamedSharding(make_mesh(), P()),
+    )(params)
+    return float(np.asarray(total.addressable_data(0)))
+
+
+def _device_description() -> str:
+    d = jax.devices()[0]
+    return (
+        f"{jax.device_count()} x {d.platform} ({d.device_kind}), {jax.process_count()} process(es)"
+    )
+
+
+def evaluate(state: TrainState, eval_data, *, batch_size: int, mesh, info, jitted=None) -> dict:
+    """Accuracy and mean loss over every example of ``eval_data`` exactly once."""
+    fn = jitted or jax.jit(lambda s, b: eval_step(s, b, info=info))
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in data.eval_batches(eval_data, batch_size=batch_size):
+        out = jax.device_get(fn(state, global_batch(batch, mesh)))
+        for k in totals:
+            totals[k] += float(out[k])
+    return {
+        "accuracy": totals["correct"] / totals["count"],
+        "loss": totals["loss"] / totals["count"],
+        "count": int(totals["count"]),
+    }
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool = False
+) -> dict:
+    """Train ``config`` in ``workdir``; returns the summary (also written to summary.json)."""
+    from addervit_jax import logs  # matplotlib and tqdm only when training
+
+    if config.get("distributed"):
+        # None/unset values are auto-detected by JAX on SLURM, Kubernetes, Cloud TPU, ...
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes or None,
+            process_id=None if config.process_id < 0 else config.process_id,
+        )
+    validate_config(config)
+    workdir = pathlib.Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints; pass --resume to continue that run or choose "
+            "another --workdir"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    info = data.DATASETS[config.dataset]
+    train_data = data.load(config.dataset, config.train_split, data_dir=config.data_dir)
+    eval_data = data.load(config.dataset, config.eval_split, data_dir=config.data_dir)
+    steps_per_epoch = data.steps_per_epoch(len(train_data.labels), config.batch_size)
+    total_steps = config.total_steps if config.get("total_steps") else 0
+    total_steps = total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
+    eval_every = config.eval_every_steps or steps_per_epoch
+    ckpt_every = config.checkpoint_every_steps or steps_per_epoch
+
+    mesh = make_mesh()
+    state = create_train_state(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    state = shard_state(state, mesh, config.fsdp)
+    checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
+    restored = checkpoints.restore_latest(state) if resume else None
+    if restored is not None:
+        state, meta = restored
+        state = shard_state(state, mesh, config.fsdp)
+        print(f"resumed from step {meta['step']} in {ckpt_dir}", flush=True)
+    start = int(state.step)
+
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(
+        lambda s, b: train_step(s, b, info=info, config=config),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=info))
+    log = logs.RunLog(workdir, total_steps=total_steps, start_step=start, enabled=is_main)
+    log.header(
+        f"{config.variant} on {config.dataset} ({len(train_data.labels)} train / "
+        f"{len(eval_data.labels)} eval images), {total_steps} steps of {config.batch_size}, "
+        f"{_device_description()}"
+    )
+
+    pending = []  # device metrics since the last host check (NaN guard, logging)
+    train_seconds, images_seen = 0.0, 0
+    t_last = time.perf_counter()
+    status = "finished"
+    batches = data.train_batches(
+        train_data, batch_size=config.batch_size, seed=config.seed, start_step=start
+    )
+    with _StopSignals() as stop:
+        for step, batch in batches:
+            if step >= total_steps:
+                break
+            state, metrics = step_fn(state, global_batch(batch, mesh))
+            pending.append(metrics)
+            done = step + 1
+            is_log = done % config.log_every_steps == 0 or done == total_steps
+            is_eval = done % eval_every == 0 and done < total_steps
+            is_ckpt = done % ckpt_every == 0
+            if is_log or is_eval or is_ckpt or stop.received or done == total_steps:
+                host = jax.device_get(pending)
+                pending = []
+                now = time.perf_counter()
+                train_seconds += now - t_last
+                images_seen += len(host) * config.batch_size
+                rate = len(host) * config.batch_size / max(now - t_last, 1e-9)
+                if not all(math.isfinite(float(m["loss"])) for m in host):
+                    checkpoints.wait()
+                    log.close()
+                    saved = checkpoints.manager.latest_step()
+                    kept = (
+                        f"the last good checkpoint, step {saved}, is kept in {ckpt_dir}"
+                        if saved is not None
+                        else "no checkpoint had been written yet"
+                    )
+                    raise TrainingDiverged(
+                        f"loss became {float(host[-1]['loss'])} by step {done} "
+                        f"(variant {config.variant}, learning_rate {config.learning_rate}); {kept}"
+                    )
+                log.train(done, host[-1], images_per_second=rate)
+                if is_eval:
+                    log.eval(
+                        done,
+                        evaluate(
+                            state,
+                            eval_data,
+                            batch_size=config.batch_size,
+                            mesh=mesh,
+                            info=info,
+                            jitted=eval_fn,
+                        ),
+                    )
+                if is_ckpt or stop.received:
+                    checkpoints.save(state, data_position=done)
+                t_last = time.perf_counter()
+            if stop.received:
+                status = f"interrupted by {signal.Signals(stop.received).name}"
+                break
+
+    checkpoints.save(state, data_position=int(state.step))
+    checkpoints.wait()
+    final_step = int(state.step)
+    result = evaluate(
+        state, eval_data, batch_size=config.batch_size, mesh=mesh, info=info, jitted=eval_fn
+    )
+    if status == "finished":
+        log.eval(final_step, result)
+    summary = {
+        "variant": config.variant,
+        "dataset": config.dataset,
+        "steps": final_step,
+        "total_steps": total_steps,
+        "status": status,
+        "eval_accuracy": result["accuracy"],
+        "eval_loss": result["loss"],
+        "eval_examples": result["count"],
+        "best_eval_accuracy": log.best_eval_accuracy(),
+        "train_seconds": train_seconds,
+        "images_per_second": images_seen / train_seconds if train_seconds else 0.0,
+        "device": _device_description(),
+        "adaptive_lr": uses_adaptive_lr(config),
+        "params_checksum": params_checksum(state.params),
+        "workdir": str(workdir),
+    }
+    log.finish(summary)
+    checkpoints.close()
+    if stop.received:
+        summary["signal"] = stop.received
+    return summary
+
+
+def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collections.ConfigDict]:
+    """The latest restorable checkpoint of a run: (state, checkpoint metadata, config)."""
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{workdir} is not a training run: no config.json")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    template = shard_state(
+        create_train_state(config, total_steps=1, steps_per_epoch=1), make_mesh(), False
+    )
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+    restored = checkpoints.restore_latest(template)
+    checkpoints.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    return (*restored, config)
+
+
+def evaluate_workdir(
+    workdir: str | os.PathLike, *, split: str | None = None, batch_size: int | None = None
+) -> dict:
+    """Evaluate the latest checkpoint of a training run on its eval split (or ``split``)."""
+    state, meta, config = restore(workdir)
+    split = split or config.eval_split
+    eval_data = data.load(config.dataset, split, data_dir=config.data_dir)
+    result = evaluate(
+        state,
+        eval_data,
+        batch_size=batch_size or config.batch_size,
+        mesh=make_mesh(),
+        info=data.DATASETS[config.dataset],
+    )
+    return {"workdir": str(workdir), "step": meta["step"], "split": split, **result}

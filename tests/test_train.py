@@ -1,0 +1,233 @@
+"""The trainer: sharding, multi-process, checkpoints and resumption, guard rails, end to end."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from addervit_jax import cli, train
+from addervit_jax.configs import digits
+
+WORKER = str(pathlib.Path(__file__).with_name("train_worker.py"))
+# A model small enough that a few steps cost milliseconds, so these tests time the machinery.
+TINY = {
+    "config.model.dim": 16,
+    "config.model.depth": 1,
+    "config.model.heads": 2,
+    "config.model.dim_head": 8,
+    "config.model.mlp_dim": 32,
+    "config.batch_size": 32,
+    "config.log_every_steps": 1,
+    "config.eval_every_steps": 1000,
+}
+
+
+def _worker(workdir, overrides, *, devices=1, extra_env=None, background=False):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env.update(extra_env or {})
+    cmd = [sys.executable, WORKER, str(workdir), json.dumps({**TINY, **overrides})]
+    if background:
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _summary(out.stdout)
+
+
+def _summary(stdout):
+    line = next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))
+    return json.loads(line.removeprefix("SUMMARY "))
+
+
+def _train_losses(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def _config(**overrides):
+    config = digits.get_config()
+    config.update_from_flattened_dict(
+        {k.removeprefix("config."): v for k, v in {**TINY, **overrides}.items()}
+    )
+    return config
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    one = _worker(tmp_path / "one", {"config.total_steps": 6})
+    eight = _worker(tmp_path / "eight", {"config.total_steps": 6}, devices=8)
+    assert "8 x cpu" in eight["device"] and "1 x cpu" in one["device"]
+    # data parallel over 8 devices is the same arithmetic up to the order of the reductions
+    np.testing.assert_allclose(
+        _train_losses(tmp_path / "eight"), _train_losses(tmp_path / "one"), rtol=2e-5
+    )
+    assert eight["params_checksum"] == pytest.approx(one["params_checksum"], rel=1e-5)
+    fsdp = _worker(tmp_path / "fsdp", {"config.total_steps": 6, "config.fsdp": True}, devices=8)
+    np.testing.assert_allclose(
+        _train_losses(tmp_path / "fsdp"), _train_losses(tmp_path / "one"), rtol=2e-5
+    )
+    assert fsdp["params_checksum"] == pytest.approx(one["params_checksum"], rel=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_jax_distributed_agree(tmp_path):
+    port = _free_port()
+    procs = [
+        _worker(
+            tmp_path / "run",
+            {
+                "config.total_steps": 4,
+                "config.distributed": True,
+                "config.coordinator_address": f"127.0.0.1:{port}",
+                "config.num_processes": 2,
+                "config.process_id": i,
+            },
+            background=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    first, second = (_summary(out) for out, _ in outs)
+    assert "2 process(es)" in first["device"]
+    assert first["params_checksum"] == second["params_checksum"]
+    assert first["eval_accuracy"] == second["eval_accuracy"]
+    single = _worker(tmp_path / "single", {"config.total_steps": 4}, devices=2)
+    assert first["params_checksum"] == pytest.approx(single["params_checksum"], rel=1e-5)
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path):
+    steps = {"config.total_steps": 300, "config.checkpoint_every_steps": 100}
+    proc = _worker(tmp_path / "interrupted", steps, background=True)
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 20
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    interrupted = _summary(out)
+    assert interrupted["status"] == "interrupted by SIGTERM", interrupted
+    assert 20 <= interrupted["steps"] < 300
+    resumed = _worker(tmp_path / "interrupted", {**steps, "resume": True})
+    straight = _worker(tmp_path / "straight", steps)
+    assert resumed["steps"] == straight["steps"] == 300
+    # bit-identical on CPU: same data order and augmentation keys (functions of the step),
+    # same restored optimiser state, deterministic XLA:CPU kernels
+    state_a, _, _ = train.restore(tmp_path / "interrupted")
+    state_b, _, _ = train.restore(tmp_path / "straight")
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(
+        jax.tree.leaves(state_a.opt_state), jax.tree.leaves(state_b.opt_state), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed["eval_accuracy"] == straight["eval_accuracy"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    config = _config(**{"config.total_steps": 6, "config.checkpoint_every_steps": 3})
+    train.train(config, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [3, 6]
+    for f in (ckpts / "6").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="step 6 .* could not be restored"):
+        state, meta, _ = train.restore(tmp_path)
+    assert meta["step"] == 3 and int(state.step) == 3
+
+
+def test_resume_refuses_to_overwrite_without_flag(tmp_path):
+    config = _config(**{"config.total_steps": 2})
+    train.train(config, tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(config, tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = _config(
+        **{
+            "config.total_steps": 30,
+            "config.checkpoint_every_steps": 1,
+            "config.optimizer": "sgd",
+            "config.learning_rate": 1e30,
+            "config.grad_clip": 0.0,
+            "config.warmup_epochs": 0.0,
+        }
+    )
+    with pytest.raises(train.TrainingDiverged, match="loss became") as info:
+        train.train(config, tmp_path)
+    state, meta, _ = train.restore(tmp_path)
+    assert meta["step"] >= 1 and f"step {meta['step']}, is kept" in str(info.value)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (
+            {"config.variant": "qkv_2ffn_wopout", "config.model.dim_head": 4},
+            ["dim_head=4", "dim=16"],
+        ),
+        ({"config.dataset": "svhn"}, ["dataset='svhn'"]),
+        ({"config.optimizer": "lamb"}, ["optimizer='lamb'"]),
+        ({"config.learning_rate": 0.0}, ["learning_rate"]),
+        ({"config.model.patch_size": 3}, ["patch_size=3"]),
+    ],
+)
+def test_impossible_configs_fail_before_compute(tmp_path, overrides, fragments):
+    config = _config(**overrides)
+    with pytest.raises(ValueError) as info:
+        train.train(config, tmp_path / "run")
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_trains_on_digits_and_evaluates(tmp_path, capsys):
+    # The README's main command at a shorter budget: it must learn.
+    args = ["train", "--workdir", str(tmp_path), "--config.num_epochs=15"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "variant",
+        "dataset",
+        "steps",
+        "eval_accuracy",
+        "train_seconds",
+        "images_per_second",
+    ):
+        assert key in summary
+    assert summary["variant"] == "qkv_2ffn" and summary["dataset"] == "digits"
+    assert summary["eval_accuracy"] > 0.6
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "config.json").exists()
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == pytest.approx(summary["eval_accuracy"])
+    assert result["count"] == 360
+
+
+def test_cli_rejects_unknown_config_fields(tmp_path):
+    with pytest.raises(SystemExit, match="varaint"):
+        cli.main(["train", "--workdir", str(tmp_path), "--config.varaint=multi"])
+    with pytest.raises(ValueError, match="neither a file nor"):
+        cli.main(["train", "--config", "nonexistent"])
