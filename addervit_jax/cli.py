@@ -79,21 +79,8 @@ def _parse_train_flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "config name or file", flag_values=flag_values, lock_config=True
-    )
-    flags.DEFINE_string(
-        "workdir", None, "run directory (default: a new one under ./runs)", flag_values=flag_values
-    )
-    flags.DEFINE_bool(
-        "resume", False, "continue from the latest checkpoint in --workdir", flag_values=flag_values
-    )
     argv = list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("\n\n")[1].splitlines()[1].strip())
-        print(flag_values.get_help())
-        raise SystemExit(0)
+    help_requested = "-h" in argv or "--help" in argv
     names = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
     if not names:
         argv = ["--config", DEFAULT_CONFIG, *argv]
@@ -105,8 +92,30 @@ def _parse_train_flags(argv: list[str]):
         argv[i + 1] = configs.path(argv[i + 1])
     else:
         argv[i] = "--config=" + configs.path(argv[i].partition("=")[2])
+    argv = ["addervit train", *argv]
+
+    flag_values = flags.FlagValues()
+    # config_flags reads the --config.<field> overrides from sys_argv, not from the parsed list
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "config name or file",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    flags.DEFINE_string(
+        "workdir", None, "run directory (default: a new one under ./runs)", flag_values=flag_values
+    )
+    flags.DEFINE_bool(
+        "resume", False, "continue from the latest checkpoint in --workdir", flag_values=flag_values
+    )
+    if help_requested:
+        print(__doc__.split("\n\n")[1].splitlines()[1].strip())
+        print(flag_values.get_help())
+        raise SystemExit(0)
     try:
-        rest = flag_values(["addervit train", *argv])
+        rest = flag_values(argv)
     except flags.Error as err:
         raise SystemExit(f"addervit train: {err}") from err
     if len(rest) > 1:

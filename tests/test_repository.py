@@ -16,7 +16,7 @@ def _readme_commands():
 
 def test_readme_starts_with_main_and_test_commands():
     main_cmd, test_cmd = _readme_commands()
-    assert main_cmd.endswith("addervit demo")
+    assert main_cmd.endswith("addervit train")
     assert "pytest" in test_cmd
 
 
