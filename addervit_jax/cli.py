@@ -118,6 +118,9 @@ def _parse_train_flags(argv: list[str]):
         rest = flag_values(argv)
     except flags.Error as err:
         raise SystemExit(f"addervit train: {err}") from err
+    except (AttributeError, KeyError) as err:  # config_flags on an override of a missing field
+        detail = str(err).strip("'\"").replace("\\'", "'").replace("\\n", "; ")
+        raise SystemExit(f"addervit train: the config has no field {detail}") from err
     if len(rest) > 1:
         raise SystemExit(f"addervit train: unexpected arguments {rest[1:]}")
     return flag_values
