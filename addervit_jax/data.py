@@ -52,7 +52,10 @@ __all__ = [
     "preprocess",
     "rand_augment",
     "steps_per_epoch",
+    "is_streamed",
+    "num_examples",
     "stream_batches",
+    "stream_eval_batches",
     "train_batches",
 ]
 
@@ -559,27 +562,76 @@ class _StreamBatch:
         state.update(_source=None, _epoch_order=(-1, None))
         return state
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def _index(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The example indices of batch ``step`` and its validity mask (None: all valid)."""
         spe = self.num_examples // self.batch_size
         epoch, order = self._epoch_order
         if epoch != step // spe:
             epoch = step // spe
             order = _epoch_permutation(self.seed, epoch, self.num_examples)
             self._epoch_order = (epoch, order)
+        start = (step % spe) * self.batch_size
+        return order[start : start + self.batch_size], None
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        index, mask = self._index(step)
         if self._source is None:
             # Two reader threads opening at once import TFDS's lazy modules concurrently, which
             # deadlocked a worker (observed under load); one opens, the other waits.
             with _STREAM_OPEN_LOCK:
                 if self._source is None:
                     self._source = _open_source(self.name, self.split, self.data_dir)
-        start = (step % spe) * self.batch_size
-        index = order[start : start + self.batch_size]
         examples = self._source.__getitems__([int(i) for i in index])
         images = [np.asarray(e["image"], np.uint8) for e in examples]
-        return {
+        batch = {
             "image": np.stack([_resize_center_crop(x, self.image_size) for x in images]),
             "label": np.asarray([e["label"] for e in examples], np.int32),
         }
+        if mask is not None:
+            batch["mask"] = mask
+        return batch
+
+
+class _StreamEvalBatch(_StreamBatch):
+    """Grain map: batch number -> examples in order, the last batch padded, with a ``mask``."""
+
+    def _index(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        index = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        mask = index < self.num_examples
+        return np.minimum(index, self.num_examples - 1), mask
+
+
+def is_streamed(name: str) -> bool:
+    """Whether ``name`` is read with the streaming functions instead of :func:`load`."""
+    return _dataset_info(name).name in _STREAMED
+
+
+def num_examples(name: str, split: str, *, data_dir: str | None = None) -> int:
+    """Examples in a split, without decoding it."""
+    if name == "digits":
+        return len(_digits(split)[1])
+    return len(_open_source(name, split, _resolve_data_dir(data_dir)))
+
+
+def stream_eval_batches(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    num_workers: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Like :func:`eval_batches` (every example once, in order, padded last batch with a
+    ``mask``), decoding in Grain worker processes as :func:`stream_batches` does."""
+    info = _dataset_info(name)
+    resolved_dir = _resolve_data_dir(data_dir)
+    total = len(_open_source(name, split, resolved_dir))
+    size = image_size or info.image_shape[0]
+    decode = _StreamEvalBatch(name, split, resolved_dir, batch_size, 0, total, size)
+    num_batches = -(-total // batch_size)
+    for _, batch in _stream(_grain_dataset(decode, 0, num_batches, num_workers), 0):
+        yield batch
 
 
 def stream_batches(
@@ -606,25 +658,30 @@ def stream_batches(
         the native size for the others, which are then left untouched).
       num_workers: worker processes; 0 decodes in this process. Default: one per CPU core.
     """
-    import grain
-
     info = _dataset_info(name)
     resolved_dir = _resolve_data_dir(data_dir)
     source = _open_source(name, split, resolved_dir)
     num_examples = len(source)
     del source
     _check_order_args(num_examples, batch_size, seed, start_step)
+    size = image_size or info.image_shape[0]
+    decode = _StreamBatch(name, split, resolved_dir, batch_size, seed, num_examples, size)
+    # Steps up to sys.maxsize: the stream is infinite, like train_batches.
+    return _stream(_grain_dataset(decode, start_step, sys.maxsize, num_workers), start_step)
+
+
+def _grain_dataset(decode, start: int, stop: int, num_workers: int | None):
+    """Grain pipeline mapping batch numbers ``start..stop-1`` through ``decode`` in workers."""
+    import grain
+
     if num_workers is None:
         num_workers = os.cpu_count() or 1
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    size = image_size or info.image_shape[0]
-    decode = _StreamBatch(name, split, resolved_dir, batch_size, seed, num_examples, size)
-    # Steps up to sys.maxsize: the stream is infinite, like train_batches. One reader thread per
-    # process: decoding holds the GIL, so more threads would only contend; parallelism comes
-    # from the worker processes.
+    # One reader thread per process: decoding holds the GIL, so more threads would only contend;
+    # parallelism comes from the worker processes.
     dataset = (
-        grain.MapDataset.range(start_step, sys.maxsize)
+        grain.MapDataset.range(start, stop)
         .map(decode)
         .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     )
@@ -636,7 +693,7 @@ def stream_batches(
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return _stream(dataset, start_step)
+    return dataset
 
 
 def _stream(dataset, step: int):

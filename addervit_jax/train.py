@@ -18,7 +18,8 @@ import pathlib
 import signal
 import time
 import warnings
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -354,11 +355,11 @@ def _device_description() -> str:
     )
 
 
-def evaluate(state: TrainState, eval_data, *, batch_size: int, mesh, info, jitted=None) -> dict:
-    """Accuracy and mean loss over every example of ``eval_data`` exactly once."""
+def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:
+    """Accuracy and mean loss over ``batches`` (every example once, with a padding mask)."""
     fn = jitted or jax.jit(lambda s, b: eval_step(s, b, info=info))
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in data.eval_batches(eval_data, batch_size=batch_size):
+    for batch in batches:
         out = jax.device_get(fn(state, global_batch(batch, mesh)))
         for k in totals:
             totals[k] += float(out[k])
@@ -367,6 +368,54 @@ def evaluate(state: TrainState, eval_data, *, batch_size: int, mesh, info, jitte
         "loss": totals["loss"] / totals["count"],
         "count": int(totals["count"]),
     }
+
+
+class Inputs(NamedTuple):
+    num_train: int
+    num_eval: int
+    train_batches: Callable[[int], Iterator[tuple[int, dict]]]  # start step -> (step, batch)
+    eval_batches: Callable[[], Iterator[dict]]
+
+
+def make_inputs(config, *, eval_split: str | None = None, batch_size: int | None = None) -> Inputs:
+    """In-memory batches for small datasets, Grain streaming for large ones (``config.stream``
+    overrides the choice); both give the same batches for the same (seed, step)."""
+    eval_split = eval_split or config.eval_split
+    batch_size = batch_size or config.batch_size
+    stream = config.get("stream")
+    if stream is None:
+        stream = data.is_streamed(config.dataset)
+    if not stream:
+        train_data = data.load(config.dataset, config.train_split, data_dir=config.data_dir)
+        eval_data = data.load(config.dataset, eval_split, data_dir=config.data_dir)
+        return Inputs(
+            len(train_data.labels),
+            len(eval_data.labels),
+            lambda start: data.train_batches(
+                train_data, batch_size=batch_size, seed=config.seed, start_step=start
+            ),
+            lambda: data.eval_batches(eval_data, batch_size=batch_size),
+        )
+    common = {
+        "data_dir": config.data_dir,
+        "image_size": model_overrides(config)["image_size"],
+        "num_workers": None if config.stream_workers < 0 else config.stream_workers,
+    }
+    return Inputs(
+        data.num_examples(config.dataset, config.train_split, data_dir=config.data_dir),
+        data.num_examples(config.dataset, eval_split, data_dir=config.data_dir),
+        lambda start: data.stream_batches(
+            config.dataset,
+            config.train_split,
+            batch_size=batch_size,
+            seed=config.seed,
+            start_step=start,
+            **common,
+        ),
+        lambda: data.stream_eval_batches(
+            config.dataset, eval_split, batch_size=batch_size, **common
+        ),
+    )
 
 
 def train(
@@ -396,9 +445,8 @@ def train(
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     info = data.DATASETS[config.dataset]
-    train_data = data.load(config.dataset, config.train_split, data_dir=config.data_dir)
-    eval_data = data.load(config.dataset, config.eval_split, data_dir=config.data_dir)
-    steps_per_epoch = data.steps_per_epoch(len(train_data.labels), config.batch_size)
+    inputs = make_inputs(config)
+    steps_per_epoch = data.steps_per_epoch(inputs.num_train, config.batch_size)
     total_steps = config.total_steps if config.get("total_steps") else 0
     total_steps = total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every_steps or steps_per_epoch
@@ -424,8 +472,8 @@ def train(
     eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=info))
     log = logs.RunLog(workdir, total_steps=total_steps, start_step=start, enabled=is_main)
     log.header(
-        f"{config.variant} on {config.dataset} ({len(train_data.labels)} train / "
-        f"{len(eval_data.labels)} eval images), {total_steps} steps of {config.batch_size}, "
+        f"{config.variant} on {config.dataset} ({inputs.num_train} train / "
+        f"{inputs.num_eval} eval images), {total_steps} steps of {config.batch_size}, "
         f"{_device_description()}"
     )
 
@@ -433,9 +481,7 @@ def train(
     train_seconds, images_seen = 0.0, 0
     t_last = time.perf_counter()
     status = "finished"
-    batches = data.train_batches(
-        train_data, batch_size=config.batch_size, seed=config.seed, start_step=start
-    )
+    batches = inputs.train_batches(start)
     with _StopSignals() as stop:
         for step, batch in batches:
             if step >= total_steps:
@@ -471,12 +517,7 @@ def train(
                     log.eval(
                         done,
                         evaluate(
-                            state,
-                            eval_data,
-                            batch_size=config.batch_size,
-                            mesh=mesh,
-                            info=info,
-                            jitted=eval_fn,
+                            state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn
                         ),
                     )
                 if is_ckpt or stop.received:
@@ -489,9 +530,7 @@ def train(
     checkpoints.save(state, data_position=int(state.step))
     checkpoints.wait()
     final_step = int(state.step)
-    result = evaluate(
-        state, eval_data, batch_size=config.batch_size, mesh=mesh, info=info, jitted=eval_fn
-    )
+    result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn)
     if status == "finished":
         log.eval(final_step, result)
     summary = {
@@ -542,12 +581,8 @@ def evaluate_workdir(
     """Evaluate the latest checkpoint of a training run on its eval split (or ``split``)."""
     state, meta, config = restore(workdir)
     split = split or config.eval_split
-    eval_data = data.load(config.dataset, split, data_dir=config.data_dir)
+    inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
     result = evaluate(
-        state,
-        eval_data,
-        batch_size=batch_size or config.batch_size,
-        mesh=make_mesh(),
-        info=data.DATASETS[config.dataset],
+        state, inputs.eval_batches(), mesh=make_mesh(), info=data.DATASETS[config.dataset]
     )
     return {"workdir": str(workdir), "step": meta["step"], "split": split, **result}

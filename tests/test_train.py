@@ -1,5 +1,6 @@
 """The trainer: sharding, multi-process, checkpoints and resumption, guard rails, end to end."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from addervit_jax import cli, train
+from addervit_jax import cli, configs, train
 from addervit_jax.configs import digits
 
 WORKER = str(pathlib.Path(__file__).with_name("train_worker.py"))
@@ -231,3 +232,41 @@ def test_cli_rejects_unknown_config_fields(tmp_path):
         cli.main(["train", "--workdir", str(tmp_path), "--config.varaint=multi"])
     with pytest.raises(ValueError, match="neither a file nor"):
         cli.main(["train", "--config", "nonexistent"])
+
+
+def _shared_tfds():
+    root = os.environ.get("TFDS_DATA_DIR") or str(
+        pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "tfds"
+    )
+    if not (pathlib.Path(root) / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 in TFDS format not found at {root}")
+    return root
+
+
+def test_streamed_input_trains_exactly_like_in_memory(tmp_path, monkeypatch):
+    # ImageNet-sized datasets stream through Grain; CIFAR-10 can take either path, and the two
+    # must give the same batches, hence the same losses and the same evaluation.
+    monkeypatch.setenv("ADDERVIT_CACHE_DIR", str(tmp_path / "cache"))
+    common = {
+        "config.dataset": "cifar10",
+        "config.data_dir": _shared_tfds(),
+        "config.train_split": "train[:128]",
+        "config.eval_split": "train[128:200]",
+        "config.model.patch_size": 8,
+        "config.total_steps": 3,
+        "config.stream_workers": 0,
+    }
+    summaries = {
+        stream: train.train(_config(**common, **{"config.stream": stream}), tmp_path / str(stream))
+        for stream in (False, True)
+    }
+    assert _train_losses(tmp_path / "True") == _train_losses(tmp_path / "False")
+    assert summaries[True]["eval_accuracy"] == summaries[False]["eval_accuracy"]
+    assert summaries[True]["eval_examples"] == 72
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_packaged_config_is_valid(name):
+    module = importlib.import_module(f"addervit_jax.configs.{name}")
+    assert "addervit train --config" in module.__doc__
+    train.validate_config(module.get_config())

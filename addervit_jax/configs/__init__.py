@@ -33,6 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()  # overrides of the variant's model config
     c.dataset = "digits"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.stream = ml_collections.FieldReference(None, field_type=bool)  # None: by dataset size
+    c.stream_workers = -1  # Grain worker processes when streaming; -1: one per CPU core
     c.train_split = "train"
     c.eval_split = "test"
     c.seed = 0
