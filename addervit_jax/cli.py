@@ -11,31 +11,15 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from addervit_jax import configs, ops
+from addervit_jax import configs, ops, profile
 
 DEFAULT_CONFIG = "digits"
-
-
-def _timed_ratio(f, baseline, args, repeats=5) -> float:
-    """Median of alternating time(f) / time(baseline) after one warm-up call each."""
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(baseline(*args))
-    ratios = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        t1 = time.perf_counter()
-        jax.block_until_ready(baseline(*args))
-        ratios.append((t1 - t0) / (time.perf_counter() - t1))
-    return statistics.median(ratios)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -70,7 +54,9 @@ def demo(args: argparse.Namespace) -> int:
     def train_like(op):
         return jax.jit(jax.grad(lambda x, w: jnp.sum(op(x, w) ** 2), argnums=(0, 1)))
 
-    ratio = _timed_ratio(train_like(ops.adder), train_like(ops.dense), (xr, wr))
+    ratio, _, _ = profile.paired_ratio(
+        train_like(ops.adder), train_like(ops.dense), (xr, wr), repeats=5
+    )
     print(f"forward+backward time, adder / dense at that shape: {ratio:.1f}x")
     return 0
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from addervit_jax import ops
+from addervit_jax import ops, profile
 
 # (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down) and the CIFAR-sized
 # SimpleViT MLP on a batch of 64 images of 64 patches.
@@ -51,23 +49,6 @@ def forward_and_backward(op):
         return jnp.sum(op(x, w) * r)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
-def paired_ratio(f, baseline, args, repeats: int) -> tuple[float, float, float]:
-    """Median over ``repeats`` alternating runs of time(f) / time(baseline), and both medians."""
-    jax.block_until_ready(f(*args))  # compile and warm up both
-    jax.block_until_ready(baseline(*args))
-    ratios, t_f, t_b = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        t1 = time.perf_counter()
-        jax.block_until_ready(baseline(*args))
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-        t_f.append(t1 - t0)
-        t_b.append(t2 - t1)
-    return statistics.median(ratios), statistics.median(t_f), statistics.median(t_b)
 
 
 def main(argv=None) -> None:
@@ -106,7 +87,7 @@ def main(argv=None) -> None:
             rows.append((f"adder grad={grad}", "fwd+bwd", forward_and_backward(adder)))
         for name, kind, fn in rows:
             baseline = dense_fwd if kind == "forward" else dense_fb
-            ratio, t_op, t_dense = paired_ratio(fn, baseline, inputs, args.repeats)
+            ratio, t_op, t_dense = profile.paired_ratio(fn, baseline, inputs, args.repeats)
             print(
                 f"| {spec} | {name} | {kind} | {ratio:.2f}x | {1e3 * t_op:.1f} | "
                 f"{1e3 * t_dense:.1f} |",
