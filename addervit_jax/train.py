@@ -57,8 +57,8 @@ class TrainState:
     params: nnx.State
     opt_state: Any
     rng: jax.Array  # raw uint32 key data of the run's base key
+    rest: nnx.State  # non-trainable variables (e.g. a fixed attention temperature)
     graphdef: Any = struct.field(pytree_node=False)
-    rest: nnx.State = struct.field(pytree_node=False)  # non-trainable variables
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
