@@ -254,8 +254,14 @@ def _unflat(template, flat: dict[str, Any]):
     return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
 
+def _checkpointed(state: TrainState) -> tuple:
+    """The parts of a state a checkpoint holds; the rest is rebuilt from the config."""
+    return state.step, state.params, state.opt_state, state.rng
+
+
 class Checkpoints:
-    """Orbax checkpoints of (params, optimiser state, step, rng) plus the data position."""
+    """Orbax checkpoints of (params, optimiser state, step, rng) plus the data position, which is
+    the step: the batch order is a function of (seed, step)."""
 
     def __init__(self, directory: pathlib.Path, *, keep: int):
         self.manager = ocp.CheckpointManager(
@@ -263,24 +269,21 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
-    def save(self, state: TrainState, *, data_position: int, force: bool = False) -> None:
+    def save(self, state: TrainState) -> None:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
-        arrays = _flat((state.step, state.params, state.opt_state, state.rng))
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(arrays),
-                meta=ocp.args.JsonSave({"step": step, "data_position": data_position}),
+                state=ocp.args.StandardSave(_flat(_checkpointed(state))),
+                meta=ocp.args.JsonSave({"step": step, "data_position": step}),
             ),
-            force=force,
         )
 
     def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
         """The newest checkpoint that restores; older ones are tried after a warning."""
-        target = _flat((template.step, template.params, template.opt_state, template.rng))
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(_checkpointed(template)))
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored = self.manager.restore(
@@ -296,10 +299,7 @@ class Checkpoints:
                     stacklevel=2,
                 )
                 continue
-            step_, params, opt_state, rng = _unflat(
-                (template.step, template.params, template.opt_state, template.rng),
-                dict(restored.state),
-            )
+            step_, params, opt_state, rng = _unflat(_checkpointed(template), dict(restored.state))
             state = template.replace(step=step_, params=params, opt_state=opt_state, rng=rng)
             return state, dict(restored.meta)
         return None
@@ -385,16 +385,22 @@ def make_inputs(config, *, eval_split: str | None = None, batch_size: int | None
     stream = config.get("stream")
     if stream is None:
         stream = data.is_streamed(config.dataset)
+    sizes = (
+        data.num_examples(config.dataset, config.train_split, data_dir=config.data_dir),
+        data.num_examples(config.dataset, eval_split, data_dir=config.data_dir),
+    )
     if not stream:
-        train_data = data.load(config.dataset, config.train_split, data_dir=config.data_dir)
-        eval_data = data.load(config.dataset, eval_split, data_dir=config.data_dir)
+        # Splits are decoded on first use (once per process: data.load caches them), so that
+        # evaluating a checkpoint never decodes the training split.
+        def load(split):
+            return data.load(config.dataset, split, data_dir=config.data_dir)
+
         return Inputs(
-            len(train_data.labels),
-            len(eval_data.labels),
+            *sizes,
             lambda start: data.train_batches(
-                train_data, batch_size=batch_size, seed=config.seed, start_step=start
+                load(config.train_split), batch_size=batch_size, seed=config.seed, start_step=start
             ),
-            lambda: data.eval_batches(eval_data, batch_size=batch_size),
+            lambda: data.eval_batches(load(eval_split), batch_size=batch_size),
         )
     common = {
         "data_dir": config.data_dir,
@@ -402,8 +408,7 @@ def make_inputs(config, *, eval_split: str | None = None, batch_size: int | None
         "num_workers": None if config.stream_workers < 0 else config.stream_workers,
     }
     return Inputs(
-        data.num_examples(config.dataset, config.train_split, data_dir=config.data_dir),
-        data.num_examples(config.dataset, eval_split, data_dir=config.data_dir),
+        *sizes,
         lambda start: data.stream_batches(
             config.dataset,
             config.train_split,
@@ -521,13 +526,13 @@ def train(
                         ),
                     )
                 if is_ckpt or stop.received:
-                    checkpoints.save(state, data_position=done)
+                    checkpoints.save(state)
                 t_last = time.perf_counter()
             if stop.received:
                 status = f"interrupted by {signal.Signals(stop.received).name}"
                 break
 
-    checkpoints.save(state, data_position=int(state.step))
+    checkpoints.save(state)
     checkpoints.wait()
     final_step = int(state.step)
     result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn)
