@@ -97,7 +97,7 @@ def _parse_train_flags(argv: list[str]):
         "resume", False, "continue from the latest checkpoint in --workdir", flag_values=flag_values
     )
     if help_requested:
-        print(__doc__.split("\n\n")[1].splitlines()[1].strip())
+        print("usage: " + __doc__.split("\n\n")[1].splitlines()[0].strip())
         print(flag_values.get_help())
         raise SystemExit(0)
     try:
