@@ -517,7 +517,10 @@ def train(
                         f"loss became {float(host[-1]['loss'])} by step {done} "
                         f"(variant {config.variant}, learning_rate {config.learning_rate}); {kept}"
                     )
-                log.train(done, host[-1], images_per_second=rate)
+                # the mean over the steps since the last log, so logged train accuracy is not
+                # one batch's
+                window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
+                log.train(done, window, images_per_second=rate)
                 if is_eval:
                     log.eval(
                         done,

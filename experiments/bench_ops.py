@@ -13,8 +13,6 @@ formula ``-sum(|x[:, :, None] - w|, axis=1)`` (forward only: its backward needs 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +22,6 @@ from addervit_jax import ops, profile
 # (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down) and the CIFAR-sized
 # SimpleViT MLP on a batch of 64 images of 64 patches.
 DEFAULT_SHAPES = ["4096x384x1536", "4096x1536x384", "4096x384x1152", "4096x128x256"]
-
-
-def describe_device() -> str:
-    device = jax.devices()[0]
-    kind = device.device_kind
-    if device.platform == "cpu":
-        model = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-        except (OSError, StopIteration):
-            pass
-        kind = f"{model}, {os.cpu_count()} cores"
-    return f"{device.platform} ({kind}), jax {jax.__version__}"
 
 
 def naive_adder(x, w):
@@ -60,7 +44,8 @@ def main(argv=None) -> None:
     parser.add_argument("--naive", action="store_true", help="also time the broadcast formula")
     args = parser.parse_args(argv)
 
-    print(f"device: {describe_device()}; adder backend: {ops.resolve_backend(args.backend)}")
+    backend = ops.resolve_backend(args.backend)
+    print(f"device: {profile.describe_device()}; adder backend: {backend}")
     print(f"median of {args.repeats} alternating runs after warm-up\n")
     print("| shape (L x D_in x D_out) | op | pass | ratio to dense | op time (ms) | dense (ms) |")
     print("|---|---|---|---:|---:|---:|")

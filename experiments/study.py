@@ -1,0 +1,241 @@
+"""What the training studies share (``variants.py``, ``grad_rules.py``).
+
+A study is a list of runs, each a label (a variant, a gradient rule), a seed and a full training
+config built from one recipe. Each run trains in ``OUT/runs/<label>_seed<seed>`` through
+``train.train``; a run with a finished ``summary.json`` is read back, not retrained, and an
+interrupted one resumes from its checkpoints, so a study stopped half-way loses nothing when the
+same command is started again. Results aggregate over seeds (mean and sample standard deviation)
+into a Markdown table and a figure of validation curves, both headed with the command and the
+hardware that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import importlib.util
+import json
+import pathlib
+import shlex
+import statistics
+import sys
+
+import ml_collections
+
+from addervit_jax import configs, logs, profile, train
+
+
+@dataclasses.dataclass
+class Run:
+    label: str
+    seed: int
+    config: ml_collections.ConfigDict
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}_seed{self.seed}"
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) -> None:
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help=f"recipe: a config name ({', '.join(configs.names())}) or file (default %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides, e.g. num_epochs=2 model.dim=64 (Python literals or strings)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--out", required=True, help="results directory")
+
+
+def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest)."""
+    path = configs.path(name_or_path).partition(":")[0]
+    spec = importlib.util.spec_from_file_location("_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        if parents == ["model"] or leaf not in node:
+            if parents != ["model"]:
+                raise ValueError(f"--set {item!r}: the recipe has no field {key!r}")
+            node[leaf] = value  # model fields are free-form overrides of the variant's config
+        else:
+            node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], float) else value
+    return config
+
+
+def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
+    """Train every run not finished yet; return one result per run (summary + curves)."""
+    results = []
+    for i, run in enumerate(runs):
+        workdir = out / "runs" / run.name
+        summary_path = workdir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if summary is None or summary.get("status") != "finished":
+            print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
+            resume = (workdir / "checkpoints").exists()
+            summary = train.train(run.config, workdir, resume=resume)
+            if summary.get("status") != "finished":  # interrupted: stop the study here
+                raise SystemExit(f"{run.name} {summary['status']}; rerun the command to resume")
+        else:
+            print(f"[{i + 1}/{len(runs)}] {run.name}: finished before, read back", flush=True)
+        records = logs.read_metrics(workdir)
+        results.append({"run": run, "summary": summary, "records": records})
+    return results
+
+
+def _final_train_accuracy(records: list[dict], total_steps: int, steps_per_epoch: int) -> float:
+    """Mean logged train accuracy over the last epoch (each record is a window mean)."""
+    last = [
+        r["accuracy"]
+        for r in records
+        if r["split"] == "train" and r["step"] > total_steps - steps_per_epoch
+    ]
+    return statistics.fmean(last) if last else float("nan")
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: list[dict], *, steps_per_epoch: int) -> list[dict]:
+    """One row per label, in the order of first appearance, over its seeds."""
+    rows: dict[str, dict] = {}
+    for result in results:
+        run, summary = result["run"], result["summary"]
+        row = rows.setdefault(
+            run.label, {"label": run.label, "seeds": [], "final": [], "best": [], "train": []}
+        )
+        row.setdefault("time", []).append(summary["train_seconds"])
+        row.setdefault("rate", []).append(summary["images_per_second"])
+        row["seeds"].append(run.seed)
+        row["final"].append(summary["eval_accuracy"])
+        row["best"].append(summary["best_eval_accuracy"])
+        row["train"].append(
+            _final_train_accuracy(result["records"], summary["total_steps"], steps_per_epoch)
+        )
+    return list(rows.values())
+
+
+def _pct(values: list[float]) -> str:
+    mean, sd = _mean_sd(values)
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
+
+
+def markdown_table(rows: list[dict], *, label_header: str) -> str:
+    lines = [
+        f"| {label_header} | seeds | final val acc (%) | best val acc (%) | train acc, last epoch"
+        " (%) | train time (s) | images/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['label']} | {len(row['seeds'])} | {_pct(row['final'])} | "
+            f"{_pct(row['best'])} | {_pct(row['train'])} | {statistics.fmean(row['time']):.0f} | "
+            f"{statistics.fmean(row['rate']):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_validation(results: list[dict], path: pathlib.Path, *, steps_per_epoch: int, title: str):
+    """Validation accuracy against epochs, one line per label (mean over seeds, min-max band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves: dict[str, dict[int, list[float]]] = {}
+    for result in results:
+        by_step = curves.setdefault(result["run"].label, {})
+        for r in result["records"]:
+            if r["split"] == "eval":
+                by_step.setdefault(r["step"], []).append(r["accuracy"])
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for label, by_step in curves.items():
+        steps = sorted(by_step)
+        epochs = np.array(steps) / steps_per_epoch
+        values = [np.array(by_step[s]) for s in steps]
+        mean = np.array([v.mean() for v in values])
+        (line,) = ax.plot(epochs, 100 * mean, marker=".", label=label)
+        if max(len(v) for v in values) > 1:
+            low = np.array([v.min() for v in values])
+            high = np.array([v.max() for v in values])
+            ax.fill_between(epochs, 100 * low, 100 * high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncols=2)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_report(
+    results: list[dict],
+    out: pathlib.Path,
+    *,
+    name: str,
+    title: str,
+    label_header: str,
+    recipe: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+) -> str:
+    """Write ``OUT/<name>.md``, ``OUT/<name>.png`` and ``OUT/<name>.json``; return the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(results, steps_per_epoch=steps_per_epoch)
+    table = markdown_table(rows, label_header=label_header)
+    plot_validation(results, out / f"{name}.png", steps_per_epoch=steps_per_epoch, title=title)
+    epochs = results[0]["summary"]["total_steps"] / steps_per_epoch
+    header = [
+        f"# {title}",
+        "",
+        f"- command: `{command_line()}`",
+        f"- hardware: {profile.describe_device()}",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- recipe: dataset {recipe.dataset} ({recipe.train_split} / {recipe.eval_split}), "
+        f"{epochs:g} epochs ({results[0]['summary']['total_steps']} steps of "
+        f"{recipe.batch_size}), {recipe.optimizer} lr {recipe.learning_rate:g}, model overrides "
+        f"{dict(recipe.model) or 'none'}",
+        "- final/best: validation accuracy at the end and its best over the run's evaluations; "
+        "mean ± sample standard deviation over seeds",
+        "",
+        table,
+        "",
+        f"![validation curves]({name}.png)",
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(header))
+    record = [{"label": r["run"].label, "seed": r["run"].seed, **r["summary"]} for r in results]
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return table
+
+
+def steps_per_epoch(recipe: ml_collections.ConfigDict) -> int:
+    return train.make_inputs(recipe).num_train // recipe.batch_size  # splits decode lazily
