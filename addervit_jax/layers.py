@@ -110,14 +110,14 @@ class _DistanceDense(nnx.Module):
         self.mask = nnx.Param(jnp.ones((out_features,))) if mask else None
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
 
-    def _similarity(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    def _similarity(self, x: jax.Array, w: jax.Array, stretch: jax.Array | None) -> jax.Array:
+        """``similarity(stretch * x, w)`` (``stretch`` None: no stretch)."""
         raise NotImplementedError
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.stretch is not None:
-            x = x * self.stretch[...]
+        stretch = None if self.stretch is None else self.stretch[...]
         with similarity_scope(self.kind):
-            y = self._similarity(x, self.kernel[...])
+            y = self._similarity(x, self.kernel[...], stretch)
         if self.norm == "layer":
             # Adder and euclid outputs are large negative sums of D_in distances; the study's
             # layer normalises them over the output features before the mask.
@@ -130,7 +130,8 @@ class _DistanceDense(nnx.Module):
 
 
 class AdderDense(_DistanceDense):
-    """``y = F * N(adder(E * x, W)) + b``; ``grad``, ``clip_scale``, ``backend`` go to the op."""
+    """``y = F * N(adder(E * x, W)) + b``; ``grad``, ``clip_scale``, ``backend``, ``interpret``
+    and E go to the op."""
 
     kind = "adder"
     weight_type = AdderWeight
@@ -143,14 +144,25 @@ class AdderDense(_DistanceDense):
         grad: str = "clipped",
         clip_scale: float = 4.0,
         backend: str = "auto",
+        interpret: bool = False,
         **kwargs: Any,
     ):
         _check_adder_options(type(self).__name__, grad, clip_scale, backend)
         super().__init__(in_features, out_features, **kwargs)
         self.grad, self.clip_scale, self.backend = grad, float(clip_scale), backend
+        self.interpret = bool(interpret)
 
-    def _similarity(self, x, w):
-        return ops.adder(x, w, grad=self.grad, clip_scale=self.clip_scale, backend=self.backend)
+    def _similarity(self, x, w, stretch):
+        # E goes into the op, whose kernels fuse it into their loads
+        return ops.adder(
+            x,
+            w,
+            stretch=stretch,
+            grad=self.grad,
+            clip_scale=self.clip_scale,
+            backend=self.backend,
+            interpret=self.interpret,
+        )
 
 
 class EuclidDense(_DistanceDense):
@@ -158,8 +170,8 @@ class EuclidDense(_DistanceDense):
 
     kind = "euclid"
 
-    def _similarity(self, x, w):
-        return ops.euclid(x, w)
+    def _similarity(self, x, w, stretch):
+        return ops.euclid(x if stretch is None else x * stretch, w)
 
 
 # Options each kind of site accepts. A model passes one set of options to every site; an option
@@ -170,13 +182,14 @@ _SITE_OPTIONS = {
         "grad",
         "clip_scale",
         "backend",
+        "interpret",
         "stretch",
         "mask",
         "norm",
         "use_bias",
         "kernel_init",
     },
-    "adder_orig": {"backend", "norm", "use_bias", "kernel_init"},
+    "adder_orig": {"backend", "interpret", "norm", "use_bias", "kernel_init"},
     "euclid": {"stretch", "mask", "norm", "use_bias", "kernel_init"},
 }
 _ALL_OPTIONS = set().union(*_SITE_OPTIONS.values()) | {"grad", "clip_scale", "stretch", "mask"}

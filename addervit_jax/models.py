@@ -46,6 +46,7 @@ class LinearOptions:
     mask: bool = True
     norm: str = "layer"
     backend: str = "auto"
+    interpret: bool = False  # the Pallas kernels in interpret mode (CPU debugging)
 
     def site_options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(LinearOptions)}
@@ -187,6 +188,7 @@ class Attention(nnx.Module):
         inner = heads * dim_head
         self.heads, self.attn = heads, cfg.attn
         self.grad, self.clip_scale, self.backend = cfg.grad, cfg.clip_scale, cfg.backend
+        self.interpret = cfg.interpret
         self.to_q = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_k = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_v = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
@@ -206,7 +208,12 @@ class Attention(nnx.Module):
 
         def l1(q, k):  # one (n, d) x (d, m) adder per batch element and head
             return ops.adder(
-                q, k.T, grad=self.grad, clip_scale=self.clip_scale, backend=self.backend
+                q,
+                k.T,
+                grad=self.grad,
+                clip_scale=self.clip_scale,
+                backend=self.backend,
+                interpret=self.interpret,
             )
 
         with layers.similarity_scope("scores_l1"):

@@ -34,6 +34,9 @@ Implementation (memory and speed):
   (:func:`_rank1_sum`), so extra memory is ``O(L*D_in + D_in*D_out + L*D_out)``.
 * For ``"addernet"``/``"clipped"``, dL/dw is ``x^T g - w * sum_l g``: one matrix product and a
   column sum, because the rule is linear in ``x - w``.
+* ``backend="naive"`` is the opposite, kept as the baseline the speed table measures against:
+  the broadcast formula with plain autodiff (the original study's "Adder"), which materialises
+  the difference tensor and always has the ``"exact"`` gradient.
 * Inputs of any float dtype are computed in at least float32 and results are returned in the
   input dtype (bfloat16 in, bfloat16 out, float32 accumulation).
 """
@@ -49,10 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from addervit_jax.kernels import adder_pallas
+
 __all__ = ["BACKENDS", "GRAD_RULES", "adder", "dense", "euclid", "resolve_backend"]
 
 GRAD_RULES = ("clipped", "addernet", "exact")
-BACKENDS = ("auto", "xla", "pallas", "cpu_native")
+# "naive" is the broadcast formula with plain autodiff, a baseline for comparisons only: "auto"
+# never selects it.
+BACKENDS = ("auto", "xla", "pallas", "cpu_native", "naive")
 
 # Rows of the reduction operand folded into the accumulator per loop step. Measured on a 2-core
 # AMD EPYC (AVX2) with experiments/bench_ops.py: 8 gives the forward at 2.9x a matmul of the
@@ -99,14 +106,15 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
 
 
 def resolve_backend(backend: str) -> str:
-    """Map ``"auto"`` to the backend that runs on the default device; reject unknown names."""
+    """Map ``"auto"`` to the backend for the default device; reject unknown or unavailable names.
+
+    ``"auto"`` is ``"pallas"`` on a GPU and ``"xla"`` elsewhere.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"adder: unknown backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        # The fused Pallas GPU kernels and the native CPU kernel arrive with their own issues;
-        # until then the pure-JAX formulation is the fastest available everywhere.
-        return "xla"
-    if backend in ("pallas", "cpu_native"):
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if backend == "cpu_native":
         raise NotImplementedError(
             f"adder: backend={backend!r} is not available in this version; use backend='xla' "
             "or 'auto'"
@@ -189,33 +197,82 @@ def _x_surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Arra
 # ---------------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adder_2d(x: jax.Array, w: jax.Array, grad: str, clip_scale: float, backend: str):
-    del grad, clip_scale, backend  # they only select the backward rule and the implementation
+def _on_rows(kernel: Callable, rows: tuple, shared: tuple, *, sum_rows: bool = False):
+    """Call a Pallas kernel whose ``rows`` operands split along their first axis.
+
+    Under a mesh (``jax.set_mesh``, as the trainer sets) the kernel runs per device through
+    ``jax.shard_map``: a custom call has no partitioning rule, so without this XLA would gather
+    every operand onto each device. Row-wise results stay split; ``sum_rows`` results (a sum over
+    the rows, like the exact dL/dw) are summed across devices. Without a mesh, or when the rows
+    do not divide evenly, the kernel sees the whole arrays.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    num_rows = rows[0].shape[0]
+    if mesh.empty or mesh.size == 1 or num_rows % mesh.size:
+        return kernel(*rows, *shared)
+    axes = tuple(mesh.axis_names)
+    split, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+
+    def local(*args):
+        out = kernel(*args)
+        return lax.psum(out, axes) if sum_rows else out
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(split,) * len(rows) + tuple(None if a is None else whole for a in shared),
+        out_specs=whole if sum_rows else split,
+        check_vma=False,
+    )(*rows, *shared)
+
+
+def _stretched(x: jax.Array, e: jax.Array | None) -> jax.Array:
+    return x if e is None else x * e
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _adder_2d(x, w, e, grad: str, clip_scale: float, backend: str, interpret: bool):
+    """``-sum_i |x[l, i] * e[i] - w[i, d]|`` (``e`` None: no stretch) with the rule ``grad``."""
+    del grad, clip_scale  # they only select the backward rule
+    if backend == "pallas":
+        forward = partial(adder_pallas.forward, interpret=interpret)
+        return _on_rows(lambda x, w, e: forward(x, w, e), (x,), (w, e))
     out_dtype = jnp.result_type(x, w)
     dtype = _compute_dtype(x, w)
-    y = -_l1_distance(x.astype(dtype), w.astype(dtype))
-    return y.astype(out_dtype)
+    u = _stretched(x.astype(dtype), None if e is None else e.astype(dtype))
+    return (-_l1_distance(u, w.astype(dtype))).astype(out_dtype)
 
 
-def _adder_2d_fwd(x, w, grad, clip_scale, backend):
-    return _adder_2d(x, w, grad, clip_scale, backend), (x, w)
+def _adder_2d_fwd(x, w, e, grad, clip_scale, backend, interpret):
+    return _adder_2d(x, w, e, grad, clip_scale, backend, interpret), (x, w, e)
 
 
-def _adder_2d_bwd(grad, clip_scale, backend, residuals, g):
-    del backend
-    x, w = residuals
+def _adder_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
+    x, w, e = residuals
     dtype = _compute_dtype(x, w, g)
     xc, wc, gc = x.astype(dtype), w.astype(dtype), g.astype(dtype)
-    dx = _x_grad(xc, wc, gc, _x_surrogate(grad, clip_scale))
-    if grad == "exact":
-        dw = _w_grad_exact(xc, wc, gc)
+    ec = None if e is None else e.astype(dtype)
+    u = _stretched(xc, ec)  # the adder's input; XLA fuses the product into its consumers
+    if backend == "pallas":
+        x_grad = partial(adder_pallas.x_grad, grad=grad, clip_scale=clip_scale, interpret=interpret)
+        du = _on_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e)).astype(dtype)
     else:
-        # sum_l g[l, d] * (x[l, i] - w[i, d]) = (x^T g)[i, d] - w[i, d] * sum_l g[l, d].
+        du = _x_grad(u, wc, gc, _x_surrogate(grad, clip_scale))
+    if grad == "exact" and backend == "pallas":
+        w_grad = partial(adder_pallas.w_grad_exact, interpret=interpret)
+        dw = _on_rows(lambda x, g, w, e: w_grad(x, w, g, e), (x, g), (w, e), sum_rows=True)
+        dw = dw.astype(dtype)
+    elif grad == "exact":
+        dw = _w_grad_exact(u, wc, gc)
+    else:
+        # sum_l g[l, d] * (u[l, i] - w[i, d]) = (u^T g)[i, d] - w[i, d] * sum_l g[l, d].
         # HIGHEST keeps GPUs from running this float32 product in TF32.
-        xtg = jnp.matmul(xc.T, gc, precision=lax.Precision.HIGHEST)
-        dw = xtg - wc * jnp.sum(gc, axis=0)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        utg = jnp.matmul(u.T, gc, precision=lax.Precision.HIGHEST)
+        dw = utg - wc * jnp.sum(gc, axis=0)
+    # u = x * e: the chain rule of the stretch
+    dx = du if ec is None else du * ec
+    de = None if e is None else jnp.sum(du * xc, axis=0).astype(e.dtype)
+    return dx.astype(x.dtype), dw.astype(w.dtype), de
 
 
 _adder_2d.defvjp(_adder_2d_fwd, _adder_2d_bwd)
@@ -225,6 +282,7 @@ def adder(
     x: jax.Array,
     w: jax.Array,
     *,
+    stretch: jax.Array | None = None,
     grad: str = "clipped",
     clip_scale: float = 4.0,
     backend: str = "auto",
@@ -235,13 +293,19 @@ def adder(
     Args:
       x: ``(..., D_in)`` float array (any number of leading dimensions, bfloat16 allowed).
       w: ``(D_in, D_out)`` float array.
+      stretch: optional ``(D_in,)`` input stretch E: computes ``adder(x * stretch, w)``, with
+        the product fused into the kernels' loads (the Pallas kernels never store ``x * E``);
+        gradients flow to ``stretch`` by the chain rule.
       grad: backward rule, ``"clipped"`` (default), ``"addernet"`` or ``"exact"``; see the module
         docstring for the formulas.
       clip_scale: the factor inside ``hardtanh`` of the ``"clipped"`` x-gradient (4 in the
         *Exploration of AdderViT* study). A positive Python number; ignored by other rules.
       backend: ``"auto"``, ``"xla"`` (pure JAX, runs everywhere), ``"pallas"`` (fused GPU
-        kernels) or ``"cpu_native"``.
-      interpret: run Pallas kernels in interpret mode (CPU tests); ignored by other backends.
+        kernels), ``"cpu_native"``, or ``"naive"`` (the broadcast formula with plain autodiff:
+        a baseline for speed and memory comparisons, which ignores ``grad`` and ``clip_scale``
+        and always has the ``"exact"`` gradient; ``"auto"`` never selects it).
+      interpret: run the Pallas kernels in interpret mode (on CPU, for tests; slow); ignored by
+        other backends.
 
     Returns:
       ``(..., D_out)`` array of dtype ``result_type(x, w)``, accumulated in at least float32.
@@ -258,11 +322,33 @@ def adder(
     clip_scale = float(clip_scale)
     if not (clip_scale > 0 and math.isfinite(clip_scale)):
         raise ValueError(f"adder: clip_scale must be positive and finite, got {clip_scale}")
-    del interpret  # only meaningful for the Pallas backend, which is not available yet
     backend = resolve_backend(backend)
+    if stretch is not None:
+        stretch = jnp.asarray(stretch)
+        if stretch.shape != (x.shape[-1],):
+            raise ValueError(
+                f"adder: stretch must have shape (D_in,) = ({x.shape[-1]},), got "
+                f"{stretch.shape} (x {x.shape}, w {w.shape})"
+            )
+    if backend == "naive":
+        return _adder_naive(x if stretch is None else x * stretch, w)
     lead, (d_in, d_out) = x.shape[:-1], w.shape
-    y = _adder_2d(x.reshape(-1, d_in), w, grad, clip_scale, backend)
+    y = _adder_2d(x.reshape(-1, d_in), w, stretch, grad, clip_scale, backend, bool(interpret))
     return y.reshape(*lead, d_out)
+
+
+def _adder_naive(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``-sum_i |x[..., i, None] - w[i, :]|`` by broadcasting, differentiated by plain autodiff.
+
+    The "Adder" of the original *Exploration of AdderViT* code, kept as the baseline of the speed
+    table (``ops.adder(..., backend="naive")``): it materialises the ``(L, D_in, D_out)``
+    difference tensor in the forward and again in the backward, and its gradient is autodiff's
+    derivative of ``|.|`` (``sign``, 0 at 0), i.e. the ``"exact"`` rule whatever ``grad`` says.
+    Computed in at least float32, returned in ``result_type(x, w)``.
+    """
+    dtype = _compute_dtype(x, w)
+    diff = x.astype(dtype)[..., :, None] - w.astype(dtype)
+    return (-jnp.sum(jnp.abs(diff), axis=-2)).astype(jnp.result_type(x, w))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,8 +184,11 @@ class _Counter:
                 reduce = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
                 terms = _size(eqn.outvars[0]) * reduce
             elif site is not None and name.startswith("custom_vjp_call"):
-                # ops.adder: x (..., D_in) against w (..., D_in, D_out)
+                # ops.adder: x (..., D_in) against w (..., D_in, D_out), and a stretch E
+                # (D_in,) when given, whose product with x is fused into the op
                 terms = _size(eqn.outvars[0]) * eqn.invars[0].aval.shape[-1]
+                if len(eqn.invars) == 3:
+                    self.mults += times * _size(eqn.invars[0])
             if terms is not None:
                 if site not in SIMILARITY_SITES:
                     raise ValueError(f"unknown similarity site {site!r}")

@@ -458,106 +458,109 @@ def train(
     ckpt_every = config.checkpoint_every_steps or steps_per_epoch
 
     mesh = make_mesh()
-    state = create_train_state(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    state = shard_state(state, mesh, config.fsdp)
-    checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
-    restored = checkpoints.restore_latest(state) if resume else None
-    if restored is not None:
-        state, meta = restored
+    # the mesh in context lets ops run the Pallas kernels per device (jax.shard_map)
+    with jax.set_mesh(mesh):
+        state = create_train_state(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         state = shard_state(state, mesh, config.fsdp)
-        print(f"resumed from step {meta['step']} in {ckpt_dir}", flush=True)
-    start = int(state.step)
+        checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
+        restored = checkpoints.restore_latest(state) if resume else None
+        if restored is not None:
+            state, meta = restored
+            state = shard_state(state, mesh, config.fsdp)
+            print(f"resumed from step {meta['step']} in {ckpt_dir}", flush=True)
+        start = int(state.step)
 
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(
-        lambda s, b: train_step(s, b, info=info, config=config),
-        out_shardings=(state_sharding, NamedSharding(mesh, P())),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=info))
-    log = logs.RunLog(workdir, total_steps=total_steps, start_step=start, enabled=is_main)
-    log.header(
-        f"{config.variant} on {config.dataset} ({inputs.num_train} train / "
-        f"{inputs.num_eval} eval images), {total_steps} steps of {config.batch_size}, "
-        f"{_device_description()}"
-    )
+        state_sharding = jax.tree.map(lambda x: x.sharding, state)
+        step_fn = jax.jit(
+            lambda s, b: train_step(s, b, info=info, config=config),
+            out_shardings=(state_sharding, NamedSharding(mesh, P())),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=info))
+        log = logs.RunLog(workdir, total_steps=total_steps, start_step=start, enabled=is_main)
+        log.header(
+            f"{config.variant} on {config.dataset} ({inputs.num_train} train / "
+            f"{inputs.num_eval} eval images), {total_steps} steps of {config.batch_size}, "
+            f"{_device_description()}"
+        )
 
-    pending = []  # device metrics since the last host check (NaN guard, logging)
-    train_seconds, images_seen = 0.0, 0
-    t_last = time.perf_counter()
-    status = "finished"
-    batches = inputs.train_batches(start)
-    with _StopSignals() as stop:
-        for step, batch in batches:
-            if step >= total_steps:
-                break
-            state, metrics = step_fn(state, global_batch(batch, mesh))
-            pending.append(metrics)
-            done = step + 1
-            is_log = done % config.log_every_steps == 0 or done == total_steps
-            is_eval = done % eval_every == 0 and done < total_steps
-            is_ckpt = done % ckpt_every == 0
-            if is_log or is_eval or is_ckpt or stop.received or done == total_steps:
-                host = jax.device_get(pending)
-                pending = []
-                now = time.perf_counter()
-                train_seconds += now - t_last
-                images_seen += len(host) * config.batch_size
-                rate = len(host) * config.batch_size / max(now - t_last, 1e-9)
-                if not all(math.isfinite(float(m["loss"])) for m in host):
-                    checkpoints.wait()
-                    log.close()
-                    saved = checkpoints.manager.latest_step()
-                    kept = (
-                        f"the last good checkpoint, step {saved}, is kept in {ckpt_dir}"
-                        if saved is not None
-                        else "no checkpoint had been written yet"
-                    )
-                    raise TrainingDiverged(
-                        f"loss became {float(host[-1]['loss'])} by step {done} "
-                        f"(variant {config.variant}, learning_rate {config.learning_rate}); {kept}"
-                    )
-                # the mean over the steps since the last log, so logged train accuracy is not
-                # one batch's
-                window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
-                log.train(done, window, images_per_second=rate)
-                if is_eval:
-                    log.eval(
-                        done,
-                        evaluate(
-                            state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn
-                        ),
-                    )
-                if is_ckpt or stop.received:
-                    checkpoints.save(state)
-                t_last = time.perf_counter()
-            if stop.received:
-                status = f"interrupted by {signal.Signals(stop.received).name}"
-                break
+        pending = []  # device metrics since the last host check (NaN guard, logging)
+        train_seconds, images_seen = 0.0, 0
+        t_last = time.perf_counter()
+        status = "finished"
+        batches = inputs.train_batches(start)
+        with _StopSignals() as stop:
+            for step, batch in batches:
+                if step >= total_steps:
+                    break
+                state, metrics = step_fn(state, global_batch(batch, mesh))
+                pending.append(metrics)
+                done = step + 1
+                is_log = done % config.log_every_steps == 0 or done == total_steps
+                is_eval = done % eval_every == 0 and done < total_steps
+                is_ckpt = done % ckpt_every == 0
+                if is_log or is_eval or is_ckpt or stop.received or done == total_steps:
+                    host = jax.device_get(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    train_seconds += now - t_last
+                    images_seen += len(host) * config.batch_size
+                    rate = len(host) * config.batch_size / max(now - t_last, 1e-9)
+                    if not all(math.isfinite(float(m["loss"])) for m in host):
+                        checkpoints.wait()
+                        log.close()
+                        saved = checkpoints.manager.latest_step()
+                        kept = (
+                            f"the last good checkpoint, step {saved}, is kept in {ckpt_dir}"
+                            if saved is not None
+                            else "no checkpoint had been written yet"
+                        )
+                        raise TrainingDiverged(
+                            f"loss became {float(host[-1]['loss'])} by step {done} "
+                            f"(variant {config.variant}, learning_rate "
+                            f"{config.learning_rate}); {kept}"
+                        )
+                    # the mean over the steps since the last log, so logged train accuracy is not
+                    # one batch's
+                    window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
+                    log.train(done, window, images_per_second=rate)
+                    if is_eval:
+                        log.eval(
+                            done,
+                            evaluate(
+                                state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn
+                            ),
+                        )
+                    if is_ckpt or stop.received:
+                        checkpoints.save(state)
+                    t_last = time.perf_counter()
+                if stop.received:
+                    status = f"interrupted by {signal.Signals(stop.received).name}"
+                    break
 
-    checkpoints.save(state)
-    checkpoints.wait()
-    final_step = int(state.step)
-    result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn)
-    if status == "finished":
-        log.eval(final_step, result)
-    summary = {
-        "variant": config.variant,
-        "dataset": config.dataset,
-        "steps": final_step,
-        "total_steps": total_steps,
-        "status": status,
-        "eval_accuracy": result["accuracy"],
-        "eval_loss": result["loss"],
-        "eval_examples": result["count"],
-        "best_eval_accuracy": log.best_eval_accuracy(),
-        "train_seconds": train_seconds,
-        "images_per_second": images_seen / train_seconds if train_seconds else 0.0,
-        "device": _device_description(),
-        "adaptive_lr": uses_adaptive_lr(config),
-        "params_checksum": params_checksum(state.params),
-        "workdir": str(workdir),
-    }
+        checkpoints.save(state)
+        checkpoints.wait()
+        final_step = int(state.step)
+        result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn)
+        if status == "finished":
+            log.eval(final_step, result)
+        summary = {
+            "variant": config.variant,
+            "dataset": config.dataset,
+            "steps": final_step,
+            "total_steps": total_steps,
+            "status": status,
+            "eval_accuracy": result["accuracy"],
+            "eval_loss": result["loss"],
+            "eval_examples": result["count"],
+            "best_eval_accuracy": log.best_eval_accuracy(),
+            "train_seconds": train_seconds,
+            "images_per_second": images_seen / train_seconds if train_seconds else 0.0,
+            "device": _device_description(),
+            "adaptive_lr": uses_adaptive_lr(config),
+            "params_checksum": params_checksum(state.params),
+            "workdir": str(workdir),
+        }
     log.finish(summary)
     checkpoints.close()
     if stop.received:
@@ -590,7 +593,9 @@ def evaluate_workdir(
     state, meta, config = restore(workdir)
     split = split or config.eval_split
     inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
-    result = evaluate(
-        state, inputs.eval_batches(), mesh=make_mesh(), info=data.DATASETS[config.dataset]
-    )
+    mesh = make_mesh()
+    with jax.set_mesh(mesh):
+        result = evaluate(
+            state, inputs.eval_batches(), mesh=mesh, info=data.DATASETS[config.dataset]
+        )
     return {"workdir": str(workdir), "step": meta["step"], "split": split, **result}

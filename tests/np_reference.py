@@ -52,6 +52,15 @@ def adder_grads(x, w, g, grad, clip_scale=4.0):
     return dx, dw
 
 
+def adder_stretch_grads(x, w, e, g, grad, clip_scale=4.0):
+    """(dL/dx, dL/dw, dL/de) of ``adder(x * e, w)``: the rule applies to u = x * e, then the
+    chain rule of the product (dx = e * du, de = sum over rows of x * du)."""
+    x = np.asarray(x, np.float64)
+    e = np.asarray(e, np.float64)
+    du, dw = adder_grads(x * e, w, g, grad, clip_scale)
+    return du * e, dw, (du * x).reshape(-1, x.shape[-1]).sum(axis=0)
+
+
 def rel_err(actual, expected):
     """Relative Frobenius error, the measure SPEC section 1 states the tolerance in."""
     actual = np.asarray(actual, np.float64)

@@ -184,13 +184,55 @@ def test_empty_leading_dims():
     assert dx.shape == x.shape and not np.any(dw)
 
 
-def test_auto_backend_is_xla_and_unavailable_backends_say_so():
+def test_auto_backend_is_xla_on_cpu_and_unavailable_backends_say_so():
+    # On CPU; on a GPU "auto" is "pallas" (tests/test_kernels.py). Never "naive", the baseline.
     assert ops.resolve_backend("auto") == "xla"
     x, w, _ = _inputs(7, (2,), 3, 4)
     np.testing.assert_array_equal(ops.adder(x, w, backend="auto"), ops.adder(x, w, backend="xla"))
-    for backend in ("pallas", "cpu_native"):
-        with pytest.raises(NotImplementedError, match=backend):
-            ops.adder(x, w, backend=backend)
+    with pytest.raises(NotImplementedError, match="cpu_native"):
+        ops.adder(x, w, backend="cpu_native")
+    with pytest.raises(ValueError, match="interpret"):  # Pallas on CPU needs interpret mode
+        ops.adder(x, w, backend="pallas")
+
+
+@given(shapes, seeds, st.sampled_from(ops.GRAD_RULES))
+def test_stretch_is_fused_input_scaling_with_its_chain_rule(shape, seed, grad):
+    lead, d_in, d_out = shape
+    x, w, g = _inputs(seed, lead, d_in, d_out)
+    e = np.random.default_rng(seed + 1).uniform(0.5, 1.5, size=d_in).astype(np.float32)
+    y, pullback = jax.vjp(
+        lambda x, w, e: ops.adder(x, w, stretch=e, grad=grad), *map(jnp.asarray, (x, w, e))
+    )
+    assert ref.rel_err(y, ref.adder(x.astype(np.float64) * e, w)) < TOL
+    for got, want in zip(
+        pullback(jnp.asarray(g)), ref.adder_stretch_grads(x, w, e, g, grad), strict=True
+    ):
+        assert ref.rel_err(got, want) < TOL
+
+
+def test_stretch_shape_is_checked():
+    x, w, _ = _inputs(3, (2,), 3, 4)
+    with pytest.raises(ValueError, match=r"stretch must have shape \(D_in,\) = \(3,\)"):
+        ops.adder(x, w, stretch=np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("grad", ops.GRAD_RULES)
+def test_naive_backend_is_the_broadcast_formula_with_the_exact_gradient(grad):
+    # The speed table's baseline: autodiff through -sum|x - w|, whatever grad says.
+    x, w, g = _inputs(9, (3, 5), 13, 7)
+    naive = functools.partial(ops.adder, grad=grad, backend="naive")
+    exact = functools.partial(ops.adder, grad="exact", backend="xla")
+    y_n, dx_n, dw_n = _vjp(jax.jit(naive), x, w, g)
+    y_e, dx_e, dw_e = _vjp(jax.jit(exact), x, w, g)
+    assert y_n.shape == (3, 5, 7) and y_n.dtype == jnp.float32
+    assert ref.rel_err(y_n, y_e) < TOL
+    assert ref.rel_err(dx_n, dx_e) < TOL
+    assert ref.rel_err(dw_n, dw_e) < TOL
+    dx_ref, dw_ref = ref.adder_grads(x, w, g, "exact")
+    assert ref.rel_err(dx_n, dx_ref) < TOL and ref.rel_err(dw_n, dw_ref) < TOL
+    assert ops.resolve_backend("naive") == "naive"
+    yb = ops.adder(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), backend="naive")
+    assert yb.dtype == jnp.bfloat16
 
 
 _F32 = np.float32

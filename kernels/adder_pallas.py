@@ -1,0 +1,335 @@
+"""Fused Pallas GPU kernels (Triton backend) for the adder similarity and its backward rules.
+
+Three "pseudo-matmuls" (SPEC sections 1 and 7), each tiled like a matmul: the grid runs over
+output tiles, one program loops over the reduction dimension in chunks, and a float32
+accumulator the size of the tile lives in registers. ``u = x * e`` is the input after the
+stretch E of the *Exploration of AdderViT* study, applied as ``x`` is loaded (no ``u`` in memory):
+
+==================== ============================================== ================ ==========
+kernel               out[p, q] = sum over r of                       out tile         reduction
+==================== ============================================== ================ ==========
+:func:`forward`      ``-|u[l, i] - w[i, d]|``                         (l, d)           i
+:func:`x_grad`       ``g[l, d] * s(w[i, d] - u[l, i])``               (l, i)           d
+:func:`w_grad_exact` ``g[l, d] * sign(u[l, i] - w[i, d])``            (i, d)           l
+==================== ============================================== ================ ==========
+
+``s`` is the x-gradient surrogate of the rule (``sign``, ``hardtanh`` or
+``hardtanh(clip_scale * .)``). ``x_grad`` returns the gradient with respect to ``u``; the caller
+(``ops``) multiplies by ``e`` and sums for dL/de. dL/dw of ``"addernet"``/``"clipped"`` is a
+matrix product and stays in XLA.
+
+A tile of the pseudo-matmul is computed as a broadcast ``(rows, reduce, cols)`` difference and
+a sum over the middle axis, which Triton keeps in registers. Triton needs power-of-two block
+shapes and Pallas' interpret mode does not check that, so every operand is zero-padded to whole
+blocks here (a zero row or column contributes ``|0 - 0| = 0`` or a zero cotangent to every sum)
+and the tests lower every kernel for CUDA on a CPU machine. Block sizes come from one table,
+:data:`BLOCKS`, by shape class.
+
+Each kernel has a plain ``jnp`` ``*_reference`` beside it (the broadcast formula, which does
+materialise the 3-D difference; only for tests at small sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = [
+    "BLOCKS",
+    "Blocks",
+    "blocks_for",
+    "forward",
+    "forward_reference",
+    "surrogate",
+    "w_grad_exact",
+    "w_grad_exact_reference",
+    "x_grad",
+    "x_grad_reference",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile of one program: ``rows x cols`` of the output, ``reduce`` terms per loop step."""
+
+    rows: int
+    cols: int
+    reduce: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# The (rows, reduce, cols) broadcast holds rows*reduce*cols float32 values per program; at 4 warps
+# (128 threads) 8,192 of them are 64 registers a thread, which leaves room for the accumulator
+# and the loads of the next step. Large outputs use 8 warps and a deeper software pipeline.
+# Chosen from the register budget; GPU timing (experiments/bench_kernels.py) is to refine them.
+BLOCKS: dict[str, dict[str, Blocks]] = {
+    "forward": {
+        "small": Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2),
+        "large": Blocks(rows=64, cols=64, reduce=4, num_warps=8, num_stages=3),
+    },
+    "x_grad": {
+        "small": Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2),
+        "large": Blocks(rows=64, cols=64, reduce=4, num_warps=8, num_stages=3),
+    },
+    "w_grad_exact": {
+        "small": Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2),
+        "large": Blocks(rows=64, cols=64, reduce=4, num_warps=8, num_stages=3),
+    },
+}
+
+# Outputs with at least this many elements use the "large" tiles (a ViT-S MLP layer on a batch
+# has millions; small outputs need more, smaller programs to fill the GPU's SMs).
+_LARGE_OUTPUT = 1 << 20
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def blocks_for(kernel: str, rows: int, cols: int, reduce: int) -> Blocks:
+    """The tile of ``kernel`` for an output of ``rows x cols`` summed over ``reduce`` terms.
+
+    Table entries shrink to the next power of two of a smaller dimension (a 10-class head needs
+    no 32-wide tile, and padding it would be wasted work).
+    """
+    entry = BLOCKS[kernel]["large" if rows * cols >= _LARGE_OUTPUT else "small"]
+
+    def fit(block: int, size: int) -> int:
+        return min(block, _next_power_of_two(size))
+
+    return dataclasses.replace(
+        entry,
+        rows=fit(entry.rows, rows),
+        cols=fit(entry.cols, cols),
+        reduce=fit(entry.reduce, reduce),
+    )
+
+
+def _pad_to(a: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
+    pads = [(0, -s % m) for s, m in zip(a.shape, multiples, strict=True)]
+    return jnp.pad(a, pads) if any(p for _, p in pads) else a
+
+
+def _compiler_params(blocks: Blocks) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:
+    """The function of ``w - u`` that replaces ``sign(w - u)`` in dL/du (SPEC section 1)."""
+    if grad == "exact":
+        return jnp.sign
+    scale = 1.0 if grad == "addernet" else float(clip_scale)
+    if scale == 1.0:
+        return lambda z: jnp.clip(z, -1.0, 1.0)
+    return lambda z: jnp.clip(scale * z, -1.0, 1.0)
+
+
+def _ones_if_none(e: jax.Array | None, size: int, dtype) -> jax.Array:
+    return jnp.ones((size,), dtype) if e is None else e
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: y[l, d] = -sum_i |x[l, i] * e[i] - w[i, d]|
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(x_ref, w_ref, e_ref, y_ref, *, reduce: int):
+    rows, cols = y_ref.shape
+    f32 = jnp.float32
+
+    def step(k, acc):
+        chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
+        u = x_ref[:, chunk].astype(f32) * e_ref[chunk].astype(f32)[None, :]
+        w = w_ref[chunk, :].astype(f32)
+        return acc + jnp.sum(jnp.abs(u[:, :, None] - w[None, :, :]), axis=1)
+
+    acc = lax.fori_loop(0, x_ref.shape[1] // reduce, step, jnp.zeros((rows, cols), f32))
+    y_ref[...] = (-acc).astype(y_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def forward(
+    x: jax.Array, w: jax.Array, e: jax.Array | None = None, *, interpret: bool = False
+) -> jax.Array:
+    """``y[l, d] = -sum_i |x[l, i] * e[i] - w[i, d]|`` for 2-D ``x`` (L, D_in), ``w`` (D_in, D_out).
+
+    ``e`` (D_in,) is the stretch (None: ones). Accumulates in float32 and returns
+    ``result_type(x, w)``.
+    """
+    (length, d_in), d_out = x.shape, w.shape[1]
+    if length * d_in * d_out == 0:  # an empty sum, or no output: no grid to launch
+        return jnp.zeros((length, d_out), jnp.result_type(x, w))
+    b = blocks_for("forward", length, d_out, d_in)
+    e = _ones_if_none(e, d_in, x.dtype)
+    xp = _pad_to(x, (b.rows, b.reduce))
+    wp = _pad_to(w, (b.reduce, b.cols))
+    ep = _pad_to(e, (b.reduce,))
+    (lp, kp), dp = xp.shape, wp.shape[1]
+    y = pl.pallas_call(
+        functools.partial(_forward_kernel, reduce=b.reduce),
+        out_shape=jax.ShapeDtypeStruct((lp, dp), jnp.result_type(x, w)),
+        grid=(lp // b.rows, dp // b.cols),
+        in_specs=[
+            pl.BlockSpec((b.rows, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((kp, b.cols), lambda i, j: (0, j)),
+            pl.BlockSpec((kp,), lambda i, j: (0,)),
+        ],
+        out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
+        compiler_params=_compiler_params(b),
+        interpret=interpret,
+        name="adder_forward",
+    )(xp, wp, ep)
+    return y[:length, :d_out]
+
+
+def forward_reference(x: jax.Array, w: jax.Array, e: jax.Array | None = None) -> jax.Array:
+    u = x.astype(jnp.float32) * (1.0 if e is None else e.astype(jnp.float32))
+    y = -jnp.sum(jnp.abs(u[:, :, None] - w.astype(jnp.float32)[None]), axis=1)
+    return y.astype(jnp.result_type(x, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# dL/du: dx[l, i] = sum_d g[l, d] * s(w[i, d] - x[l, i] * e[i])
+# ---------------------------------------------------------------------------------------------
+
+
+def _x_grad_kernel(x_ref, e_ref, w_ref, g_ref, dx_ref, *, reduce: int, s: Callable):
+    rows, cols = dx_ref.shape
+    f32 = jnp.float32
+    u = x_ref[...].astype(f32) * e_ref[...].astype(f32)[None, :]  # (rows, cols): l, i
+
+    def step(k, acc):
+        chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
+        g = g_ref[:, chunk].astype(f32)  # (rows, reduce): l, d
+        w = w_ref[:, chunk].astype(f32)  # (cols, reduce): i, d
+        term = g[:, None, :] * s(w[None, :, :] - u[:, :, None])
+        return acc + jnp.sum(term, axis=2)
+
+    acc = lax.fori_loop(0, g_ref.shape[1] // reduce, step, jnp.zeros((rows, cols), f32))
+    dx_ref[...] = acc.astype(dx_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("grad", "clip_scale", "interpret"))
+def x_grad(
+    x: jax.Array,
+    w: jax.Array,
+    g: jax.Array,
+    e: jax.Array | None = None,
+    *,
+    grad: str,
+    clip_scale: float = 4.0,
+    interpret: bool = False,
+) -> jax.Array:
+    """dL/du ``[l, i] = sum_d g[l, d] * s(w[i, d] - x[l, i] * e[i])`` in float32.
+
+    ``s`` is ``grad``'s surrogate (:func:`surrogate`). Returns float32 (L, D_in); the caller
+    casts after applying the stretch's chain rule.
+    """
+    (length, d_in), d_out = x.shape, w.shape[1]
+    if length * d_in * d_out == 0:
+        return jnp.zeros((length, d_in), jnp.float32)
+    b = blocks_for("x_grad", length, d_in, d_out)
+    e = _ones_if_none(e, d_in, x.dtype)
+    xp = _pad_to(x, (b.rows, b.cols))
+    ep = _pad_to(e, (b.cols,))
+    wp = _pad_to(w, (b.cols, b.reduce))
+    gp = _pad_to(g, (b.rows, b.reduce))
+    (lp, ip), dp = xp.shape, wp.shape[1]
+    dx = pl.pallas_call(
+        functools.partial(_x_grad_kernel, reduce=b.reduce, s=surrogate(grad, clip_scale)),
+        out_shape=jax.ShapeDtypeStruct((lp, ip), jnp.float32),
+        grid=(lp // b.rows, ip // b.cols),
+        in_specs=[
+            pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
+            pl.BlockSpec((b.cols,), lambda i, j: (j,)),
+            pl.BlockSpec((b.cols, dp), lambda i, j: (j, 0)),
+            pl.BlockSpec((b.rows, dp), lambda i, j: (i, 0)),
+        ],
+        out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
+        compiler_params=_compiler_params(b),
+        interpret=interpret,
+        name=f"adder_x_grad_{grad}",
+    )(xp, ep, wp, gp)
+    return dx[:length, :d_in]
+
+
+def x_grad_reference(x, w, g, e=None, *, grad: str, clip_scale: float = 4.0) -> jax.Array:
+    f32 = jnp.float32
+    u = x.astype(f32) * (1.0 if e is None else e.astype(f32))
+    diff = w.astype(f32)[None, :, :] - u[:, :, None]  # (l, i, d)
+    return jnp.sum(g.astype(f32)[:, None, :] * surrogate(grad, clip_scale)(diff), axis=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# dL/dw of "exact": dw[i, d] = sum_l g[l, d] * sign(x[l, i] * e[i] - w[i, d])
+# ---------------------------------------------------------------------------------------------
+
+
+def _w_grad_exact_kernel(x_ref, e_ref, w_ref, g_ref, dw_ref, *, reduce: int):
+    rows, cols = dw_ref.shape
+    f32 = jnp.float32
+    w = w_ref[...].astype(f32)  # (rows, cols): i, d
+    e = e_ref[...].astype(f32)
+
+    def step(k, acc):
+        chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
+        u = x_ref[chunk, :].astype(f32) * e[None, :]  # (reduce, rows): l, i
+        g = g_ref[chunk, :].astype(f32)  # (reduce, cols): l, d
+        term = g[:, None, :] * jnp.sign(u[:, :, None] - w[None, :, :])
+        return acc + jnp.sum(term, axis=0)
+
+    acc = lax.fori_loop(0, x_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
+    dw_ref[...] = acc.astype(dw_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def w_grad_exact(
+    x: jax.Array,
+    w: jax.Array,
+    g: jax.Array,
+    e: jax.Array | None = None,
+    *,
+    interpret: bool = False,
+) -> jax.Array:
+    """dL/dw ``[i, d] = sum_l g[l, d] * sign(x[l, i] * e[i] - w[i, d])`` in float32."""
+    (length, d_in), d_out = x.shape, w.shape[1]
+    if length * d_in * d_out == 0:
+        return jnp.zeros((d_in, d_out), jnp.float32)
+    b = blocks_for("w_grad_exact", d_in, d_out, length)
+    e = _ones_if_none(e, d_in, x.dtype)
+    xp = _pad_to(x, (b.reduce, b.rows))
+    ep = _pad_to(e, (b.rows,))
+    wp = _pad_to(w, (b.rows, b.cols))
+    gp = _pad_to(g, (b.reduce, b.cols))
+    lp, (ip, dp) = xp.shape[0], wp.shape
+    dw = pl.pallas_call(
+        functools.partial(_w_grad_exact_kernel, reduce=b.reduce),
+        out_shape=jax.ShapeDtypeStruct((ip, dp), jnp.float32),
+        grid=(ip // b.rows, dp // b.cols),
+        in_specs=[
+            pl.BlockSpec((lp, b.rows), lambda i, j: (0, i)),
+            pl.BlockSpec((b.rows,), lambda i, j: (i,)),
+            pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
+            pl.BlockSpec((lp, b.cols), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
+        compiler_params=_compiler_params(b),
+        interpret=interpret,
+        name="adder_w_grad_exact",
+    )(xp, ep, wp, gp)
+    return dw[:d_in, :d_out]
+
+
+def w_grad_exact_reference(x, w, g, e=None) -> jax.Array:
+    f32 = jnp.float32
+    u = x.astype(f32) * (1.0 if e is None else e.astype(f32))
+    diff = u[:, :, None] - w.astype(f32)[None, :, :]  # (l, i, d)
+    return jnp.sum(g.astype(f32)[:, None, :] * jnp.sign(diff), axis=0)

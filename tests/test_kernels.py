@@ -1,0 +1,257 @@
+"""The Pallas kernels (kernels/adder_pallas.py) on a CPU machine.
+
+Interpret mode runs each kernel's grid as a loop, so these shapes are small but never multiples
+of the blocks. Lowering for CUDA runs the Pallas-to-Triton lowering, which rejects what a GPU
+could not compile (block shapes that are not powers of two, unsupported primitives), on any
+machine.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from addervit_jax.kernels import adder_pallas as K
+
+from addervit_jax import ops
+
+TOL = 1e-5  # SPEC section 1, float32
+BF16_TOL = 1e-2  # bfloat16 inputs: 8 bits of mantissa, accumulated in float32
+# (L, D_in, D_out): none a multiple of the 8/32-wide blocks; one output wider than two tiles,
+# one reduction longer than several loop steps, and a single row.
+SHAPES = [(37, 19, 23), (5, 70, 3), (66, 9, 41), (1, 3, 2)]
+
+
+def _inputs(seed, length, d_in, d_out, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(length, d_in)).astype(dtype)
+    w = rng.normal(size=(d_in, d_out)).astype(dtype)
+    g = rng.normal(size=(length, d_out)).astype(dtype)
+    e = rng.uniform(0.5, 1.5, size=d_in).astype(dtype)
+    return x, w, g, e
+
+
+def _f64(*arrays):
+    return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in arrays]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_match_their_references_and_float64(shape, dtype):
+    seed = hash((shape, str(dtype))) % 2**31
+    x, w, g, e = (jnp.asarray(a, dtype) for a in _inputs(seed, *shape))
+    xf, wf, gf, ef = _f64(x, w, g, e)
+    tol = TOL if dtype == jnp.float32 else BF16_TOL
+
+    y = K.forward(x, w, e, interpret=True)
+    assert y.dtype == dtype and y.shape == (shape[0], shape[2])
+    assert ref.rel_err(y, K.forward_reference(x, w, e)) < tol
+    assert ref.rel_err(y, ref.adder(xf * ef, wf)) < tol
+
+    for grad in ops.GRAD_RULES:
+        du = K.x_grad(x, w, g, e, grad=grad, interpret=True)
+        want_du, want_dw = ref.adder_grads(xf * ef, wf, gf, grad)
+        # the kernel and its reference see the same (rounded) inputs: float32 agreement
+        assert ref.rel_err(du, K.x_grad_reference(x, w, g, e, grad=grad)) < TOL
+        assert ref.rel_err(du, want_du) < TOL
+    dw = K.w_grad_exact(x, w, g, e, interpret=True)
+    assert ref.rel_err(dw, K.w_grad_exact_reference(x, w, g, e)) < TOL
+    assert ref.rel_err(dw, ref.adder_grads(xf * ef, wf, gf, "exact")[1]) < TOL
+
+
+def test_kernels_without_stretch_and_clip_scale_reach_the_kernel():
+    x, w, g, _ = (jnp.asarray(a) for a in _inputs(3, 13, 6, 9))
+    assert ref.rel_err(K.forward(x, w, interpret=True), ref.adder(x, w)) < TOL
+    for clip_scale in (1.0, 2.5):
+        du = K.x_grad(x, w, g, grad="clipped", clip_scale=clip_scale, interpret=True)
+        assert ref.rel_err(du, ref.adder_grads(x, w, g, "clipped", clip_scale)[0]) < TOL
+
+
+@pytest.mark.parametrize("grad", ops.GRAD_RULES)
+def test_pallas_backend_matches_xla_and_float64_forward_and_every_gradient(grad):
+    x, w, g, e = _inputs(11, 2 * 3 * 7, 13, 10)
+    x, g = x.reshape(2, 3, 7, 13), g.reshape(2, 3, 7, 10)
+
+    def vjp(backend):
+        fn = functools.partial(ops.adder, grad=grad, backend=backend, interpret=True)
+        y, pullback = jax.vjp(lambda x, w, e: fn(x, w, stretch=e), *map(jnp.asarray, (x, w, e)))
+        return y, *pullback(jnp.asarray(g))
+
+    pallas, xla = vjp("pallas"), vjp("xla")
+    want = (ref.adder(x.astype(np.float64) * e, w), *ref.adder_stretch_grads(x, w, e, g, grad))
+    for got, same, expected in zip(pallas, xla, want, strict=True):
+        assert got.shape == same.shape
+        assert ref.rel_err(got, expected) < TOL
+        assert ref.rel_err(got, same) < TOL
+
+
+def test_pallas_backend_under_jit_vmap_and_bfloat16():
+    x, w, _, _ = _inputs(5, 4 * 6, 8, 5)
+    x = x.reshape(4, 6, 8)
+    fn = jax.jit(
+        jax.vmap(functools.partial(ops.adder, backend="pallas", interpret=True), (0, None))
+    )
+    assert ref.rel_err(fn(x, w), ref.adder(x, w)) < TOL
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    yb = fn(xb, wb)
+    assert yb.dtype == jnp.bfloat16
+    assert ref.rel_err(yb, ref.adder(*_f64(xb, wb))) < BF16_TOL
+    dx = jax.grad(lambda x: ops.adder(x, wb, backend="pallas", interpret=True).sum())(xb)
+    assert dx.dtype == jnp.bfloat16 and dx.shape == xb.shape
+
+
+def test_empty_operands_give_empty_or_zero_results():
+    x, w = jnp.zeros((0, 4)), jnp.ones((4, 3))
+    assert K.forward(x, w, interpret=True).shape == (0, 3)
+    assert K.w_grad_exact(x, w, jnp.zeros((0, 3)), interpret=True).shape == (4, 3)
+    assert not np.any(K.w_grad_exact(x, w, jnp.zeros((0, 3)), interpret=True))
+
+
+def test_block_table_gives_powers_of_two_that_fit_the_shape():
+    for kernel in K.BLOCKS:
+        for dims in [(1, 1, 1), (10, 384, 7), (4096, 1536, 384), (65, 3, 10_000)]:
+            b = K.blocks_for(kernel, *dims)
+            for size, block in zip(dims, (b.rows, b.cols, b.reduce), strict=True):
+                assert block & (block - 1) == 0  # a power of two, as Triton requires
+                assert block < 2 * max(size, 1)  # never more than one block of padding
+    assert K.blocks_for("forward", 4096, 1536, 384).num_warps == 8  # large outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for CUDA on a CPU machine
+# ---------------------------------------------------------------------------------------------
+
+LOWERING_SHAPES = [(4096, 384, 1536), (4096, 1536, 384), (37, 19, 23), (65, 64, 10), (1, 1, 1)]
+
+
+def _lower_for_cuda(fn, *specs):
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("shape", LOWERING_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_kernel_lowers_for_cuda(shape, dtype):
+    length, d_in, d_out = shape
+    spec = jax.ShapeDtypeStruct
+    x, w, g, e = spec((length, d_in), dtype), spec((d_in, d_out), dtype), None, None
+    g, e = spec((length, d_out), dtype), spec((d_in,), dtype)
+    kernels = {
+        "adder_forward": lambda x, w, g, e: K.forward(x, w, e),
+        "adder_w_grad_exact": lambda x, w, g, e: K.w_grad_exact(x, w, g, e),
+    }
+    for grad in ops.GRAD_RULES:
+        kernels[f"adder_x_grad_{grad}"] = functools.partial(
+            lambda x, w, g, e, grad: K.x_grad(x, w, g, e, grad=grad), grad=grad
+        )
+    for name, fn in kernels.items():
+        text = _lower_for_cuda(fn, x, w, g, e)
+        assert "__gpu$xla.gpu.triton" in text and name in text, name
+
+
+@pytest.mark.parametrize("grad", ops.GRAD_RULES)
+def test_pallas_backend_train_step_lowers_for_cuda(grad):
+    spec = jax.ShapeDtypeStruct
+
+    def loss(x, w, e):
+        return jnp.sum(ops.adder(x, w, stretch=e, grad=grad, backend="pallas") ** 2)
+
+    f32 = jnp.float32
+    text = _lower_for_cuda(
+        jax.value_and_grad(loss, argnums=(0, 1, 2)),
+        spec((64, 65, 128), f32),
+        spec((128, 512), f32),
+        spec((128,), f32),
+    )
+    assert text.count("__gpu$xla.gpu.triton") == (3 if grad == "exact" else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded: 8 simulated CPU devices (a fresh process, so the XLA flag applies)
+# ---------------------------------------------------------------------------------------------
+
+SHARDED_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from addervit_jax import ops
+
+mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 5, 13)).astype(np.float32)
+w = rng.normal(size=(13, 11)).astype(np.float32)
+e = rng.uniform(0.5, 1.5, size=13).astype(np.float32)
+xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+result = {}
+for grad in ops.GRAD_RULES:
+    def loss(x, w, e, backend):
+        y = ops.adder(x, w, stretch=e, grad=grad, backend=backend, interpret=True)
+        return jnp.sum(jnp.sin(y))
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    with jax.set_mesh(mesh):
+        pallas = f(xs, w, e, "pallas")
+        text = f.lower(xs, w, e, "pallas").as_text()
+    xla = f(x, w, e, "xla")
+    result[grad] = {
+        "err": [float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+                for a, b in zip(jax.tree.leaves(pallas), jax.tree.leaves(xla))],
+        "manual": "sdy.manual_computation" in text or "shard_map" in text,
+        "dx_sharding": str(pallas[1][0].sharding.spec),
+    }
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _run_on_8_devices(script_or_args):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run(
+        [sys.executable, *script_or_args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_kernels_run_per_device_under_shard_map_on_8_devices():
+    stdout = _run_on_8_devices(["-c", SHARDED_SCRIPT])
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    for grad, r in result.items():
+        assert r["manual"], grad  # the kernels sit inside a shard_map, one call per device
+        assert r["dx_sharding"] == "P('data',)", grad  # dL/dx stays split by rows
+        assert max(r["err"]) < TOL, (grad, r["err"])
+
+
+def test_sharded_train_step_with_pallas_kernels_equals_xla(tmp_path):
+    worker = str(pathlib.Path(__file__).with_name("train_worker.py"))
+    tiny = {
+        "config.model.dim": 16,
+        "config.model.depth": 1,
+        "config.model.heads": 2,
+        "config.model.dim_head": 8,
+        "config.model.mlp_dim": 32,
+        "config.batch_size": 16,
+        "config.total_steps": 3,
+        "config.log_every_steps": 1,
+        "config.eval_every_steps": 1000,
+        "config.variant": "qkv_2ffn",
+    }
+    summaries, losses = {}, {}
+    for backend in ("pallas", "xla"):
+        overrides = {**tiny, "config.model.backend": backend, "config.model.interpret": True}
+        workdir = tmp_path / backend
+        stdout = _run_on_8_devices([worker, str(workdir), json.dumps(overrides)])
+        line = next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))
+        summaries[backend] = json.loads(line.removeprefix("SUMMARY "))
+        records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+        losses[backend] = [r["loss"] for r in records if r["split"] == "train"]
+    assert "8 x cpu" in summaries["pallas"]["device"]
+    np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+    assert summaries["pallas"]["params_checksum"] == pytest.approx(
+        summaries["xla"]["params_checksum"], rel=1e-5
+    )
