@@ -3,6 +3,7 @@
 addervit train [--config NAME_OR_PATH] [--config.key=value ...] [--workdir DIR] [--resume]
 addervit eval --checkpoint WORKDIR [--split SPLIT]
 addervit demo     # the similarity operations and the adder backward rules on toy tensors
+addervit check-kernels [--shapes LxD_INxD_OUT ...] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -59,6 +60,72 @@ def demo(args: argparse.Namespace) -> int:
     )
     print(f"forward+backward time, adder / dense at that shape: {ratio:.1f}x")
     return 0
+
+
+# (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down), the CIFAR SimpleViT MLP
+# on a batch of 64 images of 65 tokens, and a classifier head with odd sizes.
+CHECK_SHAPES_GPU = [
+    "4096x384x1152",
+    "4096x384x1536",
+    "4096x1536x384",
+    "4160x128x256",
+    "1000x191x10",
+]
+# Interpret mode runs the grid as a Python-level loop: small shapes only.
+CHECK_SHAPES_INTERPRET = ["130x32x48", "37x19x23"]
+
+
+def check_kernels(args: argparse.Namespace) -> int:
+    """Compare ``ops.adder(backend="pallas")`` with the XLA backend, forward and every gradient.
+
+    The reference-vs-kernel check to run on one's own GPU: for each shape and rule, the relative
+    Frobenius error of y, dL/dx, dL/dw and dL/dE (with a random stretch E and cotangent) between
+    the two backends. On a machine without a GPU the kernels run in interpret mode.
+    """
+    device = jax.devices()[0]
+    interpret = device.platform != "gpu"
+    shapes = args.shapes or (CHECK_SHAPES_INTERPRET if interpret else CHECK_SHAPES_GPU)
+    dtype = jnp.dtype(args.dtype)
+    tol = args.tol if args.tol is not None else (1e-5 if dtype == jnp.float32 else 1e-2)
+    mode = " (interpret mode: no GPU)" if interpret else ""
+    print(f"addervit check-kernels on {profile.describe_device()}{mode}, {dtype.name} inputs")
+    print(f"relative Frobenius error, Pallas kernels vs the XLA backend; pass: all < {tol:g}\n")
+    print("| shape (L x D_in x D_out) | rule | y | dL/dx | dL/dw | dL/dE | result |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    failures = 0
+    for spec in shapes:
+        length, d_in, d_out = (int(v) for v in spec.lower().split("x"))
+        kx, kw, ke, kg = jax.random.split(jax.random.key(args.seed), 4)
+        x = jax.random.normal(kx, (length, d_in), dtype)
+        w = jax.random.normal(kw, (d_in, d_out), dtype)
+        e = jax.random.uniform(ke, (d_in,), dtype, 0.5, 1.5)
+        g = jax.random.normal(kg, (length, d_out), dtype)
+        for grad in ops.GRAD_RULES:
+
+            def vjp(x, w, e, g, backend, grad=grad):
+                def fn(x, w, e):
+                    return ops.adder(
+                        x, w, stretch=e, grad=grad, backend=backend, interpret=interpret
+                    )
+
+                y, pullback = jax.vjp(fn, x, w, e)
+                return (y, *pullback(g))
+
+            run = jax.jit(vjp, static_argnums=4)
+            kernel, reference = run(x, w, e, g, "pallas"), run(x, w, e, g, "xla")
+            errors = [
+                float(
+                    jnp.linalg.norm((a - b).astype(jnp.float32))
+                    / jnp.maximum(jnp.linalg.norm(b.astype(jnp.float32)), 1e-30)
+                )
+                for a, b in zip(kernel, reference, strict=True)
+            ]
+            ok = all(err < tol for err in errors)
+            failures += not ok
+            cells = " | ".join(f"{err:.1e}" for err in errors)
+            print(f"| {spec} | {grad} | {cells} | {'pass' if ok else 'FAIL'} |", flush=True)
+    print(f"\n{'all passed' if not failures else f'{failures} FAILED'}")
+    return 1 if failures else 0
 
 
 def _parse_train_flags(argv: list[str]):
@@ -162,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--features", type=int, default=128, help="D_in of the timed example")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)
+    p_check = commands.add_parser(
+        "check-kernels", help="the Pallas kernels against the XLA backend on this device"
+    )
+    p_check.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="LxD_INxD_OUT (default: realistic shapes on a GPU, small ones in interpret mode)",
+    )
+    p_check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p_check.add_argument("--tol", type=float, default=None, help="default 1e-5 (bf16: 1e-2)")
+    p_check.add_argument("--seed", type=int, default=0)
+    p_check.set_defaults(run=check_kernels)
     args = parser.parse_args(argv)
     return args.run(args)
 

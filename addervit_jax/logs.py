@@ -107,14 +107,13 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
 
 def plot_curves(records: list[dict], path: pathlib.Path, *, title: str = "") -> None:
     """Loss (left) and accuracy (right) against the step, train and eval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot: no global backend switch, so a notebook's inline plots keep working
+    from matplotlib.figure import Figure
 
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for rows, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
         if rows:
             steps = [r["step"] for r in rows]
@@ -127,4 +126,3 @@ def plot_curves(records: list[dict], path: pathlib.Path, *, title: str = "") -> 
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

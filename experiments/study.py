@@ -161,11 +161,8 @@ def markdown_table(rows: list[dict], *, label_header: str) -> str:
 
 def plot_validation(results: list[dict], path: pathlib.Path, *, steps_per_epoch: int, title: str):
     """Validation accuracy against epochs, one line per label (mean over seeds, min-max band)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     curves: dict[str, dict[int, list[float]]] = {}
     for result in results:
@@ -173,7 +170,8 @@ def plot_validation(results: list[dict], path: pathlib.Path, *, steps_per_epoch:
         for r in result["records"]:
             if r["split"] == "eval":
                 by_step.setdefault(r["step"], []).append(r["accuracy"])
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
     for label, by_step in curves.items():
         steps = sorted(by_step)
         epochs = np.array(steps) / steps_per_epoch
@@ -190,7 +188,6 @@ def plot_validation(results: list[dict], path: pathlib.Path, *, steps_per_epoch:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncols=2)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def command_line() -> str:

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
-from addervit_jax.kernels import adder_pallas as K
 
 from addervit_jax import ops
+from addervit_jax.kernels import adder_pallas as K
 
 TOL = 1e-5  # SPEC section 1, float32
 BF16_TOL = 1e-2  # bfloat16 inputs: 8 bits of mantissa, accumulated in float32
@@ -255,3 +255,38 @@ def test_sharded_train_step_with_pallas_kernels_equals_xla(tmp_path):
     assert summaries["pallas"]["params_checksum"] == pytest.approx(
         summaries["xla"]["params_checksum"], rel=1e-5
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# addervit check-kernels and the GPU benchmark script
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_kernels_command_passes_and_catches_a_wrong_kernel(capsys, monkeypatch):
+    from addervit_jax import cli
+
+    assert cli.main(["check-kernels", "--shapes", "20x7x9", "9x33x4"]) == 0
+    out = capsys.readouterr().out
+    assert "interpret mode" in out and out.count("| pass |") == 6 and "all passed" in out
+
+    # a kernel that is off by one in a single output element must fail the check
+    correct = K.forward
+    monkeypatch.setattr(K, "forward", lambda *a, **k: correct(*a, **k).at[0, 0].add(1.0))
+    assert cli.main(["check-kernels", "--shapes", "20x7x9"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("| FAIL |") == 3 and "3 FAILED" in out
+
+
+def test_bench_kernels_runs_in_interpret_mode():
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "bench_kernels.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--interpret", "--shapes", "16x8x8", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 16x8x8 |")]
+    assert len(rows) == 5  # forward, dL/dx for three rules, exact dL/dw
+    no_gpu = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert no_gpu.returncode != 0 and "no GPU" in no_gpu.stderr
