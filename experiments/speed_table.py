@@ -1,0 +1,363 @@
+"""The speed table: train step, inference and training memory of Multi, naive Adder and this
+project's Adder, relative to Multi, for the SimpleViT.
+
+    python experiments/speed_table.py                        # batch 64 of 32x32x3, study's model
+    python experiments/speed_table.py --memory-limit-gib 16  # the original's 16 GiB GPU, on any
+                                                             # machine: rows needing more are OOM
+    python experiments/speed_table.py --batch 4 --steps 2 --dim 32 --depth 1   # smoke test
+
+Rows: ``multi``; "naive adder", the ``--variant`` model (``qkv_2ffn``: adder q/k/v and both FFN
+layers) with ``ops.adder(..., backend="naive")``, the broadcast formula
+``-sum(|x[..., :, None] - w|, axis=-2)`` differentiated by plain autodiff, which is what the
+original code called "Adder" (it materialises the ``(L, D_in, D_out)`` difference tensor); and
+"adder <backend>", the same model with this project's op, for every backend that runs on the
+device (``xla`` everywhere, ``pallas`` on a GPU, the others when they are available).
+
+A train step is ``value_and_grad`` of the mean cross-entropy and an ``optax.adamw`` update
+(the same optimiser for every row), jitted, on a batch of ``--batch`` random images; inference
+is the jitted forward pass (the models have no dropout or batch statistics, so it is the eval
+forward). One process; each step is compiled once, then ``--warmup`` calls of it and of Multi's
+step, then ``--steps`` alternating timed calls of the row's step and Multi's step: "vs multi" is
+the median of the per-pair ratios (robust on a shared machine, as in ``profile.paired_ratio``),
+the times are medians (Multi's over all its pairs).
+
+Memory: "compiled" is the train step's ``memory_analysis()`` after compilation, arguments
+(params, optimiser state, batch) + outputs + temporaries - aliased bytes: what the step needs on
+the device. "device peak" is ``peak_bytes_in_use`` of the device's ``memory_stats()`` after the
+row ran, where the runtime reports it (GPUs; "n/a" on CPU); it is the process's running maximum,
+so rows run in the order multi, adder backends, naive adder, and each peak is an upper bound
+that includes the rows run before it.
+
+OOM: a row whose compiled train (or inference) step needs more than ``--memory-limit-gib`` is
+not run and reads "OOM", and so does one that fails with ``RESOURCE_EXHAUSTED`` while compiling
+or running. ``--memory-limit-gib 16`` reproduces the original's OOM on a 16 GiB GPU on any
+machine. On a CPU the limit defaults to half the physical memory, because running out of host
+memory kills the process instead of raising an error.
+
+Writes ``speed_table.md`` and ``speed_table.json`` under ``--out``, headed with the command and
+the hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import pathlib
+import shlex
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from addervit_jax import models, ops, profile
+
+MIB = 2**20
+MODEL_FLAGS = ("image_size", "patch_size", "dim", "depth", "heads", "dim_head", "mlp_dim")
+
+
+class OutOfMemory(Exception):
+    """A step needs more memory than the device (or ``--memory-limit-gib``) has."""
+
+
+def command_line(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "experiments/speed_table.py", *args])
+
+
+def _is_oom(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    variant: str
+    backend: str | None
+    train: dict = dataclasses.field(default_factory=dict)
+    infer: dict = dataclasses.field(default_factory=dict)
+    memory: dict | None = None
+    device_peak_mib: float | None = None
+
+
+def build_steps(variant: str, backend: str | None, model_kwargs: dict, tx):
+    """``(train_step, infer, params, opt_state)`` of one model; params live on the device."""
+    options = {} if backend is None else {"backend": backend}
+    model = models.build(variant, rngs=nnx.Rngs(0), **model_kwargs, **options)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def forward(params, images):
+        return nnx.merge(graphdef, params, rest)(images)
+
+    def loss_fn(params, images, labels):
+        logits = forward(params, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def train_step(params, opt_state, images, labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step, forward, params, tx.init(params)
+
+
+def compile_step(fn, args):
+    """The compiled step and its memory analysis in bytes (OutOfMemory if compiling fails so)."""
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+    except jax.errors.JaxRuntimeError as err:
+        if _is_oom(err):
+            raise OutOfMemory(f"compile: {str(err).splitlines()[0][:200]}") from err
+        raise
+    analysis = compiled.memory_analysis()
+    memory = {
+        "argument": analysis.argument_size_in_bytes,
+        "output": analysis.output_size_in_bytes,
+        "temp": analysis.temp_size_in_bytes,
+        "alias": analysis.alias_size_in_bytes,
+    }
+    memory["total"] = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
+    return compiled, memory
+
+
+def prepare(fn, args, limit_bytes: float | None):
+    """``(call, memory, status)``: a no-argument call of the compiled step, or None if OOM."""
+    try:
+        compiled, memory = compile_step(fn, args)
+    except OutOfMemory as err:
+        return None, None, {"status": "OOM", "reason": str(err)}
+    if limit_bytes is not None and memory["total"] > limit_bytes:
+        reason = f"needs {memory['total'] / 2**30:.2f} GiB > limit {limit_bytes / 2**30:.2f} GiB"
+        return None, memory, {"status": "OOM", "reason": reason}
+    return functools.partial(compiled, *args), memory, {"status": "ok"}
+
+
+def time_against(f, baseline, *, warmup: int, steps: int) -> dict:
+    """Warm up, then ``profile.paired_ratio`` (its first call of each is the last warm-up)."""
+    try:
+        for _ in range(max(warmup - 1, 0)):
+            jax.block_until_ready(f())
+            jax.block_until_ready(baseline())
+        ratio, t_f, t_b = profile.paired_ratio(f, baseline, (), steps)
+    except jax.errors.JaxRuntimeError as err:
+        if _is_oom(err):
+            raise OutOfMemory(f"run: {str(err).splitlines()[0][:200]}") from err
+        raise
+    return {"ms": 1e3 * t_f, "ratio": ratio, "baseline_ms": 1e3 * t_b}
+
+
+def device_peak_mib() -> float | None:
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / MIB
+
+
+def available_backends() -> list[str]:
+    """This project's adder backends that run on the default device (``auto`` is one of them,
+    ``naive`` is the baseline row): each is tried on a tiny input, forward and backward."""
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+    names = []
+    for backend in ops.BACKENDS:
+        if backend in ("auto", "naive"):
+            continue
+        try:
+            jax.block_until_ready(
+                jax.grad(lambda x, b=backend: ops.adder(x, w, backend=b).sum())(x)
+            )
+        except (NotImplementedError, ValueError) as err:  # unavailable, or not on this device
+            print(f"adder backend {backend!r} skipped: {err}")
+            continue
+        names.append(backend)
+    return names
+
+
+def default_memory_limit() -> float | None:
+    if jax.devices()[0].platform != "cpu":
+        return None  # accelerators raise RESOURCE_EXHAUSTED, which is caught
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [
+        "| model | train step (ms) | train vs multi | inference (ms) | inference vs multi | "
+        "train memory, compiled (MiB) | memory vs multi | device peak (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base_memory = rows[0].memory["total"]
+    for r in rows:
+        cells = [r.name]
+        for part in (r.train, r.infer):
+            if part.get("status") == "OOM":
+                cells += ["OOM", "OOM"]
+            else:
+                cells += [f"{part['ms']:.1f}", f"{part['ratio']:.2f}x"]
+        if r.memory is None:
+            cells += ["OOM", "n/a"]
+        else:
+            total = r.memory["total"]
+            cells += [f"{total / MIB:.1f}", f"{total / base_memory:.2f}x"]
+        cells.append(_fmt(r.device_peak_mib, ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        f"- {r.name}, {label}: OOM, {part['reason']}"
+        for r in rows
+        for label, part in (("train", r.train), ("inference", r.infer))
+        if part.get("status") == "OOM"
+    ]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variant",
+        default="qkv_2ffn",
+        choices=[n for n, v in models.VARIANTS.items() if v.family == "simple_vit"],
+        help="the adder model of the naive and project rows (default %(default)s)",
+    )
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--num-classes", type=int, default=10)
+    for flag in MODEL_FLAGS:
+        default = getattr(models.SimpleViTConfig, flag)
+        parser.add_argument(
+            "--" + flag.replace("_", "-"), type=int, default=default, help=f"default {default}"
+        )
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=None,
+        help="rows whose compiled step needs more are OOM (default: none on an accelerator, "
+        "half the physical memory on a CPU)",
+    )
+    parser.add_argument(
+        "--out", default="experiments/results/speed_table", help="results directory"
+    )
+    args = parser.parse_args(argv)
+
+    limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else default_memory_limit()
+    model_kwargs = {flag: getattr(args, flag) for flag in MODEL_FLAGS}
+    model_kwargs["num_classes"] = args.num_classes
+    kx, ky = jax.random.split(jax.random.key(0))
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    images = jax.random.normal(kx, shape, jnp.float32)
+    labels = jax.random.randint(ky, (args.batch,), 0, args.num_classes)
+    tx = optax.adamw(1e-3, weight_decay=0.002)
+
+    hardware = profile.describe_device()
+    print(f"device: {hardware}; batch {args.batch} of {shape[1:]}; {args.steps} timed steps")
+    # run order: multi, this project's backends, naive last (the device peak is cumulative)
+    runs = [Row("multi", "multi", None)]
+    runs += [Row(f"adder {b}", args.variant, b) for b in available_backends()]
+    runs.append(Row("naive adder", args.variant, "naive"))
+
+    base = None
+    for row in runs:
+        print(f"{row.name}: compiling", flush=True)
+        train_step, forward, params, opt_state = build_steps(
+            row.variant, row.backend, model_kwargs, tx
+        )
+        train_call, row.memory, row.train = prepare(
+            train_step, (params, opt_state, images, labels), limit
+        )
+        infer_call, _, row.infer = prepare(forward, (params, images), limit)
+        if base is None:
+            if train_call is None or infer_call is None:
+                raise SystemExit(
+                    f"multi does not fit ({row.train}, {row.infer}); nothing to compare"
+                )
+            base = {"train": train_call, "infer": infer_call, "train_ms": [], "infer_ms": []}
+            row.train["ratio"] = row.infer["ratio"] = 1.0
+        else:
+            for part, call in (("train", train_call), ("infer", infer_call)):
+                if call is None:
+                    continue
+                try:
+                    result = time_against(call, base[part], warmup=args.warmup, steps=args.steps)
+                except OutOfMemory as err:
+                    setattr(row, part, {"status": "OOM", "reason": str(err)})
+                    continue
+                getattr(row, part).update(ms=result["ms"], ratio=result["ratio"])
+                base[f"{part}_ms"].append(result["baseline_ms"])
+        row.device_peak_mib = device_peak_mib()
+        print(f"{row.name}: train {row.train}, inference {row.infer}", flush=True)
+        del train_step, forward, params, opt_state, train_call, infer_call
+
+    multi = runs[0]
+    for part in ("train", "infer"):
+        if not base[f"{part}_ms"]:  # no other row ran: time multi on its own
+            result = time_against(base[part], base[part], warmup=args.warmup, steps=args.steps)
+            base[f"{part}_ms"].append(result["ms"])
+    multi.train["ms"] = statistics.median(base["train_ms"])
+    multi.infer["ms"] = statistics.median(base["infer_ms"])
+
+    rows = [multi, runs[-1], *runs[1:-1]]  # table order: multi, naive adder, this project's
+    table = markdown_table(rows)
+    command, date = command_line(argv), datetime.date.today().isoformat()
+    config = dataclasses.asdict(models.config("multi", **model_kwargs))
+    adder_config = {
+        k: v
+        for k, v in dataclasses.asdict(models.config(args.variant, **model_kwargs)).items()
+        if config.get(k) != v and k != "backend"
+    }
+    limit_text = "none" if limit is None else f"{limit / 2**30:.2f} GiB"
+    header = [
+        "# Speed and memory: Multi, naive Adder and this project's Adder (SimpleViT)",
+        "",
+        f"- command: `{command}`",
+        f"- hardware: {hardware}",
+        f"- date: {date}",
+        f"- model: SimpleViT {args.image_size}x{args.image_size}x3, patch {args.patch_size}, "
+        f"dim {args.dim}, depth {args.depth}, {args.heads} heads of {args.dim_head}, MLP "
+        f"{args.mlp_dim}, {args.num_classes} classes; adder rows: `{args.variant}` "
+        f"({adder_config})",
+        f"- batch {args.batch} of random images; train step = value_and_grad(cross-entropy) + "
+        f"optax.adamw update, jitted; {args.warmup} warm-up calls, then the median of "
+        f'{args.steps} calls alternating with Multi\'s ("vs multi" is the median per-pair ratio)',
+        "- train memory, compiled: arguments + outputs + temporaries - aliased bytes of the "
+        "compiled train step (`memory_analysis()`); device peak: `peak_bytes_in_use` after the "
+        "row, cumulative over rows run multi, adder backends, naive adder (n/a: not reported)",
+        f"- OOM: the step needs more than the memory limit ({limit_text}) or the device "
+        "raised RESOURCE_EXHAUSTED",
+        "",
+        table,
+        "",
+    ]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed_table.md").write_text("\n".join(header))
+    record = {
+        "command": command,
+        "hardware": hardware,
+        "date": date,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory_limit_bytes": limit,
+        "model": config,
+        "adder_variant": args.variant,
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    (out / "speed_table.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
