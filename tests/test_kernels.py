@@ -290,3 +290,10 @@ def test_bench_kernels_runs_in_interpret_mode():
     assert len(rows) == 5  # forward, dL/dx for three rules, exact dL/dw
     no_gpu = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert no_gpu.returncode != 0 and "no GPU" in no_gpu.stderr
+
+
+def test_auto_picks_pallas_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ops.resolve_backend("auto") == "pallas"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert ops.resolve_backend("auto") == "xla"
