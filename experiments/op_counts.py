@@ -23,20 +23,14 @@ import ast
 import datetime
 import json
 import pathlib
-import shlex
-import sys
 
 import jax
+import study
 from flax import nnx
 
 from addervit_jax import models, profile
 
 BASELINES = {"simple_vit": "multi", "swin": "swin_multi"}
-
-
-def command_line(argv: list[str] | None) -> str:
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "experiments/op_counts.py", *args])
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> str:
 
     table = markdown_table(rows, args.precision)
     e_mul, e_add = profile.ENERGY_PJ[args.precision]
-    command, hardware = command_line(argv), profile.describe_device()
+    command, hardware = study.command_line("op_counts.py", argv), profile.describe_device()
     date = datetime.date.today().isoformat()
     header = [
         "# Operations and energy per image",

@@ -47,13 +47,12 @@ import functools
 import json
 import os
 import pathlib
-import shlex
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
+import study
 from flax import nnx
 
 from addervit_jax import models, ops, profile
@@ -64,11 +63,6 @@ MODEL_FLAGS = ("image_size", "patch_size", "dim", "depth", "heads", "dim_head", 
 
 class OutOfMemory(Exception):
     """A step needs more memory than the device (or ``--memory-limit-gib``) has."""
-
-
-def command_line(argv: list[str] | None) -> str:
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "experiments/speed_table.py", *args])
 
 
 def _is_oom(err: Exception) -> bool:
@@ -309,7 +303,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows = [multi, runs[-1], *runs[1:-1]]  # table order: multi, naive adder, this project's
     table = markdown_table(rows)
-    command, date = command_line(argv), datetime.date.today().isoformat()
+    command, date = study.command_line("speed_table.py", argv), datetime.date.today().isoformat()
     config = dataclasses.asdict(models.config("multi", **model_kwargs))
     adder_config = {
         k: v

@@ -1,4 +1,5 @@
-"""What the training studies share (``variants.py``, ``grad_rules.py``).
+"""What the experiment scripts share: the training studies' runner (``variants.py``,
+``grad_rules.py``) and the command line that heads every result file.
 
 A study is a list of runs, each a label (a variant, a gradient rule), a seed and a full training
 config built from one recipe. Each run trains in ``OUT/runs/<label>_seed<seed>`` through
@@ -18,6 +19,7 @@ import datetime
 import importlib.util
 import json
 import pathlib
+import re
 import shlex
 import statistics
 import sys
@@ -35,7 +37,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.label}_seed{self.seed}"
+        """The run's folder under ``OUT/runs``: the label with runs of other characters as ``_``."""
+        return re.sub(r"[^A-Za-z0-9.]+", "_", self.label).strip("_") + f"_seed{self.seed}"
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) -> None:
@@ -190,8 +193,10 @@ def plot_validation(results: list[dict], path: pathlib.Path, *, steps_per_epoch:
     fig.savefig(path, dpi=120)
 
 
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a result: ``python experiments/<script> <args>``."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", f"experiments/{script}", *args])
 
 
 def write_report(
@@ -203,6 +208,7 @@ def write_report(
     label_header: str,
     recipe: ml_collections.ConfigDict,
     steps_per_epoch: int,
+    command: str,
 ) -> str:
     """Write ``OUT/<name>.md``, ``OUT/<name>.png`` and ``OUT/<name>.json``; return the table."""
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +219,7 @@ def write_report(
     header = [
         f"# {title}",
         "",
-        f"- command: `{command_line()}`",
+        f"- command: `{command}`",
         f"- hardware: {profile.describe_device()}",
         f"- date: {datetime.date.today().isoformat()}",
         f"- recipe: dataset {recipe.dataset} ({recipe.train_split} / {recipe.eval_split}), "

@@ -55,6 +55,7 @@ def main(argv=None) -> None:
         label_header="variant",
         recipe=recipe,
         steps_per_epoch=study.steps_per_epoch(recipe),
+        command=study.command_line("variants.py", argv),
     )
     print(table)
 

@@ -14,8 +14,22 @@ from addervit_jax import models, profile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 
+import grad_rules  # noqa: E402
 import op_counts  # noqa: E402
 import speed_table  # noqa: E402
+import variants  # noqa: E402
+
+# a model and budget that train in seconds: these tests check the study machinery, not accuracy
+TINY_RECIPE = [
+    "model.dim=16",
+    "model.depth=1",
+    "model.heads=2",
+    "model.dim_head=8",
+    "model.mlp_dim=32",
+    "total_steps=4",
+    "eval_every_steps=2",
+    "log_every_steps=1",
+]
 
 
 def test_op_counts_match_profile(tmp_path, capsys):
@@ -94,3 +108,51 @@ def test_speed_table_rows_times_memory_and_oom(tmp_path):
     table = (tmp_path / "speed_table.md").read_text()
     assert "| naive adder | OOM | OOM |" in table
     assert "speed_table.py --image-size=16" in table
+
+
+def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
+    args = ["--variants", "multi", "qkv_2ffn", "--seeds", "0", "1", "--out", str(tmp_path)]
+    variants.main([*args, "--set", *TINY_RECIPE])
+    out = capsys.readouterr().out
+    report = (tmp_path / "variants.md").read_text()
+    assert "hardware: cpu" in report and "variants.py --variants multi qkv_2ffn" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| multi |", "| qkv_2ffn |"))]
+    assert len(rows) == 2 and all("| 2 |" in row and "±" in row for row in rows)
+    assert (tmp_path / "variants.png").stat().st_size > 0
+    record = json.loads((tmp_path / "variants.json").read_text())
+    assert [(r["label"], r["seed"]) for r in record] == [
+        ("multi", 0),
+        ("multi", 1),
+        ("qkv_2ffn", 0),
+        ("qkv_2ffn", 1),
+    ]
+    # one shared recipe: every run trained the same steps; seeds differ, so do the weights
+    assert {r["steps"] for r in record} == {4}
+    assert record[0]["params_checksum"] != record[1]["params_checksum"]
+    # the final accuracy column is the mean over seeds of each run's own final accuracy
+    multi = [r["eval_accuracy"] for r in record if r["label"] == "multi"]
+    assert f"| multi | 2 | {100 * sum(multi) / 2:.1f} ±" in report
+    assert out.count("[1/4]") == 1
+
+    # the same command again reads the finished runs back instead of training them
+    variants.main([*args, "--set", *TINY_RECIPE])
+    assert capsys.readouterr().out.count("finished before, read back") == 4
+    assert json.loads((tmp_path / "variants.json").read_text()) == record
+
+
+def test_grad_rule_study_runs_each_rule_once(tmp_path):
+    grad_rules.main(["--clip-scales", "1", "4", "--out", str(tmp_path), "--set", *TINY_RECIPE])
+    record = json.loads((tmp_path / "grad_rules.json").read_text())
+    labels = [r["label"] for r in record]
+    # clip_scale 1 is the addernet rule, listed once
+    assert labels == ["exact", "addernet (= clipped, clip_scale 1)", "clipped, clip_scale 4"]
+    configs = [
+        json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        for name in sorted(p.name for p in (tmp_path / "runs").iterdir())
+    ]
+    assert sorted((c["model"]["grad"], c["model"]["clip_scale"]) for c in configs) == [
+        ("addernet", 1.0),
+        ("clipped", 4.0),
+        ("exact", 4.0),
+    ]
+    assert "Backward rules, qkv_2ffn on digits" in (tmp_path / "grad_rules.md").read_text()
