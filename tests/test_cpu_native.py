@@ -1,0 +1,412 @@
+"""The native CPU kernels (kernels/cpu_native.cc, loaded by kernels/cpu_native.py).
+
+Against the float64 formulas of SPEC section 1 (tests/np_reference.py), the plain-jnp references
+beside the Pallas kernels, and the XLA backend of ops.adder, on fresh random inputs of many
+shapes (hypothesis: odd sizes, single rows and features, none a multiple of the register tiles).
+The build, cache and no-compiler fallback run in subprocesses or with a stand-in compiler, so
+their module state is fresh and no test waits for a real compile twice.
+"""
+
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from addervit_jax import ops
+from addervit_jax.kernels import adder_pallas as P
+from addervit_jax.kernels import cpu_native as N
+
+TOL = 1e-5  # SPEC section 1, float32
+BF16_TOL = 1e-2  # bfloat16 inputs: 8 bits of mantissa, accumulated in float32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+    if not N.available():
+        pytest.skip(f"native CPU kernels unavailable: {N.unavailable_reason}")
+
+
+def _inputs(seed, length, d_in, d_out, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(length, d_in)).astype(dtype)
+    w = rng.normal(size=(d_in, d_out)).astype(dtype)
+    g = rng.normal(size=(length, d_out)).astype(dtype)
+    e = rng.uniform(0.5, 1.5, size=d_in).astype(dtype)
+    return x, w, g, e
+
+
+def _f64(*arrays):
+    return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in arrays]
+
+
+def _check_all_kernels(x, w, g, e, tol, clip_scale=4.0, jnp_references=True):
+    """Every kernel against float64, and against the Pallas file's jnp references at float32."""
+    xf, wf, gf = _f64(x, w, g)
+    u = xf if e is None else xf * _f64(e)[0]
+
+    y = N.forward(x, w, e)
+    assert y.dtype == jnp.result_type(x, w) and y.shape == (x.shape[0], w.shape[1])
+    assert ref.rel_err(y, ref.adder(u, wf)) < tol
+    if jnp_references:
+        assert ref.rel_err(y, P.forward_reference(x, w, e)) < tol
+    for grad in ops.GRAD_RULES:
+        du = N.x_grad(x, w, g, e, grad=grad, clip_scale=clip_scale)
+        assert du.dtype == jnp.float32 and du.shape == x.shape
+        want = ref.adder_grads(u, wf, gf, grad, clip_scale)[0]
+        assert ref.rel_err(du, want) < tol, grad
+        if jnp_references:  # the same rounded inputs: float32 agreement
+            same = P.x_grad_reference(x, w, g, e, grad=grad, clip_scale=clip_scale)
+            assert ref.rel_err(du, same) < TOL, grad
+    dw = N.w_grad_exact(x, w, g, e)
+    assert dw.dtype == jnp.float32 and dw.shape == w.shape
+    assert ref.rel_err(dw, ref.adder_grads(u, wf, gf, "exact")[1]) < tol
+    if jnp_references:
+        assert ref.rel_err(dw, P.w_grad_exact_reference(x, w, g, e)) < TOL
+
+
+@given(
+    st.integers(1, 70),
+    st.integers(1, 70),
+    st.integers(1, 70),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_kernels_match_float64_on_random_shapes(length, d_in, d_out, stretch, seed):
+    x, w, g, e = _inputs(seed, length, d_in, d_out)
+    _check_all_kernels(x, w, g, e if stretch else None, TOL)
+
+
+@settings(max_examples=10)  # each shape compiles its own XLA programs (the casts)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_bfloat16_inputs_match_float64_of_the_rounded_inputs(length, d_in, d_out, seed):
+    x, w, g, e = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(seed, length, d_in, d_out))
+    assert N.forward(x, w, e).dtype == jnp.bfloat16
+    _check_all_kernels(x, w, g, e, BF16_TOL, jnp_references=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (130, 97, 200), (7, 300, 49)])
+def test_tile_edges_and_long_reductions(shape):
+    # more rows than one job, reductions over several blocks, widths past whole panels
+    _check_all_kernels(*_inputs(sum(shape), *shape), TOL, clip_scale=2.5)
+
+
+def test_sign_is_zero_at_ties_and_hardtanh_at_its_corners():
+    # integers: u == w exactly for many terms, and |c * (w - u)| == 1 for c = 1 and c = 0.5
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(23, 17)).astype(np.float32)
+    w = rng.integers(-3, 4, size=(17, 29)).astype(np.float32)
+    g = rng.normal(size=(23, 29)).astype(np.float32)
+    assert np.mean(x[:, :, None] == w[None]) > 0.1
+    for grad, clip_scale in (("exact", 4.0), ("addernet", 4.0), ("clipped", 0.5)):
+        du = N.x_grad(x, w, g, grad=grad, clip_scale=clip_scale)
+        assert ref.rel_err(du, ref.adder_grads(x, w, g, grad, clip_scale)[0]) < TOL, grad
+    dw = N.w_grad_exact(x, w, g)
+    assert ref.rel_err(dw, ref.adder_grads(x, w, g, "exact")[1]) < TOL
+
+
+def test_nan_and_infinities_propagate_like_the_jnp_formulas():
+    x, w, g, e = (jnp.asarray(a) for a in _inputs(3, 9, 7, 11))
+    x = x.at[1, 2].set(jnp.nan).at[3, 4].set(jnp.inf).at[0, 0].set(-jnp.inf)
+    w = w.at[5, 6].set(jnp.inf).at[0, 0].set(-jnp.inf)  # inf - inf: NaN in that term
+
+    def same(got, want):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+    same(N.forward(x, w, e), P.forward_reference(x, w, e))
+    for grad in ops.GRAD_RULES:
+        same(N.x_grad(x, w, g, e, grad=grad), P.x_grad_reference(x, w, g, e, grad=grad))
+    same(N.w_grad_exact(x, w, g, e), P.w_grad_exact_reference(x, w, g, e))
+
+
+def test_empty_operands_give_empty_or_zero_results():
+    x, w, g = jnp.zeros((0, 4)), jnp.ones((4, 3)), jnp.zeros((0, 3))
+    assert N.forward(x, w).shape == (0, 3)
+    assert N.x_grad(x, w, g, grad="exact").shape == (0, 4)
+    dw = N.w_grad_exact(x, w, g)
+    assert dw.shape == (4, 3) and not np.any(dw)
+    x, w, g = jnp.ones((5, 4)), jnp.ones((4, 0)), jnp.zeros((5, 0))
+    assert N.forward(x, w).shape == (5, 0)
+    du = N.x_grad(x, w, g, grad="clipped")
+    assert du.shape == (5, 4) and not np.any(du)
+    y = N.forward(jnp.ones((5, 0)), jnp.ones((0, 3)))
+    assert y.shape == (5, 3) and not np.any(y)
+
+
+def test_unknown_rule_is_rejected():
+    x, w, g, _ = _inputs(0, 2, 3, 4)
+    with pytest.raises(ValueError, match="grad='sign'"):
+        N.x_grad(x, w, g, grad="sign")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations: jit, vmap, and the composition ops will make of them
+# ---------------------------------------------------------------------------------------------
+
+
+def test_under_jit_and_vmap():
+    x, w, g, e = _inputs(5, 4 * 6, 8, 5)
+    x, g = x.reshape(4, 6, 8), g.reshape(4, 6, 5)
+    u = x.astype(np.float64) * e
+
+    # batched rows fold into one call of the kernel
+    fwd = jax.jit(jax.vmap(N.forward, (0, None, None)))
+    assert ref.rel_err(fwd(x, w, e), ref.adder(u, w)) < TOL
+    assert "f32[24,5]" in str(jax.make_jaxpr(fwd)(x, w, e))
+    nested = jax.vmap(jax.vmap(N.forward, (0, None, None)), (0, None, None))
+    assert (
+        ref.rel_err(nested(x.reshape(2, 2, 6, 8), w, e), ref.adder(u, w).reshape(2, 2, 6, 5)) < TOL
+    )
+
+    du = jax.jit(jax.vmap(lambda x, g: N.x_grad(x, w, g, e, grad="clipped")))(x, g)
+    want = ref.adder_grads(u, w, g, "clipped")[0]
+    assert ref.rel_err(du, want) < TOL
+    du = jax.vmap(lambda g: N.x_grad(x[0], w, g, e, grad="exact"))(g)  # rows shared
+    for b in range(4):
+        assert ref.rel_err(du[b], ref.adder_grads(u[0], w, g[b], "exact")[0]) < TOL
+
+    # a batch of weights, and dL/dw (a sum over rows), map over the batch
+    ws = np.stack([w, -w, 2 * w])
+    ys = jax.jit(jax.vmap(N.forward, (None, 0, None)))(x[0], ws, e)
+    for b in range(3):
+        assert ref.rel_err(ys[b], ref.adder(u[0], ws[b])) < TOL
+    dws = jax.vmap(lambda x, g: N.w_grad_exact(x, w, g, e))(x, g)
+    for b in range(4):
+        assert ref.rel_err(dws[b], ref.adder_grads(u[b], w, g[b], "exact")[1]) < TOL
+
+
+def _native_vjp(x, w, e, g, grad, clip_scale=4.0):
+    """The backward ops.adder's custom_vjp computes, built from the native kernels."""
+    y = N.forward(x, w, e)
+    du = N.x_grad(x, w, g, e, grad=grad, clip_scale=clip_scale)
+    if grad == "exact":
+        dw = N.w_grad_exact(x, w, g, e)
+    else:
+        u = x * e
+        dw = jnp.matmul(u.T, g, precision="highest") - w * jnp.sum(g, axis=0)
+    return y, du * e, dw, jnp.sum(du * x, axis=0)
+
+
+@pytest.mark.parametrize("grad", ops.GRAD_RULES)
+def test_native_backward_matches_xla_backend_and_float64(grad):
+    x, w, g, e = _inputs(11, 2 * 3 * 7, 13, 10)
+
+    def fn(x, w, e):
+        return ops.adder(x, w, stretch=e, grad=grad, clip_scale=2.5, backend="xla")
+
+    y, pullback = jax.vjp(fn, *map(jnp.asarray, (x, w, e)))
+    xla = (y, *pullback(jnp.asarray(g)))
+    native = jax.jit(_native_vjp, static_argnums=(4, 5))(x, w, e, g, grad, 2.5)
+    want = (ref.adder(x.astype(np.float64) * e, w), *ref.adder_stretch_grads(x, w, e, g, grad, 2.5))
+    for got, same, expected in zip(native, xla, want, strict=True):
+        assert got.shape == same.shape
+        assert ref.rel_err(got, expected) < TOL
+        assert ref.rel_err(got, same) < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses: 8 simulated CPU devices, the portable build, the no-compiler fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(script, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+SHARDED_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from addervit_jax.kernels import cpu_native as N
+
+mesh = jax.make_mesh((8,), ("data",))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8 * 5, 13)).astype(np.float32)
+w = rng.normal(size=(13, 11)).astype(np.float32)
+g = rng.normal(size=(8 * 5, 11)).astype(np.float32)
+e = rng.uniform(0.5, 1.5, size=13).astype(np.float32)
+rows = NamedSharding(mesh, P("data"))
+xs, gs = jax.device_put(x, rows), jax.device_put(g, rows)
+
+def kernels(x, g, w, e):
+    return N.forward(x, w, e), N.x_grad(x, w, g, e, grad="clipped"), N.w_grad_exact(x, w, g, e)
+
+def per_device(x, g, w, e):
+    y, du, dw = kernels(x, g, w, e)
+    return y, du, jax.lax.psum(dw, "data")
+
+whole = kernels(x, g, w, e)
+plain = jax.jit(kernels)
+split = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()),
+                              out_specs=(P("data"), P("data"), P())))
+result = {}
+for name, f in (("jit", plain), ("shard_map", split)):
+    out = f(xs, gs, w, e)
+    hlo = f.lower(xs, gs, w, e).compile().as_text()
+    result[name] = {
+        "err": [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(out, whole)],
+        "calls": hlo.count("custom_call_target=\\"addervit_adder_"),
+        "all_gather": "all-gather" in hlo,
+        "y_spec": str(out[0].sharding.spec),
+    }
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_on_8_cpu_devices_with_rows_sharded():
+    result = _run(SHARDED_SCRIPT, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    for name, r in result.items():
+        assert max(r["err"]) < 1e-5, (name, r)  # float32 sums of 5 or 40 rows
+    # The custom calls have no partitioning rule: under plain jit XLA gathers the rows onto
+    # every device; under shard_map each device runs the kernels on its own rows.
+    assert result["jit"]["all_gather"]
+    assert not result["shard_map"]["all_gather"]
+    assert result["shard_map"]["y_spec"] == "P('data', None)"  # rows stay split
+
+
+PORTABLE_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import np_reference as ref
+from addervit_jax.kernels import cpu_native as N
+
+assert N.available(), N.unavailable_reason
+rng = np.random.default_rng(1)
+x, w = rng.normal(size=(37, 29)).astype(np.float32), rng.normal(size=(29, 45)).astype(np.float32)
+g, e = rng.normal(size=(37, 45)).astype(np.float32), rng.uniform(0.5, 1.5, 29).astype(np.float32)
+u = x.astype(np.float64) * e
+errs = [ref.rel_err(N.forward(x, w, e), ref.adder(u, w))]
+for grad in ("exact", "addernet", "clipped"):
+    errs.append(ref.rel_err(N.x_grad(x, w, g, e, grad=grad), ref.adder_grads(u, w, g, grad)[0]))
+errs.append(ref.rel_err(N.w_grad_exact(x, w, g, e), ref.adder_grads(u, w, g, "exact")[1]))
+print("RESULT " + json.dumps({{"errs": errs}}))
+"""
+
+
+@pytest.mark.skipif(
+    "avx512f" not in pathlib.Path("/proc/cpuinfo").read_text(errors="ignore")
+    if pathlib.Path("/proc/cpuinfo").exists()
+    else True,
+    reason="the AVX-512 path is the default here only on AVX-512 machines",
+)
+def test_portable_vector_extension_path_without_avx512():
+    # The GCC-vector-extension path that non-AVX-512 machines compile; with one thread, which
+    # also exercises the ADDERVIT_CPU_THREADS cap.
+    script = PORTABLE_SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
+    env = {"ADDERVIT_CXXFLAGS": "-mno-avx512f", "ADDERVIT_CPU_THREADS": "1"}
+    assert max(_run(script, env)["errs"]) < TOL
+
+
+FALLBACK_SCRIPT = """
+import json, os, pathlib, warnings
+import numpy as np
+from addervit_jax import ops  # importing compiles nothing
+from addervit_jax.kernels import cpu_native as N
+
+cache = pathlib.Path(os.environ["ADDERVIT_CACHE_DIR"])
+result = {"cache_after_import": cache.exists()}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result["available"] = [N.available(), N.available()]
+    try:
+        N.forward(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32))
+        result["forward"] = "ran"
+    except RuntimeError as err:
+        result["forward"] = str(err)
+result["warnings"] = [str(w.message) for w in caught]
+result["reason"] = N.unavailable_reason
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_without_a_compiler_unavailable_with_one_warning(tmp_path):
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "ADDERVIT_CACHE_DIR": str(tmp_path / "c")}
+    result = _run(FALLBACK_SCRIPT, env)
+    assert not result["cache_after_import"]
+    assert result["available"] == [False, False]
+    assert len(result["warnings"]) == 1
+    assert "no-such-compiler" in result["warnings"][0] and "XLA backend" in result["warnings"][0]
+    assert "no C++ compiler" in result["reason"]
+    assert "unavailable" in result["forward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Build and cache, with a stand-in compiler (a shell script): no real compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_compiler(tmp_path, *, fail=False):
+    log = tmp_path / "calls.log"
+    script = tmp_path / "fake-cxx"
+    script.write_text(
+        textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = "--version" ]; then echo fake-cxx 1.0; exit 0; fi
+        echo "$@" >> {log}
+        {'echo "error: broken" >&2; exit 1' if fail else ""}
+        while [ $# -gt 1 ]; do shift; done
+        echo library > "$1"
+        """)
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script, log
+
+
+def test_build_caches_by_source_compiler_and_flags(tmp_path, monkeypatch):
+    script, log = _fake_compiler(tmp_path)
+    monkeypatch.setenv("CXX", str(script))
+    monkeypatch.setenv("ADDERVIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ADDERVIT_CXXFLAGS", raising=False)
+    first = N.build()
+    assert first.parent == tmp_path / "cache" and first.read_text() == "library\n"
+    assert N.build() == first and len(log.read_text().splitlines()) == 1  # cached
+    flags = log.read_text()
+    assert "-O3" in flags and "-march=native" in flags and jax.ffi.include_dir() in flags
+    monkeypatch.setenv("ADDERVIT_CXXFLAGS", "-DADDERVIT_TILES=4,4,64,64,4,3,64,64")
+    assert N.build() != first  # other flags, another library
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no temp
+
+
+def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
+    script, _ = _fake_compiler(tmp_path, fail=True)
+    monkeypatch.setenv("CXX", str(script))
+    monkeypatch.setenv("ADDERVIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="error: broken"):
+        N.build()
+    assert not list((tmp_path / "cache").iterdir())  # the half-built file is gone
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    # Each output element is summed in the same order by whichever thread owns its tile.
+    x, w, g, _ = _inputs(2, 300, 70, 90)
+    np.savez(tmp_path / "inputs.npz", x=x, w=w, g=g)
+    script = f"""
+        import json, numpy as np
+        from addervit_jax.kernels import cpu_native as N
+        a = np.load({str(tmp_path / "inputs.npz")!r})
+        np.save({str(tmp_path / "du.npy")!r}, N.x_grad(a["x"], a["w"], a["g"], grad="exact"))
+        print("RESULT {{}}")
+        """
+    _run(script, {"ADDERVIT_CPU_THREADS": "1"})
+    np.testing.assert_array_equal(np.load(tmp_path / "du.npy"), N.x_grad(x, w, g, grad="exact"))
