@@ -45,11 +45,15 @@ def test_forward_matches_float64(shape, seed):
         assert ref.rel_err(y, getattr(ref, name)(x, w)) < TOL, name
 
 
+CPU_BACKENDS = ["xla", "cpu_native"]  # "auto" is cpu_native here; the XLA reference is tested too
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @given(shapes, seeds, st.sampled_from(ops.GRAD_RULES), st.sampled_from([0.5, 1.0, 4.0, 7.5]))
-def test_adder_grads_match_float64(shape, seed, grad, clip_scale):
+def test_adder_grads_match_float64(backend, shape, seed, grad, clip_scale):
     lead, d_in, d_out = shape
     x, w, g = _inputs(seed, lead, d_in, d_out)
-    fn = jax.jit(functools.partial(ops.adder, grad=grad, clip_scale=clip_scale))
+    fn = jax.jit(functools.partial(ops.adder, grad=grad, clip_scale=clip_scale, backend=backend))
     y, dx, dw = _vjp(fn, x, w, g)
     dx_ref, dw_ref = ref.adder_grads(x, w, g, grad, clip_scale)
     assert dx.shape == x.shape and dw.shape == w.shape
@@ -184,25 +188,26 @@ def test_empty_leading_dims():
     assert dx.shape == x.shape and not np.any(dw)
 
 
-def test_auto_backend_is_xla_on_cpu_and_unavailable_backends_say_so():
-    # On CPU; on a GPU "auto" is "pallas" (tests/test_kernels.py). Never "naive", the baseline.
-    assert ops.resolve_backend("auto") == "xla"
+def test_auto_backend_is_cpu_native_on_cpu_and_pallas_needs_interpret_mode():
+    # On a CPU with a compiler; on a GPU "auto" is "pallas" (tests/test_kernels.py); without a
+    # compiler "xla" (tests/test_cpu_native.py). Never "naive", the baseline.
+    assert ops.resolve_backend("auto") == "cpu_native"
     x, w, _ = _inputs(7, (2,), 3, 4)
-    np.testing.assert_array_equal(ops.adder(x, w, backend="auto"), ops.adder(x, w, backend="xla"))
-    with pytest.raises(NotImplementedError, match="cpu_native"):
-        ops.adder(x, w, backend="cpu_native")
+    np.testing.assert_array_equal(
+        ops.adder(x, w, backend="auto"), ops.adder(x, w, backend="cpu_native")
+    )
     with pytest.raises(ValueError, match="interpret"):  # Pallas on CPU needs interpret mode
         ops.adder(x, w, backend="pallas")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @given(shapes, seeds, st.sampled_from(ops.GRAD_RULES))
-def test_stretch_is_fused_input_scaling_with_its_chain_rule(shape, seed, grad):
+def test_every_cpu_backend_matches_float64_with_a_stretch(backend, shape, seed, grad):
     lead, d_in, d_out = shape
     x, w, g = _inputs(seed, lead, d_in, d_out)
     e = np.random.default_rng(seed + 1).uniform(0.5, 1.5, size=d_in).astype(np.float32)
-    y, pullback = jax.vjp(
-        lambda x, w, e: ops.adder(x, w, stretch=e, grad=grad), *map(jnp.asarray, (x, w, e))
-    )
+    fn = functools.partial(ops.adder, grad=grad, backend=backend)
+    y, pullback = jax.vjp(lambda x, w, e: fn(x, w, stretch=e), *map(jnp.asarray, (x, w, e)))
     assert ref.rel_err(y, ref.adder(x.astype(np.float64) * e, w)) < TOL
     for got, want in zip(
         pullback(jnp.asarray(g)), ref.adder_stretch_grads(x, w, e, g, grad), strict=True
@@ -279,19 +284,20 @@ def test_traced_clip_scale_is_rejected():
         jax.jit(lambda s: ops.adder(x, w, clip_scale=s))(4.0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("grad", ops.GRAD_RULES)
-def test_memory_stays_bounded_at_vit_scale(grad):
+def test_memory_stays_bounded_at_vit_scale(grad, backend):
     # L=4096 tokens, a ViT-S MLP layer 384 -> 1536: the (L, D_in, D_out) difference tensor would
     # take 9.7 GB in float32; the compiled forward+backward must need under 256 MiB of scratch.
     x = jax.ShapeDtypeStruct((4096, 384), jnp.float32)
     w = jax.ShapeDtypeStruct((384, 1536), jnp.float32)
 
     def loss(x, w):
-        return jnp.sum(ops.adder(x, w, grad=grad))
+        return jnp.sum(ops.adder(x, w, grad=grad, backend=backend))
 
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, w).lower().compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 256 * 2**20, f"{grad}: {temp / 2**20:.0f} MiB of temporaries"
+    assert temp < 256 * 2**20, f"{grad}, {backend}: {temp / 2**20:.0f} MiB of temporaries"
 
 
 def test_memory_check_would_catch_the_broadcast_formula():

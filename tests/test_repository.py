@@ -31,3 +31,30 @@ def test_demo_runs(capsys):
     assert "grad='clipped'" in out
     error = float(re.search(r"relative error (\S+)", out).group(1))
     assert error < 1e-5
+
+
+def test_wheel_ships_the_configs_and_the_kernel_sources(tmp_path):
+    # kernels/ is mapped to addervit_jax.kernels and cpu_native.cc is package data: a regular
+    # (non-editable) install must carry both, or `addervit train --config cifar10` and the
+    # native CPU kernel would only work from a checkout.
+    import subprocess
+    import sys
+    import zipfile
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("addervit_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in (
+        "addervit_jax/configs/cifar10.py",
+        "addervit_jax/kernels/adder_pallas.py",
+        "addervit_jax/kernels/cpu_native.py",
+        "addervit_jax/kernels/cpu_native.cc",
+    ):
+        assert name in names, name
