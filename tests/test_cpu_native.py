@@ -334,6 +334,14 @@ with warnings.catch_warnings(record=True) as caught:
         result["forward"] = "ran"
     except RuntimeError as err:
         result["forward"] = str(err)
+    # ops falls back to the XLA backend: same numbers, no further warning
+    result["resolved"] = [ops.resolve_backend("auto"), ops.resolve_backend("cpu_native")]
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    result["same_as_xla"] = bool(
+        np.array_equal(ops.adder(x, w), ops.adder(x, w, backend="xla"))
+        and np.array_equal(ops.adder(x, w, backend="cpu_native"), ops.adder(x, w, backend="xla"))
+    )
 result["warnings"] = [str(w.message) for w in caught]
 result["reason"] = N.unavailable_reason
 print("RESULT " + json.dumps(result))
@@ -349,6 +357,7 @@ def test_without_a_compiler_unavailable_with_one_warning(tmp_path):
     assert "no-such-compiler" in result["warnings"][0] and "XLA backend" in result["warnings"][0]
     assert "no C++ compiler" in result["reason"]
     assert "unavailable" in result["forward"]
+    assert result["resolved"] == ["xla", "xla"] and result["same_as_xla"]
 
 
 # ---------------------------------------------------------------------------------------------
