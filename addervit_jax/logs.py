@@ -99,10 +99,17 @@ def _title(summary: dict) -> str:
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, one per (split, step), in file order.
+
+    A run killed without a signal (no final checkpoint) and resumed repeats the steps after its
+    last checkpoint; the later record of a step is the one the resumed run continued from.
+    """
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {(r["split"], r["step"]): i for i, r in enumerate(records)}
+    return [r for i, r in enumerate(records) if latest[(r["split"], r["step"])] == i]
 
 
 def plot_curves(records: list[dict], path: pathlib.Path, *, title: str = "") -> None:

@@ -224,14 +224,21 @@ def _on_rows(kernel: Callable, rows: tuple, shared: tuple, *, sum_rows: bool = F
     ``jax.shard_map``: a custom call has no partitioning rule, so without this XLA would gather
     every operand onto each device (seen for the native kernel: an all-gather in the HLO).
     Row-wise results stay split; ``sum_rows`` results (a sum over the rows, like the exact dL/dw)
-    are summed across devices. Without a mesh, or when the rows do not divide evenly, the kernel
-    sees the whole arrays.
+    are summed across devices. Only the mesh axes that are not already manual are used (inside a
+    caller's own ``jax.shard_map`` the kernel sees that shard's arrays). Without such axes, or when
+    the rows do not divide evenly, the kernel sees the whole arrays.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    num_rows = rows[0].shape[0]
-    if mesh.empty or mesh.size == 1 or num_rows % mesh.size:
+    if mesh.empty:
         return kernel(*rows, *shared)
-    axes = tuple(mesh.axis_names)
+    axes = tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind != jax.sharding.AxisType.Manual
+    )
+    devices = math.prod(mesh.shape[name] for name in axes)
+    if devices == 1 or rows[0].shape[0] % devices:
+        return kernel(*rows, *shared)
     split, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
 
     def local(*args):
@@ -241,6 +248,7 @@ def _on_rows(kernel: Callable, rows: tuple, shared: tuple, *, sum_rows: bool = F
     return jax.shard_map(
         local,
         mesh=mesh,
+        axis_names=set(axes),
         in_specs=(split,) * len(rows) + tuple(None if a is None else whole for a in shared),
         out_specs=whole if sum_rows else split,
         check_vma=False,
@@ -327,14 +335,16 @@ def adder(
         no compiler works, with one warning), or ``"naive"`` (the broadcast formula with plain
         autodiff: a baseline for speed and memory comparisons, which ignores ``grad`` and
         ``clip_scale`` and always has the ``"exact"`` gradient; ``"auto"`` never selects it).
-      interpret: run the Pallas kernels in interpret mode (on CPU, for tests; slow); ignored by
-        other backends.
+      interpret: run the Pallas kernels in interpret mode (on CPU, for tests; slow); with
+        ``backend="auto"`` it selects ``"pallas"``; ignored by other backends.
 
     Returns:
       ``(..., D_out)`` array of dtype ``result_type(x, w)``, accumulated in at least float32.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     _check_operands("adder", x, w)
+    if interpret and backend == "auto":
+        backend = "pallas"  # interpret mode only exists for the Pallas kernels
     if grad not in GRAD_RULES:
         raise ValueError(f"adder: unknown grad={grad!r}; expected one of {GRAD_RULES}")
     if isinstance(clip_scale, bool) or not isinstance(clip_scale, int | float | np.number):
@@ -354,7 +364,8 @@ def adder(
                 f"{stretch.shape} (x {x.shape}, w {w.shape})"
             )
     if backend == "naive":
-        return _adder_naive(x if stretch is None else x * stretch, w)
+        u = x if stretch is None else (x * stretch).astype(x.dtype)
+        return _adder_naive(u, w)
     lead, (d_in, d_out) = x.shape[:-1], w.shape
     y = _adder_2d(x.reshape(-1, d_in), w, stretch, grad, clip_scale, backend, bool(interpret))
     return y.reshape(*lead, d_out)

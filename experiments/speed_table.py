@@ -169,6 +169,9 @@ def available_backends() -> list[str]:
         except (NotImplementedError, ValueError) as err:  # unavailable, or not on this device
             print(f"adder backend {backend!r} skipped: {err}")
             continue
+        if ops.resolve_backend(backend) != backend:  # e.g. cpu_native without a compiler
+            print(f"adder backend {backend!r} skipped: it falls back to another backend here")
+            continue
         names.append(backend)
     return names
 

@@ -93,6 +93,14 @@ def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
     results = []
     for i, run in enumerate(runs):
         workdir = out / "runs" / run.name
+        saved = workdir / "config.json"
+        if saved.exists() and json.loads(saved.read_text()) != json.loads(
+            run.config.to_json_best_effort()
+        ):
+            raise SystemExit(
+                f"{workdir} holds a run of a different recipe (its config.json differs); use "
+                "another --out, or delete that run to retrain it"
+            )
         summary_path = workdir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
         if summary is None or summary.get("status") != "finished":
@@ -135,7 +143,10 @@ def aggregate(results: list[dict], *, steps_per_epoch: int) -> list[dict]:
         row.setdefault("rate", []).append(summary["images_per_second"])
         row["seeds"].append(run.seed)
         row["final"].append(summary["eval_accuracy"])
-        row["best"].append(summary["best_eval_accuracy"])
+        # from the records, which span every session of a resumed run (the summary's best only
+        # covers the last one)
+        evals = [r["accuracy"] for r in result["records"] if r["split"] == "eval"]
+        row["best"].append(max(evals, default=summary["best_eval_accuracy"]))
         row["train"].append(
             _final_train_accuracy(result["records"], summary["total_steps"], steps_per_epoch)
         )

@@ -139,6 +139,10 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished before, read back") == 4
     assert json.loads((tmp_path / "variants.json").read_text()) == record
 
+    # another recipe into the same directory would report the old runs: refused
+    with pytest.raises(SystemExit, match="different recipe"):
+        variants.main([*args, "--set", *TINY_RECIPE[:-1], "log_every_steps=2"])
+
 
 def test_grad_rule_study_runs_each_rule_once(tmp_path):
     grad_rules.main(["--clip-scales", "1", "4", "--out", str(tmp_path), "--set", *TINY_RECIPE])

@@ -204,6 +204,17 @@ for grad in ops.GRAD_RULES:
         "manual": "sdy.manual_computation" in text or "shard_map" in text,
         "dx_sharding": str(pallas[1][0].sharding.spec),
     }
+# inside a caller's own shard_map the kernels see that shard (no second, nested shard_map)
+inner = {}
+for backend in ("pallas", "cpu_native", "xla"):
+    f = jax.jit(jax.shard_map(
+        lambda x, w, b=backend: ops.adder(x, w, stretch=e, backend=b, interpret=b == "pallas"),
+        mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"), check_vma=False))
+    inner[backend] = np.asarray(f(x.reshape(-1, 13), w))
+result["inside_shard_map"] = [
+    float(np.abs(inner[b] - inner["xla"]).max() / np.abs(inner["xla"]).max())
+    for b in ("pallas", "cpu_native")
+]
 print("RESULT " + json.dumps(result))
 """
 
@@ -221,6 +232,7 @@ def test_kernels_run_per_device_under_shard_map_on_8_devices():
     stdout = _run_on_8_devices(["-c", SHARDED_SCRIPT])
     line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
+    assert max(result.pop("inside_shard_map")) < TOL
     for grad, r in result.items():
         assert r["manual"], grad  # the kernels sit inside a shard_map, one call per device
         assert r["dx_sharding"] == "P('data',)", grad  # dL/dx stays split by rows
@@ -297,3 +309,9 @@ def test_auto_picks_pallas_on_a_gpu(monkeypatch):
     assert ops.resolve_backend("auto") == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert ops.resolve_backend("auto") == "cpu_native"  # tests/test_cpu_native.py: or "xla"
+
+
+def test_interpret_mode_selects_the_pallas_kernels_under_auto():
+    x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.adder(x, w, interpret=True))(x))
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.adder(x, w))(x))

@@ -270,3 +270,24 @@ def test_every_packaged_config_is_valid(name):
     module = importlib.import_module(f"addervit_jax.configs.{name}")
     assert "addervit train --config" in module.__doc__
     train.validate_config(module.get_config())
+
+
+def test_metrics_of_a_resumed_run_keep_the_last_record_of_each_step(tmp_path):
+    # a run killed without a checkpoint at its last steps repeats them after --resume
+    from addervit_jax import logs
+
+    lines = [
+        {"step": 1, "split": "train", "loss": 3.0},
+        {"step": 2, "split": "train", "loss": 2.0},
+        {"step": 2, "split": "eval", "accuracy": 0.1},
+        {"step": 2, "split": "train", "loss": 1.5},  # the resumed run's step 2
+        {"step": 3, "split": "train", "loss": 1.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = logs.read_metrics(tmp_path)
+    assert [(r["split"], r["step"], r.get("loss")) for r in records] == [
+        ("train", 1, 3.0),
+        ("eval", 2, None),
+        ("train", 2, 1.5),
+        ("train", 3, 1.0),
+    ]
