@@ -217,7 +217,8 @@ class Attention(nnx.Module):
             )
 
         with layers.similarity_scope("scores_l1"):
-            s = jax.vmap(jax.vmap(l1))(q, k)
+            # per device over the batch under a mesh (each example has its own "weights" k)
+            s = ops.shard_rows(jax.vmap(jax.vmap(l1)), (q, k))
         return s * self.temperature[...][:, None, None]
 
     def __call__(self, x, bias=None):

@@ -39,7 +39,7 @@ Implementation (memory and speed):
   the difference tensor and always has the ``"exact"`` gradient.
 * The same custom_vjp dispatches to the kernels of ``kernels/`` for ``backend="pallas"`` (GPU)
   and ``"cpu_native"`` (CPU, AVX-512 or portable vector code, about 2.5x a matmul forward),
-  which run per device under ``jax.shard_map`` when a mesh is set (:func:`_on_rows`).
+  which run per device under ``jax.shard_map`` when a mesh is set (:func:`shard_rows`).
 * Inputs of any float dtype are computed in at least float32 and results are returned in the
   input dtype (bfloat16 in, bfloat16 out, float32 accumulation).
 """
@@ -57,7 +57,7 @@ from jax import lax
 
 from addervit_jax.kernels import adder_pallas, cpu_native
 
-__all__ = ["BACKENDS", "GRAD_RULES", "adder", "dense", "euclid", "resolve_backend"]
+__all__ = ["BACKENDS", "GRAD_RULES", "adder", "dense", "euclid", "resolve_backend", "shard_rows"]
 
 GRAD_RULES = ("clipped", "addernet", "exact")
 # "naive" is the broadcast formula with plain autodiff, a baseline for comparisons only: "auto"
@@ -217,8 +217,12 @@ def _kernel(backend: str, name: str, interpret: bool) -> Callable:
     return partial(fn, interpret=interpret) if backend == "pallas" else fn
 
 
-def _on_rows(kernel: Callable, rows: tuple, shared: tuple, *, sum_rows: bool = False):
-    """Call a kernel (Pallas or native) whose ``rows`` operands split along their first axis.
+def shard_rows(kernel: Callable, rows: tuple, shared: tuple = (), *, sum_rows: bool = False):
+    """Call ``kernel(*rows, *shared)``, whose ``rows`` operands split along their first axis.
+
+    The kernel backends call it for every kernel; a caller whose own batch is the natural split
+    (the L1 attention scores, one adder per example under ``vmap``) calls it around the
+    ``vmap``, so the batch, not each example's rows, is what the devices share.
 
     Under a mesh (``jax.set_mesh``, as the trainer sets) the kernel runs per device through
     ``jax.shard_map``: a custom call has no partitioning rule, so without this XLA would gather
@@ -265,7 +269,7 @@ def _adder_2d(x, w, e, grad: str, clip_scale: float, backend: str, interpret: bo
     del grad, clip_scale  # they only select the backward rule
     if backend in _KERNELS:
         forward = _kernel(backend, "forward", interpret)
-        return _on_rows(lambda x, w, e: forward(x, w, e), (x,), (w, e))
+        return shard_rows(lambda x, w, e: forward(x, w, e), (x,), (w, e))
     out_dtype = jnp.result_type(x, w)
     dtype = _compute_dtype(x, w)
     u = _stretched(x.astype(dtype), None if e is None else e.astype(dtype))
@@ -284,12 +288,12 @@ def _adder_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
     u = _stretched(xc, ec)  # the adder's input; XLA fuses the product into its consumers
     if backend in _KERNELS:
         x_grad = partial(_kernel(backend, "x_grad", interpret), grad=grad, clip_scale=clip_scale)
-        du = _on_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e)).astype(dtype)
+        du = shard_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e)).astype(dtype)
     else:
         du = _x_grad(u, wc, gc, _x_surrogate(grad, clip_scale))
     if grad == "exact" and backend in _KERNELS:
         w_grad = _kernel(backend, "w_grad_exact", interpret)
-        dw = _on_rows(lambda x, g, w, e: w_grad(x, w, g, e), (x, g), (w, e), sum_rows=True)
+        dw = shard_rows(lambda x, g, w, e: w_grad(x, w, g, e), (x, g), (w, e), sum_rows=True)
         dw = dw.astype(dtype)
     elif grad == "exact":
         dw = _w_grad_exact(u, wc, gc)

@@ -33,7 +33,7 @@ summed in the same order whatever the thread count, so results do not depend on 
 :func:`jax.vmap` the batch folds into the rows (one call) when only ``x``/``g`` are batched, and
 is mapped sequentially otherwise. The custom calls have no partitioning rule: under a sharded
 ``jit`` XLA gathers their operands onto every device, so callers that shard rows wrap them in
-:func:`jax.shard_map` (as ``ops._on_rows`` does for the Pallas kernels).
+:func:`jax.shard_map` (as ``ops.shard_rows`` does for every kernel).
 
 Speed (experiments/bench_cpu_native.py, 2-core Sapphire Rapids, L=4096, 384->1536): the
 forward about 2.4x a dense matmul, forward + backward 2.2x (``"clipped"``) and 2.9x

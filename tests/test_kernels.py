@@ -215,6 +215,20 @@ result["inside_shard_map"] = [
     float(np.abs(inner[b] - inner["xla"]).max() / np.abs(inner["xla"]).max())
     for b in ("pallas", "cpu_native")
 ]
+# L1 attention scores: one adder per example and head under vmap, split by the batch
+q = jax.device_put(rng.normal(size=(8, 2, 6, 4)).astype(np.float32), NamedSharding(mesh, P("data")))
+def scores(q, k, backend):
+    per_example = lambda q, k: ops.adder(q, k.T, backend=backend, interpret=backend == "pallas")
+    return ops.shard_rows(jax.vmap(jax.vmap(per_example)), (q, k))
+with jax.set_mesh(mesh):
+    f = jax.jit(scores, static_argnums=2)
+    hlo = f.lower(q, q, "cpu_native").compile().as_text()
+    s = f(q, q, "cpu_native")
+result["scores"] = {
+    "collectives": "all-gather" in hlo or "all-to-all" in hlo,
+    "spec": str(s.sharding.spec),
+    "err": float(np.abs(np.asarray(s) - np.asarray(scores(q, q, "xla"))).max()),
+}
 print("RESULT " + json.dumps(result))
 """
 
@@ -233,6 +247,8 @@ def test_kernels_run_per_device_under_shard_map_on_8_devices():
     line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
     assert max(result.pop("inside_shard_map")) < TOL
+    scores = result.pop("scores")
+    assert not scores["collectives"] and scores["spec"] == "P('data',)" and scores["err"] < 1e-4
     for grad, r in result.items():
         assert r["manual"], grad  # the kernels sit inside a shard_map, one call per device
         assert r["dx_sharding"] == "P('data',)", grad  # dL/dx stays split by rows
