@@ -2,6 +2,7 @@
 
     python experiments/bench_ops.py                       # ViT-like shapes, grad="clipped"
     python experiments/bench_ops.py --grad exact addernet clipped --naive
+    python experiments/bench_ops.py --backend cpu_native xla --grad clipped addernet exact
 
 Single timings on shared machines swing by 2x, so each adder run is paired with a dense run of
 the same shape right after it, in one process and after warm-up, and the table reports the median
@@ -39,13 +40,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="LxD_INxD_OUT")
     parser.add_argument("--grad", nargs="+", default=["clipped"], choices=ops.GRAD_RULES)
-    parser.add_argument("--backend", default="auto", choices=ops.BACKENDS)
+    parser.add_argument(
+        "--backend", nargs="+", default=["auto"], choices=ops.BACKENDS, help="one row set each"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--naive", action="store_true", help="also time the broadcast formula")
     args = parser.parse_args(argv)
 
-    backend = ops.resolve_backend(args.backend)
-    print(f"device: {profile.describe_device()}; adder backend: {backend}")
+    backends = [ops.resolve_backend(b) for b in args.backend]
+    print(f"device: {profile.describe_device()}; adder backends: {', '.join(backends)}")
     print(f"median of {args.repeats} alternating runs after warm-up\n")
     print("| shape (L x D_in x D_out) | op | pass | ratio to dense | op time (ms) | dense (ms) |")
     print("|---|---|---|---:|---:|---:|")
@@ -62,14 +65,16 @@ def main(argv=None) -> None:
         rows = []
         if args.naive:
             rows.append(("naive adder", "forward", jax.jit(lambda x, w, r: naive_adder(x, w))))
-        forward = jax.jit(lambda x, w, r: ops.adder(x, w, backend=args.backend))
-        rows.append(("adder", "forward", forward))
-        for grad in args.grad:
+        for backend in backends:
+            forward = jax.jit(lambda x, w, r, b=backend: ops.adder(x, w, backend=b))
+            rows.append((f"adder {backend}", "forward", forward))
+            for grad in args.grad:
 
-            def adder(x, w, grad=grad):
-                return ops.adder(x, w, grad=grad, backend=args.backend)
+                def adder(x, w, grad=grad, backend=backend):
+                    return ops.adder(x, w, grad=grad, backend=backend)
 
-            rows.append((f"adder grad={grad}", "fwd+bwd", forward_and_backward(adder)))
+                name = f"adder {backend} grad={grad}"
+                rows.append((name, "fwd+bwd", forward_and_backward(adder)))
         for name, kind, fn in rows:
             baseline = dense_fwd if kind == "forward" else dense_fb
             ratio, t_op, t_dense = profile.paired_ratio(fn, baseline, inputs, args.repeats)
