@@ -33,26 +33,19 @@ def main(argv=None) -> None:
     recipe.variant = args.variant
     rules = [("exact", "exact", 4.0), ("addernet (= clipped, clip_scale 1)", "addernet", 1.0)]
     rules += [(f"clipped, clip_scale {c:g}", "clipped", c) for c in args.clip_scales if c != 1.0]
-    runs = []
-    for label, grad, clip_scale in rules:
-        for seed in args.seeds:
-            config = recipe.copy_and_resolve_references()
-            config.seed = seed
-            config.model.grad, config.model.clip_scale = grad, clip_scale
-            runs.append(study.Run(label, seed, config))
-    out = pathlib.Path(args.out)
-    results = study.run_all(runs, out)
-    table = study.write_report(
-        results,
-        out,
+    settings = [
+        (label, {"model.grad": grad, "model.clip_scale": clip_scale})
+        for label, grad, clip_scale in rules
+    ]
+    study.run_and_report(
+        study.make_runs(recipe, settings, args.seeds),
+        pathlib.Path(args.out),
         name="grad_rules",
         title=f"Backward rules, {args.variant} on {recipe.dataset}",
         label_header="rule",
         recipe=recipe,
-        steps_per_epoch=study.steps_per_epoch(recipe),
-        command=study.command_line("grad_rules.py", argv),
+        argv=argv,
     )
-    print(table)
 
 
 if __name__ == "__main__":

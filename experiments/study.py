@@ -88,6 +88,24 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.Confi
     return config
 
 
+def make_runs(
+    recipe: ml_collections.ConfigDict, settings: list[tuple[str, dict]], seeds: list[int]
+) -> list[Run]:
+    """One run per (label, seed): the recipe with the label's dotted fields and the seed set."""
+    runs = []
+    for label, fields in settings:
+        for seed in seeds:
+            config = recipe.copy_and_resolve_references()
+            for key, value in {**fields, "seed": seed}.items():
+                *parents, leaf = key.split(".")
+                node = config
+                for part in parents:
+                    node = node[part]
+                node[leaf] = value
+            runs.append(Run(label, seed, config))
+    return runs
+
+
 def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
     """Train every run not finished yet; return one result per run (summary + curves)."""
     results = []
@@ -248,6 +266,35 @@ def write_report(
     (out / f"{name}.md").write_text("\n".join(header))
     record = [{"label": r["run"].label, "seed": r["run"].seed, **r["summary"]} for r in results]
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return table
+
+
+def run_and_report(
+    runs: list[Run],
+    out: pathlib.Path,
+    *,
+    name: str,
+    title: str,
+    label_header: str,
+    recipe: ml_collections.ConfigDict,
+    argv: list[str] | None,
+) -> str:
+    """Train ``runs`` (:func:`run_all`), write the report (:func:`write_report`), print the table.
+
+    ``name`` is also the script's name (``experiments/<name>.py``) in the report's command line.
+    """
+    results = run_all(runs, out)
+    table = write_report(
+        results,
+        out,
+        name=name,
+        title=title,
+        label_header=label_header,
+        recipe=recipe,
+        steps_per_epoch=steps_per_epoch(recipe),
+        command=command_line(f"{name}.py", argv),
+    )
+    print(table)
     return table
 
 

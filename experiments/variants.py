@@ -39,25 +39,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     recipe = study.load_recipe(args.config, args.set)
-    runs = []
-    for variant in args.variants:
-        for seed in args.seeds:
-            config = recipe.copy_and_resolve_references()
-            config.variant, config.seed = variant, seed
-            runs.append(study.Run(variant, seed, config))
-    out = pathlib.Path(args.out)
-    results = study.run_all(runs, out)
-    table = study.write_report(
-        results,
-        out,
+    runs = study.make_runs(recipe, [(v, {"variant": v}) for v in args.variants], args.seeds)
+    study.run_and_report(
+        runs,
+        pathlib.Path(args.out),
         name="variants",
         title=f"Variants on {recipe.dataset}",
         label_header="variant",
         recipe=recipe,
-        steps_per_epoch=study.steps_per_epoch(recipe),
-        command=study.command_line("variants.py", argv),
+        argv=argv,
     )
-    print(table)
 
 
 if __name__ == "__main__":
