@@ -61,6 +61,22 @@ def adder_stretch_grads(x, w, e, g, grad, clip_scale=4.0):
     return du * e, dw, (du * x).reshape(-1, x.shape[-1]).sum(axis=0)
 
 
+def operands(seed, length, d_in, d_out, dtype=np.float32):
+    """Fresh random 2-D operands of the kernels: x (L, D_in), w (D_in, D_out), the cotangent g
+    (L, D_out) and a stretch e (D_in,) in [0.5, 1.5]."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(length, d_in)).astype(dtype)
+    w = rng.normal(size=(d_in, d_out)).astype(dtype)
+    g = rng.normal(size=(length, d_out)).astype(dtype)
+    e = rng.uniform(0.5, 1.5, size=d_in).astype(dtype)
+    return x, w, g, e
+
+
+def float64(*arrays):
+    """The arrays (NumPy or JAX, bfloat16 included) as float64, rounding already done."""
+    return [np.asarray(a).astype(np.float64) for a in arrays]
+
+
 def rel_err(actual, expected):
     """Relative Frobenius error, the measure SPEC section 1 states the tolerance in."""
     actual = np.asarray(actual, np.float64)

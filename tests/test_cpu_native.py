@@ -37,23 +37,10 @@ def native():
         pytest.skip(f"native CPU kernels unavailable: {N.unavailable_reason}")
 
 
-def _inputs(seed, length, d_in, d_out, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(length, d_in)).astype(dtype)
-    w = rng.normal(size=(d_in, d_out)).astype(dtype)
-    g = rng.normal(size=(length, d_out)).astype(dtype)
-    e = rng.uniform(0.5, 1.5, size=d_in).astype(dtype)
-    return x, w, g, e
-
-
-def _f64(*arrays):
-    return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in arrays]
-
-
 def _check_all_kernels(x, w, g, e, tol, clip_scale=4.0, jnp_references=True):
     """Every kernel against float64, and against the Pallas file's jnp references at float32."""
-    xf, wf, gf = _f64(x, w, g)
-    u = xf if e is None else xf * _f64(e)[0]
+    xf, wf, gf = ref.float64(x, w, g)
+    u = xf if e is None else xf * ref.float64(e)[0]
 
     y = N.forward(x, w, e)
     assert y.dtype == jnp.result_type(x, w) and y.shape == (x.shape[0], w.shape[1])
@@ -83,14 +70,14 @@ def _check_all_kernels(x, w, g, e, tol, clip_scale=4.0, jnp_references=True):
     st.integers(0, 2**31 - 1),
 )
 def test_kernels_match_float64_on_random_shapes(length, d_in, d_out, stretch, seed):
-    x, w, g, e = _inputs(seed, length, d_in, d_out)
+    x, w, g, e = ref.operands(seed, length, d_in, d_out)
     _check_all_kernels(x, w, g, e if stretch else None, TOL)
 
 
 @settings(max_examples=10)  # each shape compiles its own XLA programs (the casts)
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_bfloat16_inputs_match_float64_of_the_rounded_inputs(length, d_in, d_out, seed):
-    x, w, g, e = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(seed, length, d_in, d_out))
+    x, w, g, e = (jnp.asarray(a, jnp.bfloat16) for a in ref.operands(seed, length, d_in, d_out))
     assert N.forward(x, w, e).dtype == jnp.bfloat16
     _check_all_kernels(x, w, g, e, BF16_TOL, jnp_references=False)
 
@@ -98,7 +85,7 @@ def test_bfloat16_inputs_match_float64_of_the_rounded_inputs(length, d_in, d_out
 @pytest.mark.parametrize("shape", [(1, 1, 1), (130, 97, 200), (7, 300, 49)])
 def test_tile_edges_and_long_reductions(shape):
     # more rows than one job, reductions over several blocks, widths past whole panels
-    _check_all_kernels(*_inputs(sum(shape), *shape), TOL, clip_scale=2.5)
+    _check_all_kernels(*ref.operands(sum(shape), *shape), TOL, clip_scale=2.5)
 
 
 def test_sign_is_zero_at_ties_and_hardtanh_at_its_corners():
@@ -116,7 +103,7 @@ def test_sign_is_zero_at_ties_and_hardtanh_at_its_corners():
 
 
 def test_nan_and_infinities_propagate_like_the_jnp_formulas():
-    x, w, g, e = (jnp.asarray(a) for a in _inputs(3, 9, 7, 11))
+    x, w, g, e = (jnp.asarray(a) for a in ref.operands(3, 9, 7, 11))
     x = x.at[1, 2].set(jnp.nan).at[3, 4].set(jnp.inf).at[0, 0].set(-jnp.inf)
     w = w.at[5, 6].set(jnp.inf).at[0, 0].set(-jnp.inf)  # inf - inf: NaN in that term
 
@@ -144,7 +131,7 @@ def test_empty_operands_give_empty_or_zero_results():
 
 
 def test_unknown_rule_is_rejected():
-    x, w, g, _ = _inputs(0, 2, 3, 4)
+    x, w, g, _ = ref.operands(0, 2, 3, 4)
     with pytest.raises(ValueError, match="grad='sign'"):
         N.x_grad(x, w, g, grad="sign")
 
@@ -155,7 +142,7 @@ def test_unknown_rule_is_rejected():
 
 
 def test_under_jit_and_vmap():
-    x, w, g, e = _inputs(5, 4 * 6, 8, 5)
+    x, w, g, e = ref.operands(5, 4 * 6, 8, 5)
     x, g = x.reshape(4, 6, 8), g.reshape(4, 6, 5)
     u = x.astype(np.float64) * e
 
@@ -199,7 +186,7 @@ def _native_vjp(x, w, e, g, grad, clip_scale=4.0):
 
 @pytest.mark.parametrize("grad", ops.GRAD_RULES)
 def test_native_backward_matches_xla_backend_and_float64(grad):
-    x, w, g, e = _inputs(11, 2 * 3 * 7, 13, 10)
+    x, w, g, e = ref.operands(11, 2 * 3 * 7, 13, 10)
 
     def fn(x, w, e):
         return ops.adder(x, w, stretch=e, grad=grad, clip_scale=2.5, backend="xla")
@@ -408,7 +395,7 @@ def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
 
 def test_results_do_not_depend_on_the_thread_count(tmp_path):
     # Each output element is summed in the same order by whichever thread owns its tile.
-    x, w, g, _ = _inputs(2, 300, 70, 90)
+    x, w, g, _ = ref.operands(2, 300, 70, 90)
     np.savez(tmp_path / "inputs.npz", x=x, w=w, g=g)
     script = f"""
         import json, numpy as np

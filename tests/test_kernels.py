@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
+from train_worker import run_worker, train_losses
 
 from addervit_jax import ops
 from addervit_jax.kernels import adder_pallas as K
@@ -29,25 +30,12 @@ BF16_TOL = 1e-2  # bfloat16 inputs: 8 bits of mantissa, accumulated in float32
 SHAPES = [(37, 19, 23), (5, 70, 3), (66, 9, 41), (1, 3, 2)]
 
 
-def _inputs(seed, length, d_in, d_out, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(length, d_in)).astype(dtype)
-    w = rng.normal(size=(d_in, d_out)).astype(dtype)
-    g = rng.normal(size=(length, d_out)).astype(dtype)
-    e = rng.uniform(0.5, 1.5, size=d_in).astype(dtype)
-    return x, w, g, e
-
-
-def _f64(*arrays):
-    return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in arrays]
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_match_their_references_and_float64(shape, dtype):
     seed = hash((shape, str(dtype))) % 2**31
-    x, w, g, e = (jnp.asarray(a, dtype) for a in _inputs(seed, *shape))
-    xf, wf, gf, ef = _f64(x, w, g, e)
+    x, w, g, e = (jnp.asarray(a, dtype) for a in ref.operands(seed, *shape))
+    xf, wf, gf, ef = ref.float64(x, w, g, e)
     tol = TOL if dtype == jnp.float32 else BF16_TOL
 
     y = K.forward(x, w, e, interpret=True)
@@ -67,7 +55,7 @@ def test_kernels_match_their_references_and_float64(shape, dtype):
 
 
 def test_kernels_without_stretch_and_clip_scale_reach_the_kernel():
-    x, w, g, _ = (jnp.asarray(a) for a in _inputs(3, 13, 6, 9))
+    x, w, g, _ = (jnp.asarray(a) for a in ref.operands(3, 13, 6, 9))
     assert ref.rel_err(K.forward(x, w, interpret=True), ref.adder(x, w)) < TOL
     for clip_scale in (1.0, 2.5):
         du = K.x_grad(x, w, g, grad="clipped", clip_scale=clip_scale, interpret=True)
@@ -76,7 +64,7 @@ def test_kernels_without_stretch_and_clip_scale_reach_the_kernel():
 
 @pytest.mark.parametrize("grad", ops.GRAD_RULES)
 def test_pallas_backend_matches_xla_and_float64_forward_and_every_gradient(grad):
-    x, w, g, e = _inputs(11, 2 * 3 * 7, 13, 10)
+    x, w, g, e = ref.operands(11, 2 * 3 * 7, 13, 10)
     x, g = x.reshape(2, 3, 7, 13), g.reshape(2, 3, 7, 10)
 
     def vjp(backend):
@@ -93,7 +81,7 @@ def test_pallas_backend_matches_xla_and_float64_forward_and_every_gradient(grad)
 
 
 def test_pallas_backend_under_jit_vmap_and_bfloat16():
-    x, w, _, _ = _inputs(5, 4 * 6, 8, 5)
+    x, w, _, _ = ref.operands(5, 4 * 6, 8, 5)
     x = x.reshape(4, 6, 8)
     fn = jax.jit(
         jax.vmap(functools.partial(ops.adder, backend="pallas", interpret=True), (0, None))
@@ -102,7 +90,7 @@ def test_pallas_backend_under_jit_vmap_and_bfloat16():
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     yb = fn(xb, wb)
     assert yb.dtype == jnp.bfloat16
-    assert ref.rel_err(yb, ref.adder(*_f64(xb, wb))) < BF16_TOL
+    assert ref.rel_err(yb, ref.adder(*ref.float64(xb, wb))) < BF16_TOL
     dx = jax.grad(lambda x: ops.adder(x, wb, backend="pallas", interpret=True).sum())(xb)
     assert dx.dtype == jnp.bfloat16 and dx.shape == xb.shape
 
@@ -256,28 +244,17 @@ def test_kernels_run_per_device_under_shard_map_on_8_devices():
 
 
 def test_sharded_train_step_with_pallas_kernels_equals_xla(tmp_path):
-    worker = str(pathlib.Path(__file__).with_name("train_worker.py"))
-    tiny = {
-        "config.model.dim": 16,
-        "config.model.depth": 1,
-        "config.model.heads": 2,
-        "config.model.dim_head": 8,
-        "config.model.mlp_dim": 32,
-        "config.batch_size": 16,
-        "config.total_steps": 3,
-        "config.log_every_steps": 1,
-        "config.eval_every_steps": 1000,
-        "config.variant": "qkv_2ffn",
-    }
     summaries, losses = {}, {}
     for backend in ("pallas", "xla"):
-        overrides = {**tiny, "config.model.backend": backend, "config.model.interpret": True}
-        workdir = tmp_path / backend
-        stdout = _run_on_8_devices([worker, str(workdir), json.dumps(overrides)])
-        line = next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))
-        summaries[backend] = json.loads(line.removeprefix("SUMMARY "))
-        records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-        losses[backend] = [r["loss"] for r in records if r["split"] == "train"]
+        overrides = {
+            "config.variant": "qkv_2ffn",
+            "config.batch_size": 16,
+            "config.total_steps": 3,
+            "config.model.backend": backend,
+            "config.model.interpret": True,
+        }
+        summaries[backend] = run_worker(tmp_path / backend, overrides, devices=8)
+        losses[backend] = train_losses(tmp_path / backend)
     assert "8 x cpu" in summaries["pallas"]["device"]
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
     assert summaries["pallas"]["params_checksum"] == pytest.approx(

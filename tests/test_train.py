@@ -6,52 +6,15 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from train_worker import TINY, run_worker, summary_of, train_losses
 
 from addervit_jax import cli, configs, train
 from addervit_jax.configs import digits
-
-WORKER = str(pathlib.Path(__file__).with_name("train_worker.py"))
-# A model small enough that a few steps cost milliseconds, so these tests time the machinery.
-TINY = {
-    "config.model.dim": 16,
-    "config.model.depth": 1,
-    "config.model.heads": 2,
-    "config.model.dim_head": 8,
-    "config.model.mlp_dim": 32,
-    "config.batch_size": 32,
-    "config.log_every_steps": 1,
-    "config.eval_every_steps": 1000,
-}
-
-
-def _worker(workdir, overrides, *, devices=1, extra_env=None, background=False):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    env.update(extra_env or {})
-    cmd = [sys.executable, WORKER, str(workdir), json.dumps({**TINY, **overrides})]
-    if background:
-        return subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return _summary(out.stdout)
-
-
-def _summary(stdout):
-    line = next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))
-    return json.loads(line.removeprefix("SUMMARY "))
-
-
-def _train_losses(workdir):
-    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def _config(**overrides):
@@ -63,17 +26,17 @@ def _config(**overrides):
 
 
 def test_eight_devices_match_one_device(tmp_path):
-    one = _worker(tmp_path / "one", {"config.total_steps": 6})
-    eight = _worker(tmp_path / "eight", {"config.total_steps": 6}, devices=8)
+    one = run_worker(tmp_path / "one", {"config.total_steps": 6})
+    eight = run_worker(tmp_path / "eight", {"config.total_steps": 6}, devices=8)
     assert "8 x cpu" in eight["device"] and "1 x cpu" in one["device"]
     # data parallel over 8 devices is the same arithmetic up to the order of the reductions
     np.testing.assert_allclose(
-        _train_losses(tmp_path / "eight"), _train_losses(tmp_path / "one"), rtol=2e-5
+        train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"), rtol=2e-5
     )
     assert eight["params_checksum"] == pytest.approx(one["params_checksum"], rel=1e-5)
-    fsdp = _worker(tmp_path / "fsdp", {"config.total_steps": 6, "config.fsdp": True}, devices=8)
+    fsdp = run_worker(tmp_path / "fsdp", {"config.total_steps": 6, "config.fsdp": True}, devices=8)
     np.testing.assert_allclose(
-        _train_losses(tmp_path / "fsdp"), _train_losses(tmp_path / "one"), rtol=2e-5
+        train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one"), rtol=2e-5
     )
     assert fsdp["params_checksum"] == pytest.approx(one["params_checksum"], rel=1e-5)
 
@@ -87,7 +50,7 @@ def _free_port():
 def test_two_processes_through_jax_distributed_agree(tmp_path):
     port = _free_port()
     procs = [
-        _worker(
+        run_worker(
             tmp_path / "run",
             {
                 "config.total_steps": 4,
@@ -103,17 +66,17 @@ def test_two_processes_through_jax_distributed_agree(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    first, second = (_summary(out) for out, _ in outs)
+    first, second = (summary_of(out) for out, _ in outs)
     assert "2 process(es)" in first["device"]
     assert first["params_checksum"] == second["params_checksum"]
     assert first["eval_accuracy"] == second["eval_accuracy"]
-    single = _worker(tmp_path / "single", {"config.total_steps": 4}, devices=2)
+    single = run_worker(tmp_path / "single", {"config.total_steps": 4}, devices=2)
     assert first["params_checksum"] == pytest.approx(single["params_checksum"], rel=1e-5)
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path):
     steps = {"config.total_steps": 300, "config.checkpoint_every_steps": 100}
-    proc = _worker(tmp_path / "interrupted", steps, background=True)
+    proc = run_worker(tmp_path / "interrupted", steps, background=True)
     metrics = tmp_path / "interrupted" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (
@@ -123,11 +86,11 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    interrupted = _summary(out)
+    interrupted = summary_of(out)
     assert interrupted["status"] == "interrupted by SIGTERM", interrupted
     assert 20 <= interrupted["steps"] < 300
-    resumed = _worker(tmp_path / "interrupted", {**steps, "resume": True})
-    straight = _worker(tmp_path / "straight", steps)
+    resumed = run_worker(tmp_path / "interrupted", {**steps, "resume": True})
+    straight = run_worker(tmp_path / "straight", steps)
     assert resumed["steps"] == straight["steps"] == 300
     # bit-identical on CPU: same data order and augmentation keys (functions of the step),
     # same restored optimiser state, deterministic XLA:CPU kernels
@@ -260,7 +223,7 @@ def test_streamed_input_trains_exactly_like_in_memory(tmp_path, monkeypatch):
         stream: train.train(_config(**common, **{"config.stream": stream}), tmp_path / str(stream))
         for stream in (False, True)
     }
-    assert _train_losses(tmp_path / "True") == _train_losses(tmp_path / "False")
+    assert train_losses(tmp_path / "True") == train_losses(tmp_path / "False")
     assert summaries[True]["eval_accuracy"] == summaries[False]["eval_accuracy"]
     assert summaries[True]["eval_examples"] == 72
 
