@@ -192,16 +192,6 @@ def _w_grad_exact(x: jax.Array, w: jax.Array, g: jax.Array) -> jax.Array:
     return _rank1_sum(lambda gl, xl, ww: gl * jnp.sign(xl - ww), g, x, w.T).T
 
 
-def _x_surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:
-    """The function of ``w - x`` that replaces ``sign(w - x)`` in dL/dx."""
-    if grad == "exact":
-        return jnp.sign
-    scale = 1.0 if grad == "addernet" else clip_scale
-    if scale == 1.0:
-        return lambda z: jnp.clip(z, -1.0, 1.0)
-    return lambda z: jnp.clip(scale * z, -1.0, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # adder: custom_vjp on 2-D operands
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +280,7 @@ def _adder_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
         x_grad = partial(_kernel(backend, "x_grad", interpret), grad=grad, clip_scale=clip_scale)
         du = shard_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e)).astype(dtype)
     else:
-        du = _x_grad(u, wc, gc, _x_surrogate(grad, clip_scale))
+        du = _x_grad(u, wc, gc, adder_pallas.surrogate(grad, clip_scale))
     if grad == "exact" and backend in _KERNELS:
         w_grad = _kernel(backend, "w_grad_exact", interpret)
         dw = shard_rows(lambda x, g, w, e: w_grad(x, w, g, e), (x, g), (w, e), sum_rows=True)

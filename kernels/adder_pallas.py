@@ -123,7 +123,11 @@ def _compiler_params(blocks: Blocks) -> plgpu.CompilerParams:
 
 
 def surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:
-    """The function of ``w - u`` that replaces ``sign(w - u)`` in dL/du (SPEC section 1)."""
+    """The function of ``w - u`` that replaces ``sign(w - u)`` in dL/du (SPEC section 1).
+
+    The one definition of the rules' x-gradient surrogate: ``ops`` uses it for the XLA backend
+    too (it lives here because the kernels cannot import ``ops``, which imports them).
+    """
     if grad == "exact":
         return jnp.sign
     scale = 1.0 if grad == "addernet" else float(clip_scale)
