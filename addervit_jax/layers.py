@@ -11,8 +11,9 @@ mask, so that ``F = 0, b = 0`` makes ``x + layer(x)`` exactly the identity (its 
 identity (``norm="none"``). ``W`` starts from N(0, 1), as in AdderNet.
 
 ``EuclidDense`` is the same layer around ``ops.euclid``; ``Dense`` is the multiplication baseline,
-with no extra normalisation so that comparisons are not confounded. ``make_linear`` is the one
-factory the models use for every linear site.
+with no extra normalisation, and ``NormedDense`` (kind ``multi_ln``) the multiplication with the
+same normalisation, F and b, the control for it. ``make_linear`` is the one factory the models
+use for every linear site.
 
 The adder weight ``W`` is an :class:`AdderWeight`, a subclass of ``nnx.Param``. It is the only
 parameter AdderNet's adaptive learning rate applies to; select it with the NNX filter
@@ -37,11 +38,13 @@ __all__ = [
     "AdderWeight",
     "Dense",
     "EuclidDense",
+    "NormedDense",
+    "SITE_OPTIONS",
     "make_linear",
     "similarity_scope",
 ]
 
-LINEAR_KINDS = ("multi", "adder", "adder_orig", "euclid")
+LINEAR_KINDS = ("multi", "multi_ln", "adder", "adder_orig", "euclid")
 NORMS = ("layer", "none")
 DENSE_INIT = nnx.initializers.lecun_normal()  # flax's Dense default
 DISTANCE_INIT = nnx.initializers.normal(stddev=1.0)  # AdderNet and the study: W ~ N(0, 1)
@@ -174,47 +177,74 @@ class EuclidDense(_DistanceDense):
         return ops.euclid(x if stretch is None else x * stretch, w)
 
 
-# Options each kind of site accepts. A model passes one set of options to every site; an option
-# that belongs to another kind (``grad`` at a ``multi`` site) is dropped, an unknown one raises.
-_SITE_OPTIONS = {
-    "multi": {"use_bias", "kernel_init"},
-    "adder": {
-        "grad",
-        "clip_scale",
-        "backend",
-        "interpret",
-        "stretch",
-        "mask",
-        "norm",
-        "use_bias",
-        "kernel_init",
-    },
-    "adder_orig": {"backend", "interpret", "norm", "use_bias", "kernel_init"},
-    "euclid": {"stretch", "mask", "norm", "use_bias", "kernel_init"},
+class NormedDense(_DistanceDense):
+    """``y = F * N(x @ W) + b``: a multiplication site with the distance sites' normalisation,
+    gain F and bias b (kind ``multi_ln``), the control that makes "adder vs multiplication"
+    compare the similarity alone. It has no stretch E: for a dot product ``(E * x) @ W`` is
+    ``x @ (diag(E) W)``, which ``W`` already expresses. ``W`` starts like ``Dense``'s."""
+
+    kind = "multi"  # a dot product, for the operation counts of addervit_jax.profile
+
+    def __init__(self, in_features, out_features, *, kernel_init=DENSE_INIT, **kwargs):
+        super().__init__(
+            in_features, out_features, stretch=False, kernel_init=kernel_init, **kwargs
+        )
+
+    def _similarity(self, x, w, stretch):
+        del stretch
+        return ops.dense(x, w)
+
+
+# The options each kind of site honours. An option given to a site whose kind does not honour
+# it raises: a study that sets it must not silently train a different model than it says.
+SITE_OPTIONS = {
+    "multi": frozenset({"use_bias", "kernel_init"}),
+    "multi_ln": frozenset({"mask", "norm", "use_bias", "kernel_init"}),
+    "adder": frozenset(
+        {
+            "grad",
+            "clip_scale",
+            "backend",
+            "interpret",
+            "stretch",
+            "mask",
+            "norm",
+            "use_bias",
+            "kernel_init",
+        }
+    ),
+    "adder_orig": frozenset({"backend", "interpret", "norm", "use_bias", "kernel_init"}),
+    "euclid": frozenset({"stretch", "mask", "norm", "use_bias", "kernel_init"}),
 }
-_ALL_OPTIONS = set().union(*_SITE_OPTIONS.values()) | {"grad", "clip_scale", "stretch", "mask"}
 
 
 def make_linear(kind: str, in_features: int, out_features: int, *, rngs: nnx.Rngs, **opts):
-    """The one factory for linear sites: ``kind`` in ``multi | adder | adder_orig | euclid``.
+    """The one factory for linear sites: ``kind`` in ``multi | multi_ln | adder | adder_orig |
+    euclid``.
 
-    ``adder_orig`` is AdderNet's original layer: ``grad="addernet"``, no stretch E, no mask F
-    (it keeps the normalisation, which AdderNet had as batch norm after every adder layer).
-    Options that do not apply to ``kind`` are ignored; unknown option names raise ``TypeError``.
+    ``multi_ln`` is :class:`NormedDense`. ``adder_orig`` is AdderNet's original layer
+    (Chen et al., CVPR 2020): ``grad="addernet"``, no stretch E, and the normalisation with a
+    learnable gain F and bias b, which AdderNet had as the batch norm after every adder layer.
+    An option that ``kind`` does not honour (see ``SITE_OPTIONS``: ``grad`` at a ``multi`` or an
+    ``adder_orig`` site) raises ``TypeError`` naming the option and the kind.
     """
     if kind not in LINEAR_KINDS:
         raise ValueError(f"make_linear: unknown kind={kind!r}; expected one of {LINEAR_KINDS}")
-    unknown = set(opts) - _ALL_OPTIONS
-    if unknown:
-        raise TypeError(f"make_linear: unknown option(s) {sorted(unknown)} for kind={kind!r}")
-    opts = {k: v for k, v in opts.items() if k in _SITE_OPTIONS[kind]}
+    ignored = sorted(set(opts) - SITE_OPTIONS[kind])
+    if ignored:
+        raise TypeError(
+            f"make_linear: a {kind!r} site does not honour option(s) {ignored}; it takes "
+            f"{sorted(SITE_OPTIONS[kind])}"
+        )
     if kind == "multi":
         return Dense(in_features, out_features, rngs=rngs, **opts)
+    if kind == "multi_ln":
+        return NormedDense(in_features, out_features, rngs=rngs, **opts)
     if kind == "adder":
         return AdderDense(in_features, out_features, rngs=rngs, **opts)
     if kind == "adder_orig":
         return AdderDense(
-            in_features, out_features, grad="addernet", stretch=False, mask=False, rngs=rngs, **opts
+            in_features, out_features, grad="addernet", stretch=False, mask=True, rngs=rngs, **opts
         )
     return EuclidDense(in_features, out_features, rngs=rngs, **opts)
 

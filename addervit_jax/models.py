@@ -4,11 +4,9 @@
 the *Exploration of AdderViT* study (and ``all_adder``, beyond it): an NNX module mapping float
 images ``(B, H, W, C)`` to logits ``(B, num_classes)``. ``VARIANTS`` lists them with their configs.
 
-Site kinds are those of ``layers.make_linear`` (``multi | adder | adder_orig | euclid``). The
-attention scores are ``"dot"`` (``softmax(q k^T / sqrt(d))``) or ``"l1"`` (adder attention,
-``softmax(-t * sum_d |q_d - k_d|)`` with a per-head temperature ``t``, learned by default and
-initialised at ``1 / sqrt(dim_head)``: the L1 distances of unit-variance vectors spread like dot
-products, by about ``sqrt(d)``).
+Site kinds are those of ``layers.make_linear`` (``multi | multi_ln | adder | adder_orig |
+euclid``); the attention scores (``"dot"``, ``"l1"``, ``"l1_identity"``) are described in
+:class:`Attention`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from addervit_jax import layers, ops
 
 __all__ = ["VARIANTS", "SimpleViT", "SimpleViTConfig", "Swin", "SwinConfig", "Variant", "build"]
 
-ATTENTION_SCORES = ("dot", "l1")
+ATTENTION_SCORES = ("dot", "l1", "l1_identity")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,19 +35,39 @@ ATTENTION_SCORES = ("dot", "l1")
 
 @dataclasses.dataclass(frozen=True)
 class LinearOptions:
-    """Options every distance-based site receives (``layers.make_linear`` drops those that do
-    not apply to a site's kind)."""
+    """Options of the distance-based sites and of L1 attention scores.
 
-    grad: str = "clipped"
-    clip_scale: float = 4.0
-    stretch: bool = True
-    mask: bool = True
-    norm: str = "layer"
-    backend: str = "auto"
-    interpret: bool = False  # the Pallas kernels in interpret mode (CPU debugging)
+    ``None`` (the default) leaves each site its own default (``layers.make_linear``). A value set
+    explicitly goes to every site whose kind honours it (``layers.SITE_OPTIONS``; the L1 scores
+    honour ``grad``, ``clip_scale``, ``backend`` and ``interpret``) and must be honoured by at
+    least one site of the model: otherwise the config raises, naming the option and the sites,
+    so that no study trains a different model than its label says.
+    """
 
-    def site_options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LinearOptions)}
+    grad: str | None = None
+    clip_scale: float | None = None
+    stretch: bool | None = None
+    mask: bool | None = None
+    norm: str | None = None
+    backend: str | None = None
+    interpret: bool | None = None  # the Pallas kernels in interpret mode (CPU debugging)
+
+    def set_options(self) -> dict[str, Any]:
+        """The options given explicitly (not None)."""
+        names = (f.name for f in dataclasses.fields(LinearOptions))
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def site_options(self, kind: str) -> dict[str, Any]:
+        """The explicitly set options that a site of ``kind`` honours."""
+        return {k: v for k, v in self.set_options().items() if k in _honoured(kind)}
+
+
+# The options the L1 attention scores (ops.adder_scores) honour.
+_SCORE_OPTIONS = frozenset({"grad", "clip_scale", "backend", "interpret"})
+
+
+def _honoured(kind: str) -> frozenset:
+    return _SCORE_OPTIONS if kind == "scores_l1" else layers.SITE_OPTIONS[kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +110,7 @@ class SimpleViTConfig(LinearOptions):
         if self.ffn_layers not in (1, 2):
             raise ValueError(f"SimpleViT: ffn_layers must be 1 or 2, got {self.ffn_layers}")
         _check_attn(self)
+        _check_options(self, ("embed", "qkv", "proj", "ffn", "head"))
         if self.dim % 4:
             raise ValueError(f"SimpleViT: dim={self.dim} must be divisible by 4 (2-D sin-cos)")
         if self.image_size % self.patch_size:
@@ -130,6 +149,7 @@ class SwinConfig(LinearOptions):
     def __post_init__(self):
         _check_kinds(self, ("embed", "qkv", "proj", "ffn", "merge", "head"))
         _check_attn(self)
+        _check_options(self, ("embed", "qkv", "proj", "ffn", "merge", "head"))
         if len(self.depths) != len(self.heads):
             raise ValueError(
                 f"Swin: depths={self.depths} and heads={self.heads} must have the same length"
@@ -165,8 +185,21 @@ def _check_attn(cfg) -> None:
         raise ValueError(
             f"{type(cfg).__name__}: attn={cfg.attn!r}; expected one of {ATTENTION_SCORES}"
         )
-    if cfg.grad not in ops.GRAD_RULES:
+    if cfg.grad is not None and cfg.grad not in ops.GRAD_RULES:
         raise ValueError(f"{type(cfg).__name__}: grad={cfg.grad!r}; expected {ops.GRAD_RULES}")
+
+
+def _check_options(cfg, fields) -> None:
+    """Every explicitly set option must be honoured by at least one site (LinearOptions)."""
+    sites = {f: getattr(cfg, f) for f in fields if getattr(cfg, f) != "none"}
+    kinds = set(sites.values()) | ({"scores_l1"} if cfg.attn != "dot" else set())
+    for option, value in cfg.set_options().items():
+        if not any(option in _honoured(kind) for kind in kinds):
+            described = ", ".join(f"{f}={k!r}" for f, k in sites.items())
+            raise ValueError(
+                f"{type(cfg).__name__}: {option}={value!r} is honoured by no site of this model "
+                f"({described}, attn={cfg.attn!r}); see layers.SITE_OPTIONS"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,27 +208,46 @@ def _check_attn(cfg) -> None:
 
 
 def _linear(kind, d_in, d_out, cfg, rngs, use_bias=True):
-    return layers.make_linear(kind, d_in, d_out, rngs=rngs, use_bias=use_bias, **cfg.site_options())
+    return layers.make_linear(
+        kind, d_in, d_out, rngs=rngs, use_bias=use_bias, **cfg.site_options(kind)
+    )
 
 
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v sites, dot or L1 scores, optional projection.
 
     ``bias(n)`` (Swin's relative position bias and shift mask) is added to the scores when given.
+    The attention scores (``attn``):
+
+    * ``"dot"``: ``softmax(q k^T / sqrt(d))``.
+    * ``"l1"``: ``softmax(-t * sum_d |q_d - k_d|)`` (``ops.adder_scores``: q and k get the same
+      backward rule, the model's ``grad``/``clip_scale``), with a per-head temperature ``t``,
+      learned by default and initialised at ``1 / sqrt(dim_head)`` (the L1 distances of
+      unit-variance vectors spread like dot products, by about ``sqrt(d)``).
+    * ``"l1_identity"``: adder attention with an identity mapping, after Shu et al., "Adder
+      Attention for Vision Transformer" (NeurIPS 2021): the L1 map ``A`` of ``"l1"`` loses rank
+      (its rows are nearly equal, so ``A v`` averages the tokens away), and ``A + I`` keeps full
+      rank (``A`` is row-stochastic, its eigenvalues lie in the unit disc, so ``-1`` is the only
+      one that could cancel ``I``). The output is ``(A + I) v = A v + v``. ``t`` starts at
+      ``1 / sqrt((2 - 4 / pi) * dim_head)``, which gives the scores unit variance for
+      independent unit-variance q and k (``|z|`` of ``z ~ N(0, 2)`` has variance
+      ``2 - 4 / pi``) as ``1 / sqrt(d)`` does for dot products. This is our reading of the
+      paper's abstract and method; its exact score scaling (in its supplement) was not available
+      to check, so this is our variance-matched scale, not necessarily theirs.
     """
 
     def __init__(self, dim, heads, dim_head, cfg, *, qkv_bias, proj, rngs):
         inner = heads * dim_head
         self.heads, self.attn = heads, cfg.attn
-        self.grad, self.clip_scale, self.backend = cfg.grad, cfg.clip_scale, cfg.backend
-        self.interpret = cfg.interpret
+        self.score_options = cfg.site_options("scores_l1")
         self.to_q = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_k = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_v = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_out = None if proj is None else _linear(proj[0], inner, dim, cfg, rngs, proj[1])
         self.scale = 1.0 / math.sqrt(dim_head)
-        if cfg.attn == "l1":
-            temperature = jnp.full((heads,), self.scale)
+        if cfg.attn != "dot":
+            spread = 1.0 if cfg.attn == "l1" else 2.0 - 4.0 / math.pi
+            temperature = jnp.full((heads,), 1.0 / math.sqrt(spread * dim_head))
             self.temperature = (
                 nnx.Param(temperature) if cfg.learn_temperature else nnx.Variable(temperature)
             )
@@ -206,18 +258,11 @@ class Attention(nnx.Module):
             with layers.similarity_scope("scores_dot"):
                 return jnp.einsum("bhnd,bhmd->bhnm", q, k) * self.scale
 
-        def l1(q, k):  # one (n, d) x (d, m) adder per batch element and head
-            return ops.adder(
-                q,
-                k.T,
-                grad=self.grad,
-                clip_scale=self.clip_scale,
-                backend=self.backend,
-                interpret=self.interpret,
-            )
+        def l1(q, k):  # one (n, d) x (m, d) score matrix per batch element and head
+            return ops.adder_scores(q, k, **self.score_options)
 
         with layers.similarity_scope("scores_l1"):
-            # per device over the batch under a mesh (each example has its own "weights" k)
+            # per device over the batch under a mesh (each example has its own keys)
             s = ops.shard_rows(jax.vmap(jax.vmap(l1)), (q, k))
         return s * self.temperature[...][:, None, None]
 
@@ -232,6 +277,8 @@ class Attention(nnx.Module):
         attn = jax.nn.softmax(s, axis=-1)
         with layers.similarity_scope("attention_values"):
             out = jnp.einsum("bhnm,bhmd->bhnd", attn, v)
+        if self.attn == "l1_identity":
+            out = out + v  # (A + I) v
         out = rearrange(out, "b h n d -> b n (h d)")
         return out if self.to_out is None else self.to_out(out)
 
@@ -455,6 +502,8 @@ class Variant(NamedTuple):
 _QKV_ADDER = {"qkv": "adder", "ffn": "adder"}
 VARIANTS: dict[str, Variant] = {
     "multi": Variant("simple_vit", {}),
+    # the control of the per-site normalisation: qkv_2ffn's sites, multiplication + F * N(.) + b
+    "multi_ln": Variant("simple_vit", {"qkv": "multi_ln", "ffn": "multi_ln", "ffn_layers": 2}),
     "qkv_2ffn": Variant("simple_vit", {**_QKV_ADDER, "ffn_layers": 2}),
     "qkv_1ffn": Variant("simple_vit", {**_QKV_ADDER, "ffn_layers": 1}),
     "qkv_1ffn_noupdtm": Variant("simple_vit", {**_QKV_ADDER, "ffn_layers": 1}, adaptive_lr=False),

@@ -57,7 +57,16 @@ from jax import lax
 
 from addervit_jax.kernels import adder_pallas, cpu_native
 
-__all__ = ["BACKENDS", "GRAD_RULES", "adder", "dense", "euclid", "resolve_backend", "shard_rows"]
+__all__ = [
+    "BACKENDS",
+    "GRAD_RULES",
+    "adder",
+    "adder_scores",
+    "dense",
+    "euclid",
+    "resolve_backend",
+    "shard_rows",
+]
 
 GRAD_RULES = ("clipped", "addernet", "exact")
 # "naive" is the broadcast formula with plain autodiff, a baseline for comparisons only: "auto"
@@ -101,6 +110,20 @@ def _check_operands(op: str, x: jax.Array, w: jax.Array) -> None:
                 f"{op}: {name} must have a floating dtype (float32, bfloat16, ...), "
                 f"got {name}.dtype={dtype} ({shapes})"
             )
+
+
+def _check_rule(op: str, grad, clip_scale) -> tuple[str, float]:
+    if grad not in GRAD_RULES:
+        raise ValueError(f"{op}: unknown grad={grad!r}; expected one of {GRAD_RULES}")
+    if isinstance(clip_scale, bool) or not isinstance(clip_scale, int | float | np.number):
+        raise TypeError(
+            f"{op}: clip_scale must be a Python number (it selects the backward rule at trace "
+            f"time), got {type(clip_scale).__name__}"
+        )
+    clip_scale = float(clip_scale)
+    if not (clip_scale > 0 and math.isfinite(clip_scale)):
+        raise ValueError(f"{op}: clip_scale must be positive and finite, got {clip_scale}")
+    return grad, clip_scale
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -253,6 +276,16 @@ def _stretched(x: jax.Array, e: jax.Array | None) -> jax.Array:
     return x if e is None else x * e
 
 
+def _input_grad(x, w, e, g, u, wc, gc, grad, clip_scale, backend, interpret):
+    """The rule's dL/du of ``adder(u, w)`` with ``u = x * e``, by the backend's kernel (which
+    takes the raw ``x``, ``e``) or in XLA (which takes ``u``, ``wc``, ``gc`` in compute dtype)."""
+    if backend in _KERNELS:
+        x_grad = partial(_kernel(backend, "x_grad", interpret), grad=grad, clip_scale=clip_scale)
+        du = shard_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e))
+        return du.astype(gc.dtype)
+    return _x_grad(u, wc, gc, adder_pallas.surrogate(grad, clip_scale))
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _adder_2d(x, w, e, grad: str, clip_scale: float, backend: str, interpret: bool):
     """``-sum_i |x[l, i] * e[i] - w[i, d]|`` (``e`` None: no stretch) with the rule ``grad``."""
@@ -276,11 +309,7 @@ def _adder_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
     xc, wc, gc = x.astype(dtype), w.astype(dtype), g.astype(dtype)
     ec = None if e is None else e.astype(dtype)
     u = _stretched(xc, ec)  # the adder's input; XLA fuses the product into its consumers
-    if backend in _KERNELS:
-        x_grad = partial(_kernel(backend, "x_grad", interpret), grad=grad, clip_scale=clip_scale)
-        du = shard_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e)).astype(dtype)
-    else:
-        du = _x_grad(u, wc, gc, adder_pallas.surrogate(grad, clip_scale))
+    du = _input_grad(x, w, e, g, u, wc, gc, grad, clip_scale, backend, interpret)
     if grad == "exact" and backend in _KERNELS:
         w_grad = _kernel(backend, "w_grad_exact", interpret)
         dw = shard_rows(lambda x, g, w, e: w_grad(x, w, g, e), (x, g), (w, e), sum_rows=True)
@@ -339,16 +368,7 @@ def adder(
     _check_operands("adder", x, w)
     if interpret and backend == "auto":
         backend = "pallas"  # interpret mode only exists for the Pallas kernels
-    if grad not in GRAD_RULES:
-        raise ValueError(f"adder: unknown grad={grad!r}; expected one of {GRAD_RULES}")
-    if isinstance(clip_scale, bool) or not isinstance(clip_scale, int | float | np.number):
-        raise TypeError(
-            "adder: clip_scale must be a Python number (it selects the backward rule at trace "
-            f"time), got {type(clip_scale).__name__}"
-        )
-    clip_scale = float(clip_scale)
-    if not (clip_scale > 0 and math.isfinite(clip_scale)):
-        raise ValueError(f"adder: clip_scale must be positive and finite, got {clip_scale}")
+    grad, clip_scale = _check_rule("adder", grad, clip_scale)
     backend = resolve_backend(backend)
     if stretch is not None:
         stretch = jnp.asarray(stretch)
@@ -377,6 +397,71 @@ def _adder_naive(x: jax.Array, w: jax.Array) -> jax.Array:
     dtype = _compute_dtype(x, w)
     diff = x.astype(dtype)[..., :, None] - w.astype(dtype)
     return (-jnp.sum(jnp.abs(diff), axis=-2)).astype(jnp.result_type(x, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# adder_scores: L1 similarity of two activations, one rule for both
+# ---------------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _scores_2d(q, k, grad: str, clip_scale: float, backend: str, interpret: bool):
+    return _adder_2d(q, k.T, None, grad, clip_scale, backend, interpret)
+
+
+def _scores_2d_fwd(q, k, grad, clip_scale, backend, interpret):
+    return _scores_2d(q, k, grad, clip_scale, backend, interpret), (q, k)
+
+
+def _scores_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
+    q, k = residuals
+    dtype = _compute_dtype(q, k, g)
+    qc, kc, gc = q.astype(dtype), k.astype(dtype), g.astype(dtype)
+    # s[n, m] = -sum_d |q[n, d] - k[m, d]| is adder(q, k^T) and also adder(k, q^T)^T: each
+    # operand's gradient is the input rule of the adder in which it is the input.
+    dq = _input_grad(q, k.T, None, g, qc, kc.T, gc, grad, clip_scale, backend, interpret)
+    dk = _input_grad(k, q.T, None, g.T, kc, qc.T, gc.T, grad, clip_scale, backend, interpret)
+    return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+_scores_2d.defvjp(_scores_2d_fwd, _scores_2d_bwd)
+
+
+def adder_scores(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    grad: str = "clipped",
+    clip_scale: float = 4.0,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """L1 attention logits ``s[n, m] = -sum_d |q[n, d] - k[m, d]|`` of ``(N, D)`` and ``(M, D)``.
+
+    Unlike ``adder(q, k.T)``, whose ``k`` would get the full-precision weight rule, both operands
+    are activations and get the same rule: the input rule of ``grad`` (module docstring),
+
+        dL/dq[n, d] = sum_m g[n, m] * surrogate(k[m, d] - q[n, d]),
+        dL/dk[m, d] = sum_n g[n, m] * surrogate(q[n, d] - k[m, d]),
+
+    with ``surrogate`` ``hardtanh(clip_scale * .)`` for ``"clipped"`` (default),
+    ``hardtanh(.)`` for ``"addernet"`` and ``sign`` for ``"exact"`` (the true gradient).
+    ``backend`` and ``interpret`` are those of :func:`adder` (``"naive"`` is not offered).
+    Batch it with ``jax.vmap``.
+    """
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"adder_scores: q and k must be (N, D) and (M, D) with the same D, got "
+            f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+        )
+    if backend == "naive":
+        raise ValueError("adder_scores: backend='naive' is not offered; use 'auto' or 'xla'")
+    _check_operands("adder_scores", q, k.T)
+    if interpret and backend == "auto":
+        backend = "pallas"
+    grad, clip_scale = _check_rule("adder_scores", grad, clip_scale)
+    return _scores_2d(q, k, grad, clip_scale, resolve_backend(backend), bool(interpret))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx, struct
+from flax import nnx, serialization, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,11 +36,16 @@ from addervit_jax import data, models, optim
 __all__ = [
     "TrainState",
     "TrainingDiverged",
+    "Teacher",
     "create_train_state",
+    "distill_loss",
     "eval_step",
     "evaluate",
     "evaluate_workdir",
+    "load_params",
+    "load_teacher",
     "restore",
+    "save_params",
     "train",
     "train_step",
     "validate_config",
@@ -104,6 +109,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"batch_size={config.batch_size} must be divisible by the {jax.device_count()} "
             "devices of the data-parallel mesh"
         )
+    distill = config.get("distill")
+    if distill is not None and distill.teacher is not None:
+        if not distill.weight > 0:
+            problems.append(f"distill.weight={distill.weight} must be positive with a teacher")
+        if not distill.temperature > 0:
+            problems.append(f"distill.temperature={distill.temperature} must be positive")
+    if not config.get("adder_lr_scale", 1.0) > 0:
+        problems.append(f"adder_lr_scale={config.adder_lr_scale} must be positive")
     if config.randaugment is not None and len(tuple(config.randaugment)) != 2:
         problems.append(f"randaugment={config.randaugment} must be (num_ops, magnitude) or None")
     if problems:
@@ -132,6 +145,7 @@ def create_train_state(config, *, total_steps: int, steps_per_epoch: int) -> Tra
         grad_clip=config.grad_clip,
         adaptive=uses_adaptive_lr(config),
         eta=config.adaptive_eta,
+        adder_lr_scale=config.get("adder_lr_scale", 1.0),  # runs made before it existed: 1
         end_fraction=config.end_lr_fraction,
     )
     return TrainState(
@@ -150,8 +164,41 @@ def _cross_entropy(logits, labels, smoothing):
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def train_step(state: TrainState, batch: dict, *, info, config) -> tuple[TrainState, dict]:
-    """One optimiser step on a (sharded) global batch of uint8 images and int labels."""
+@struct.dataclass
+class Teacher:
+    """A finished run's model for knowledge distillation (:func:`load_teacher`)."""
+
+    params: nnx.State
+    rest: nnx.State
+    graphdef: Any = struct.field(pytree_node=False)
+
+    def __call__(self, images):
+        return nnx.merge(self.graphdef, self.params, self.rest)(images)
+
+
+def distill_loss(student_logits, teacher_logits, temperature: float) -> jax.Array:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per example.
+
+    Hinton et al., "Distilling the Knowledge in a Neural Network" (2015): the ``T^2`` keeps the
+    gradient's scale independent of ``T``. PKKD (Xu et al., "Kernel Based Progressive
+    Distillation for Adder Neural Networks", NeurIPS 2020) distils an AdderNet from a CNN of the
+    same architecture; this is its output (logit) term, without its kernel mapping of features
+    or its progressive teacher.
+    """
+    t = teacher_logits.astype(jnp.float32) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    kl = optax.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t))
+    return temperature**2 * kl
+
+
+def train_step(
+    state: TrainState, batch: dict, *, info, config, teacher: Teacher | None = None
+) -> tuple[TrainState, dict]:
+    """One optimiser step on a (sharded) global batch of uint8 images and int labels.
+
+    With a ``teacher`` the loss is ``cross-entropy + distill.weight * distill_loss`` (on the same
+    augmented images; no gradient reaches the teacher), and both terms are logged.
+    """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     images = data.preprocess(
         key,
@@ -162,19 +209,26 @@ def train_step(state: TrainState, batch: dict, *, info, config) -> tuple[TrainSt
         flip=config.flip,
         randaugment=None if config.randaugment is None else tuple(config.randaugment),
     )
+    teacher_logits = None if teacher is None else jax.lax.stop_gradient(teacher(images))
 
     def loss_fn(params):
         logits = nnx.merge(state.graphdef, params, state.rest)(images)
-        loss = _cross_entropy(logits, batch["label"], config.label_smoothing).mean()
-        return loss, logits
+        ce = _cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+        terms = {"ce_loss": ce}
+        if teacher_logits is not None:
+            kd = distill_loss(logits, teacher_logits, config.distill.temperature).mean()
+            terms["distill_loss"] = kd
+            ce = ce + config.distill.weight * kd
+        return ce, (logits, terms)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "grad_norm": optax.tree.norm(grads),
+        **(terms if teacher is not None else {}),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -312,6 +366,108 @@ class Checkpoints:
 
 
 # ---------------------------------------------------------------------------------------------
+# Final parameters (params-only) and distillation teachers
+# ---------------------------------------------------------------------------------------------
+
+PARAMS_FILE = "params.msgpack"
+
+
+def _host(x) -> np.ndarray:
+    if not x.is_fully_addressable:  # FSDP over several processes: gather the shards
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def save_params(state: TrainState, path: pathlib.Path) -> None:
+    """The model's variables (parameters and non-trainable ones), without optimiser state, as one
+    msgpack file of arrays keyed by their dotted paths (``flax.serialization``). Written to a
+    temporary file and renamed, so an interruption never leaves a half-written file."""
+    tree = {
+        "params": {k: _host(v) for k, v in _flat(state.params).items()},
+        "rest": {k: _host(v) for k, v in _flat(state.rest).items()},
+    }
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(tree))
+    os.replace(tmp, path)
+
+
+def load_params(path: pathlib.Path, template: TrainState) -> TrainState:
+    """``template`` with the variables of a :func:`save_params` file; every name and shape must
+    match the template's model."""
+    tree = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+    replaced = {}
+    for part in ("params", "rest"):
+        expected = _flat(getattr(template, part))
+        saved = tree.get(part, {})
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        wrong = [
+            f"{k}: {tuple(saved[k].shape)} != {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in saved and tuple(saved[k].shape) != tuple(v.shape)
+        ]
+        if missing or extra or wrong:
+            raise ValueError(
+                f"{path} does not hold this model's {part}: missing {missing[:5]}, unexpected "
+                f"{extra[:5]}, shapes {wrong[:5]}"
+            )
+        flat = {k: jnp.asarray(saved[k], v.dtype) for k, v in expected.items()}
+        replaced[part] = _unflat(getattr(template, part), flat)
+    return template.replace(**replaced)
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
+    """The model of the finished run ``config.distill.teacher`` and a description of it.
+
+    Checked before any training: the run finished, and it was trained on the same dataset (so the
+    same image shape and number of classes) as ``config``.
+    """
+    workdir = pathlib.Path(config.distill.teacher)
+    summary_path = workdir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(
+            f"distill.teacher={str(workdir)!r} is not a finished training run: no summary.json"
+        )
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "finished":
+        raise ValueError(
+            f"distill.teacher={str(workdir)!r} did not finish (status "
+            f"{summary.get('status')!r}); resume it first"
+        )
+    teacher_config = ml_collections.ConfigDict(
+        json.loads((workdir / "config.json").read_text())
+    )
+    mine, theirs = model_overrides(config), model_overrides(teacher_config)
+    for field in ("image_size", "channels", "num_classes"):
+        if config.dataset != teacher_config.dataset or mine[field] != theirs[field]:
+            raise ValueError(
+                f"distill.teacher={str(workdir)!r} was trained on {teacher_config.dataset!r} "
+                f"({theirs['num_classes']} classes, {theirs['image_size']} px, "
+                f"{theirs['channels']} channels); this run is on {config.dataset!r} "
+                f"({mine['num_classes']} classes, {mine['image_size']} px, "
+                f"{mine['channels']} channels)"
+            )
+    state, meta, _ = restore(workdir)
+    replicated = NamedSharding(make_mesh(), P())
+    teacher = Teacher(
+        params=jax.device_put(state.params, replicated),
+        rest=jax.device_put(state.rest, replicated),
+        graphdef=state.graphdef,
+    )
+    described = {
+        "workdir": str(workdir),
+        "variant": teacher_config.variant,
+        "step": meta["step"],
+        "eval_accuracy": summary.get("eval_accuracy"),
+        "params_checksum": summary.get("params_checksum"),
+    }
+    return teacher, described
+
+
+# ---------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------
 
@@ -438,6 +594,9 @@ def train(
         )
     validate_config(config)
     workdir = pathlib.Path(workdir)
+    teacher, teacher_info = None, None
+    if config.get("distill") is not None and config.distill.teacher is not None:
+        teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
         raise FileExistsError(
@@ -472,7 +631,7 @@ def train(
 
         state_sharding = jax.tree.map(lambda x: x.sharding, state)
         step_fn = jax.jit(
-            lambda s, b: train_step(s, b, info=info, config=config),
+            lambda s, b, t: train_step(s, b, info=info, config=config, teacher=t),
             out_shardings=(state_sharding, NamedSharding(mesh, P())),
             donate_argnums=0,
         )
@@ -493,7 +652,7 @@ def train(
             for step, batch in batches:
                 if step >= total_steps:
                     break
-                state, metrics = step_fn(state, global_batch(batch, mesh))
+                state, metrics = step_fn(state, global_batch(batch, mesh), teacher)
                 pending.append(metrics)
                 done = step + 1
                 is_log = done % config.log_every_steps == 0 or done == total_steps
@@ -540,6 +699,7 @@ def train(
 
         checkpoints.save(state)
         checkpoints.wait()
+        save_params(state, workdir / PARAMS_FILE)
         final_step = int(state.step)
         result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn)
         if status == "finished":
@@ -561,6 +721,8 @@ def train(
             "params_checksum": params_checksum(state.params),
             "workdir": str(workdir),
         }
+        if teacher_info is not None:
+            summary["teacher"] = teacher_info
     log.finish(summary)
     checkpoints.close()
     if stop.received:
@@ -569,7 +731,9 @@ def train(
 
 
 def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collections.ConfigDict]:
-    """The latest restorable checkpoint of a run: (state, checkpoint metadata, config)."""
+    """A run's latest restorable checkpoint, or, where it has none (a run directory kept in a
+    repository keeps only its final parameters), its ``params.msgpack``: (state, metadata with
+    the step, config). The optimiser state of the latter is fresh."""
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -578,12 +742,22 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
     template = shard_state(
         create_train_state(config, total_steps=1, steps_per_epoch=1), make_mesh(), False
     )
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-    restored = checkpoints.restore_latest(template)
-    checkpoints.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    return (*restored, config)
+    restored = None
+    ckpt_dir = workdir / "checkpoints"
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
+        restored = checkpoints.restore_latest(template)
+        checkpoints.close()
+    if restored is not None:
+        return (*restored, config)
+    params_path = workdir / PARAMS_FILE
+    if not params_path.exists():
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} and no {PARAMS_FILE} in {workdir}")
+    summary_path = workdir / "summary.json"
+    step = json.loads(summary_path.read_text())["steps"] if summary_path.exists() else None
+    state = load_params(params_path, template)
+    state = shard_state(state.replace(step=jnp.asarray(step or 0, jnp.int32)), make_mesh(), False)
+    return state, {"step": step, "source": PARAMS_FILE}, config
 
 
 def evaluate_workdir(

@@ -91,7 +91,11 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.Confi
 def make_runs(
     recipe: ml_collections.ConfigDict, settings: list[tuple[str, dict]], seeds: list[int]
 ) -> list[Run]:
-    """One run per (label, seed): the recipe with the label's dotted fields and the seed set."""
+    """One run per (label, seed): the recipe with the label's dotted fields and the seed set.
+
+    Every run's config is validated first (``train.validate_config``), so a study whose label
+    names a setting the model cannot honour stops before training anything.
+    """
     runs = []
     for label, fields in settings:
         for seed in seeds:
@@ -102,6 +106,10 @@ def make_runs(
                 for part in parents:
                     node = node[part]
                 node[leaf] = value
+            try:  # refuse before any training: e.g. a rule that no site of the variant uses
+                train.validate_config(config)
+            except ValueError as err:
+                raise SystemExit(f"{label}: {err}") from err
             runs.append(Run(label, seed, config))
     return runs
 

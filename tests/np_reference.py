@@ -61,6 +61,19 @@ def adder_stretch_grads(x, w, e, g, grad, clip_scale=4.0):
     return du * e, dw, (du * x).reshape(-1, x.shape[-1]).sum(axis=0)
 
 
+def adder_scores_grads(q, k, g, grad, clip_scale=4.0):
+    """(dL/dq, dL/dk) of ``s[n, m] = -sum_d |q[n, d] - k[m, d]|`` when both operands get the
+    input rule of ``grad``: surrogate(k - q) for q, surrogate(q - k) for k."""
+    q, k, g = (np.asarray(a, np.float64) for a in (q, k, g))
+    diff = q[:, None, :] - k[None, :, :]  # (N, M, D): q[n, d] - k[m, d]
+    surrogate = {
+        "exact": np.sign,
+        "addernet": hardtanh,
+        "clipped": lambda z: hardtanh(clip_scale * z),
+    }[grad]
+    return np.einsum("nm,nmd->nd", g, surrogate(-diff)), np.einsum("nm,nmd->md", g, surrogate(diff))
+
+
 def operands(seed, length, d_in, d_out, dtype=np.float32):
     """Fresh random 2-D operands of the kernels: x (L, D_in), w (D_in, D_out), the cotangent g
     (L, D_out) and a stretch e (D_in,) in [0.5, 1.5]."""

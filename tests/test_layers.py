@@ -49,13 +49,17 @@ def _distance_layer_reference(layer, x, similarity):
     return y
 
 
-@pytest.mark.parametrize("cls", [layers.AdderDense, layers.EuclidDense])
+@pytest.mark.parametrize("cls", [layers.AdderDense, layers.EuclidDense, layers.NormedDense])
 @pytest.mark.parametrize("norm", ["layer", "none"])
 @pytest.mark.parametrize(("lead", "d_in", "d_out"), [((5,), 13, 7), ((2, 3), 1, 9), ((4,), 33, 2)])
 def test_distance_layer_matches_float64_formula(cls, norm, lead, d_in, d_out):
     layer = _randomise(cls(d_in, d_out, norm=norm, rngs=nnx.Rngs(0)), seed=d_in)
     x = np.random.default_rng(1).normal(size=(*lead, d_in)).astype(np.float32)
-    similarity = ref.adder if cls is layers.AdderDense else ref.euclid
+    similarity = {
+        layers.AdderDense: ref.adder,
+        layers.EuclidDense: ref.euclid,
+        layers.NormedDense: ref.dense,
+    }[cls]
     expected = _distance_layer_reference(layer, x, similarity)
     y = nnx.jit(lambda m, x: m(x))(layer, x)
     assert y.shape == (*lead, d_out)
@@ -132,15 +136,33 @@ def test_adder_weight_is_marked_for_the_optimiser():
 def test_make_linear_kinds_and_options():
     rngs = nnx.Rngs(0)
     opts = {"grad": "exact", "clip_scale": 2.0, "stretch": False, "norm": "none"}
-    multi = layers.make_linear("multi", 3, 4, rngs=rngs, **opts)
-    assert type(multi) is layers.Dense
     adder = layers.make_linear("adder", 3, 4, rngs=rngs, **opts)
     assert (adder.grad, adder.clip_scale, adder.stretch, adder.norm) == ("exact", 2.0, None, "none")
     assert adder.mask is not None
-    orig = layers.make_linear("adder_orig", 3, 4, rngs=rngs, **opts)
-    assert (orig.grad, orig.stretch, orig.mask, orig.norm) == ("addernet", None, None, "none")
-    euclid = layers.make_linear("euclid", 3, 4, rngs=rngs, **opts)
+    # AdderNet's layer: its rule, no stretch, and a learnable gain F (the batch norm's scale)
+    orig = layers.make_linear("adder_orig", 3, 4, rngs=rngs, norm="none")
+    assert (orig.grad, orig.stretch, orig.norm) == ("addernet", None, "none")
+    assert orig.mask is not None and orig.mask[...].shape == (4,)
+    euclid = layers.make_linear("euclid", 3, 4, rngs=rngs, stretch=False, norm="none")
     assert type(euclid) is layers.EuclidDense and euclid.stretch is None
+    multi = layers.make_linear("multi", 3, 4, rngs=rngs, use_bias=False)
+    assert type(multi) is layers.Dense and multi.bias is None
+    normed = layers.make_linear("multi_ln", 3, 4, rngs=rngs)
+    assert type(normed) is layers.NormedDense and normed.stretch is None
+    assert normed.mask is not None and normed.norm == "layer"
+    # an option the site cannot honour raises, naming the option and the kind
+    for kind, option in [
+        ("multi", "grad"),
+        ("adder_orig", "grad"),
+        ("adder_orig", "clip_scale"),
+        ("adder_orig", "stretch"),
+        ("euclid", "grad"),
+        ("multi_ln", "stretch"),
+    ]:
+        with pytest.raises(
+            TypeError, match=rf"'{kind}' site does not honour option\(s\) \['{option}'\]"
+        ):
+            layers.make_linear(kind, 3, 4, rngs=rngs, **{option: opts.get(option, True)})
     with pytest.raises(ValueError, match="kind='adderr'"):
         layers.make_linear("adderr", 3, 4, rngs=rngs)
     with pytest.raises(TypeError, match="strech"):

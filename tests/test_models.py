@@ -60,7 +60,13 @@ def test_variant_sites_are_what_the_study_names():
         models.build("qkv_1ffn_addpout", rngs=rngs).blocks[0].attn.to_out, layers.AdderDense
     )
     orig = models.build("adder", rngs=rngs).blocks[0].attn.to_k
-    assert (orig.grad, orig.stretch, orig.mask) == ("addernet", None, None)
+    # AdderNet's layer keeps a learnable gain F, the scale of its batch norm
+    assert (orig.grad, orig.stretch) == ("addernet", None) and orig.mask is not None
+    multi_ln = models.build("multi_ln", rngs=rngs).blocks[0]
+    for site in (multi_ln.attn.to_q, multi_ln.attn.to_v, multi_ln.ffn.fc1, multi_ln.ffn.fc2):
+        assert isinstance(site, layers.NormedDense) and site.mask is not None
+        assert site.bias is not None and site.norm == "layer"
+    assert isinstance(multi_ln.attn.to_out, layers.Dense)
     assert isinstance(models.build("euclider", rngs=rngs).blocks[0].ffn.fc1, layers.EuclidDense)
     all_adder = models.build("all_adder", rngs=rngs)
     assert isinstance(all_adder.embed, layers.AdderDense)
@@ -129,3 +135,47 @@ def test_swin_shift_mask_separates_wrapped_regions():
     index = models.relative_position_index(3)
     assert index.shape == (9, 9) and index.min() == 0 and index.max() == 24
     assert len(np.unique(np.diag(index))) == 1
+
+
+def test_an_option_no_site_honours_is_refused():
+    rngs = nnx.Rngs(0)
+    # grad and clip_scale go to the adder sites; the multi embedding and head do not get them
+    model = models.build("qkv_2ffn", grad="exact", clip_scale=2.0, rngs=rngs)
+    assert isinstance(model.embed, layers.Dense)
+    assert (model.blocks[0].attn.to_q.grad, model.blocks[0].attn.to_q.clip_scale) == ("exact", 2.0)
+    # adder_orig sites have AdderNet's rule: a study labelled by a rule must not train them
+    for variant, option in [
+        ("adder", {"grad": "exact"}),
+        ("adder", {"clip_scale": 2.0}),
+        ("multi", {"stretch": False}),
+        ("euclider", {"grad": "clipped"}),
+    ]:
+        ((name, value),) = option.items()
+        with pytest.raises(ValueError, match=rf"{name}={value!r} is honoured by no site"):
+            models.build(variant, rngs=rngs, **option)
+    # the L1 attention scores honour the rule even where every linear site is a multiplication
+    assert models.build("multi", attn="l1", grad="exact", rngs=rngs).cfg.grad == "exact"
+
+
+@pytest.mark.parametrize("attn", ["l1", "l1_identity"])
+def test_l1_attention_matches_float64(attn):
+    cfg = models.config("all_adder", dim=16, heads=2, dim_head=8, attn=attn)
+    module = models.Attention(16, 2, 8, cfg, qkv_bias=True, proj=("adder", True), rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32)
+    out = nnx.jit(lambda m, x: m(x))(module, x)
+
+    def split(site):
+        y = np.asarray(site(x), np.float64)
+        return y.reshape(2, 5, 2, 8).transpose(0, 2, 1, 3)  # (b, h, n, d)
+
+    q, k, v = split(module.to_q), split(module.to_k), split(module.to_v)
+    t = np.asarray(module.temperature[...], np.float64)
+    s = -np.abs(q[:, :, :, None] - k[:, :, None]).sum(-1) * t[:, None, None]
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    heads = a @ v + (v if attn == "l1_identity" else 0.0)
+    merged = heads.transpose(0, 2, 1, 3).reshape(2, 5, 16)
+    expected = np.asarray(module.to_out(merged.astype(np.float32)), np.float64)
+    assert np.linalg.norm(out - expected) / np.linalg.norm(expected) < 1e-4
+    spread = 1.0 if attn == "l1" else 2.0 - 4.0 / np.pi
+    np.testing.assert_allclose(t, 1.0 / np.sqrt(spread * 8), rtol=1e-6)

@@ -62,6 +62,38 @@ def test_adder_grads_match_float64(backend, shape, seed, grad, clip_scale):
     assert ref.rel_err(dw, dw_ref) < TOL
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(
+    st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 19)),
+    seeds,
+    st.sampled_from(ops.GRAD_RULES),
+)
+def test_adder_scores_give_both_operands_the_input_rule(backend, shape, seed, grad):
+    n, m, d = shape
+    rng = np.random.default_rng(seed)
+    q, k, g = (rng.normal(size=s).astype(np.float32) for s in ((n, d), (m, d), (n, m)))
+    fn = jax.jit(functools.partial(ops.adder_scores, grad=grad, clip_scale=2.5, backend=backend))
+    s, pullback = jax.vjp(fn, jnp.asarray(q), jnp.asarray(k))
+    dq, dk = pullback(jnp.asarray(g))
+    dq_ref, dk_ref = ref.adder_scores_grads(q, k, g, grad, clip_scale=2.5)
+    assert s.shape == (n, m)
+    assert ref.rel_err(s, ref.adder(q, k.T)) < TOL
+    assert ref.rel_err(dq, dq_ref) < TOL
+    assert ref.rel_err(dk, dk_ref) < TOL
+
+
+def test_adder_scores_exact_rule_is_the_true_gradient_and_shapes_are_checked():
+    rng = np.random.default_rng(7)
+    q, k = rng.normal(size=(4, 6)), rng.normal(size=(5, 6))
+    with jax.enable_x64():
+        dq, dk = jax.grad(lambda q, k: ops.adder_scores(q, k, grad="exact").sum(), (0, 1))(q, k)
+        tq, tk = jax.grad(lambda q, k: -jnp.abs(q[:, None] - k[None]).sum(), (0, 1))(q, k)
+    np.testing.assert_allclose(dq, tq, rtol=1e-12)
+    np.testing.assert_allclose(dk, tk, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"q.shape=\(4, 6\), k.shape=\(5, 3\)"):
+        ops.adder_scores(q, k[:, :3])
+
+
 def test_addernet_is_clipped_with_scale_one():
     x, w, g = _inputs(0, (6,), 9, 5)
     _, dx_a, dw_a = _vjp(functools.partial(ops.adder, grad="addernet"), x, w, g)

@@ -100,3 +100,67 @@ def test_unknown_optimizer_is_rejected():
         optim.make_optimizer(
             name="lamb", learning_rate=1.0, total_steps=1, warmup_steps=0, weight_decay=0.0
         )
+
+
+def _random_grads(params, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda p: jnp.asarray(scale * rng.normal(size=p.shape), jnp.float32), params
+    )
+
+
+def _sgd(**kwargs):
+    # constant learning rate 0.05: warm-up 0 and end fraction 1; no decay, no momentum effect on
+    # the first step (the trace starts at zero)
+    return optim.make_optimizer(
+        name="sgd",
+        learning_rate=0.05,
+        total_steps=10,
+        warmup_steps=0,
+        weight_decay=0.0,
+        end_fraction=1.0,
+        **kwargs,
+    )
+
+
+def test_clip_sees_the_raw_gradient_norm_not_the_adaptive_one():
+    params = nnx.state(_model(), nnx.Param)
+    grads = _random_grads(params, seed=1, scale=10.0)  # raw global norm well above the clip
+    raw_norm = float(optax.tree.norm(grads))
+    tx = _sgd(grad_clip=1.0, adaptive=True)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    clip = 1.0 / raw_norm  # what clip_by_global_norm(1.0) must apply: the raw norm's
+    for (path, g), (_, u) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(updates), strict=True):
+        g, u = np.asarray(g[...], np.float64), np.asarray(u[...], np.float64)
+        if path == ("layers", 0, "kernel"):  # adaptive_lr of the clipped gradient
+            expected = -0.05 * 0.2 * math.sqrt(g.size) * g / np.linalg.norm(g)
+        else:
+            expected = -0.05 * clip * g
+        np.testing.assert_allclose(u, expected, rtol=1e-5)
+
+
+def test_sgd_update_of_non_adder_parameters_is_lr_times_gradient():
+    params = nnx.state(_model(), nnx.Param)
+    grads = _random_grads(params, seed=2, scale=0.01)  # global norm below the clip of 1
+    assert float(optax.tree.norm(grads)) < 1.0
+    tx = _sgd(grad_clip=1.0, adaptive=True)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for (path, g), (_, u) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(updates), strict=True):
+        if path != ("layers", 0, "kernel"):
+            np.testing.assert_allclose(np.asarray(u[...]), -0.05 * np.asarray(g[...]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_adder_lr_scale_multiplies_the_adder_weight_updates_only(name):
+    params = nnx.state(_model(), nnx.Param)
+    grads = _random_grads(params, seed=3)
+    common = dict(name=name, learning_rate=0.01, total_steps=10, warmup_steps=0, weight_decay=0.01)
+    base, _ = (tx := optim.make_optimizer(**common)).update(grads, tx.init(params), params)
+    scaled, _ = (tx := optim.make_optimizer(**common, adder_lr_scale=10.0)).update(
+        grads, tx.init(params), params
+    )
+    for (path, b), (_, s) in zip(nnx.to_flat_state(base), nnx.to_flat_state(scaled), strict=True):
+        factor = 10.0 if path == ("layers", 0, "kernel") else 1.0
+        np.testing.assert_allclose(np.asarray(s[...]), factor * np.asarray(b[...]), rtol=1e-6)
+    with pytest.raises(ValueError, match="adder_lr_scale"):
+        optim.make_optimizer(**common, adder_lr_scale=0.0)

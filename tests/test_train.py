@@ -254,3 +254,60 @@ def test_metrics_of_a_resumed_run_keep_the_last_record_of_each_step(tmp_path):
         ("train", 2, 1.5),
         ("train", 3, 1.0),
     ]
+
+
+def test_distill_loss_matches_float64_formula():
+    rng = np.random.default_rng(11)
+    student, teacher = rng.normal(size=(2, 5, 7)) * 3.0
+    temperature = 2.5
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lt, ls = log_softmax(teacher / temperature), log_softmax(student / temperature)
+    expected = temperature**2 * (np.exp(lt) * (lt - ls)).sum(-1)
+    got = train.distill_loss(student.astype(np.float32), teacher.astype(np.float32), temperature)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(train.distill_loss(teacher, teacher, temperature)) < 1e-6)
+
+
+def test_params_only_run_evaluates_and_teaches(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    summary = train.train(
+        _config(**{"config.variant": "multi", "config.total_steps": 5}), teacher_dir
+    )
+    # the compact form a repository keeps: config, summary, metrics, params.msgpack
+    import shutil
+
+    shutil.rmtree(teacher_dir / "checkpoints")
+    assert (teacher_dir / train.PARAMS_FILE).stat().st_size < 200_000
+    result = train.evaluate_workdir(teacher_dir)
+    assert result["step"] == 5 and result["accuracy"] == pytest.approx(summary["eval_accuracy"])
+
+    student = _config(**{"config.total_steps": 3, "config.distill.teacher": str(teacher_dir)})
+    student.distill.weight = 0.5
+    out = train.train(student, tmp_path / "student")
+    assert out["teacher"]["workdir"] == str(teacher_dir) and out["teacher"]["variant"] == "multi"
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert len(train_records) == 3
+    for r in train_records:  # both terms logged; the loss is their weighted sum
+        assert r["distill_loss"] > 0
+        assert r["loss"] == pytest.approx(r["ce_loss"] + 0.5 * r["distill_loss"], rel=1e-5)
+
+    # a teacher of another dataset fails before training, naming both
+    wrong = tmp_path / "wrong_teacher"
+    shutil.copytree(teacher_dir, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "dataset": "cifar10"}))
+    student.distill.teacher = str(wrong)
+    with pytest.raises(ValueError, match="trained on 'cifar10' \\(10 classes, 32 px"):
+        train.train(student, tmp_path / "student2")
+    assert not (tmp_path / "student2").exists()
+    student.distill.teacher = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        train.train(student, tmp_path / "student3")

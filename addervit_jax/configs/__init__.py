@@ -50,7 +50,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.grad_clip = 1.0
     c.adaptive_lr = ml_collections.FieldReference(None, field_type=bool)  # None: the variant's
     c.adaptive_eta = 0.2
+    # learning rate of the adder weights W relative to every other parameter (optim.make_optimizer)
+    c.adder_lr_scale = 1.0
     c.label_smoothing = 0.0
+    # knowledge distillation from a finished run's model (train.train_step, train.distill_loss)
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ml_collections.FieldReference(None, field_type=str)  # its work directory
+    c.distill.weight = 1.0  # of the distillation term, added to the cross-entropy
+    c.distill.temperature = 4.0
     c.crop_padding = 4
     c.flip = ml_collections.FieldReference(None, field_type=bool)  # None: the dataset's default
     c.randaugment = ml_collections.FieldReference(None, field_type=tuple)
