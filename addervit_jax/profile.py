@@ -99,7 +99,8 @@ class OpCounts:
         return self.similarity_adds + self.other_adds
 
     def energy_pj(self, precision: str = "fp32", *, similarity_only: bool = False) -> float:
-        """Estimated energy in picojoules of the multiplications and additions."""
+        """Arithmetic energy in picojoules of the multiplications and additions (45 nm; memory
+        traffic excluded)."""
         if precision not in ENERGY_PJ:
             raise ValueError(f"precision={precision!r}; expected one of {sorted(ENERGY_PJ)}")
         e_mul, e_add = ENERGY_PJ[precision]

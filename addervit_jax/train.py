@@ -437,9 +437,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
             f"distill.teacher={str(workdir)!r} did not finish (status "
             f"{summary.get('status')!r}); resume it first"
         )
-    teacher_config = ml_collections.ConfigDict(
-        json.loads((workdir / "config.json").read_text())
-    )
+    teacher_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     mine, theirs = model_overrides(config), model_overrides(teacher_config)
     for field in ("image_size", "channels", "num_classes"):
         if config.dataset != teacher_config.dataset or mine[field] != theirs[field]:

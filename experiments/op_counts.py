@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> str:
         f"- hardware: {hardware} (the counts do not depend on it)",
         f"- date: {date}",
         f"- model overrides: {overrides or 'none'}",
-        f"- energy: {args.precision} multiply {e_mul} pJ, add {e_add} pJ (45 nm, M. Horowitz, "
+        "- energy: arithmetic energy only, memory traffic excluded: "
+        f"{args.precision} multiply {e_mul} pJ, add {e_add} pJ (45 nm, M. Horowitz, "
         '"Computing\'s energy problem", ISSCC 2014); an adder term is 2 additions, a '
         "multiply-accumulate 1 + 1",
         "- similarity: linear layers, attention scores and attention values; total adds "

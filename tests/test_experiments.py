@@ -16,6 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiment
 
 import grad_rules  # noqa: E402
 import op_counts  # noqa: E402
+import screen  # noqa: E402
 import speed_table  # noqa: E402
 import variants  # noqa: E402
 
@@ -160,3 +161,28 @@ def test_grad_rule_study_runs_each_rule_once(tmp_path):
         ("exact", 4.0),
     ]
     assert "Backward rules, qkv_2ffn on digits" in (tmp_path / "grad_rules.md").read_text()
+
+
+def test_grad_rule_study_refuses_a_variant_whose_sites_ignore_the_rule(tmp_path):
+    # AdderNet's sites (variant "adder") have their own rule: every label would train one model
+    with pytest.raises(SystemExit, match="grad='exact' is honoured by no site"):
+        grad_rules.main(["--variant", "adder", "--out", str(tmp_path), "--set", *TINY_RECIPE])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
+    args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
+    screen.main([*args, "--arms", "multi", "multi_ln", "qkv_2ffn + distill"])
+    record = {r["label"]: r for r in json.loads((tmp_path / "screen.json").read_text())}
+    assert list(record) == ["multi", "multi_ln", "qkv_2ffn + distill"]
+    teacher = record["qkv_2ffn + distill"]["teacher"]
+    assert teacher["workdir"] == str(tmp_path / "runs" / "multi_seed0")
+    assert teacher["params_checksum"] == record["multi"]["params_checksum"]
+    # the digits config evaluates on its test split: the table says so and shows no best-over-run
+    table = (tmp_path / "screen.md").read_text()
+    assert "final test acc (%)" in table and "best" not in table.split("| arm |")[1]
+    # each run directory keeps its final parameters in params-only form
+    for name in ("multi_seed0", "multi_ln_seed0", "qkv_2ffn_distill_seed0"):
+        assert (tmp_path / "runs" / name / "params.msgpack").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        screen.main([*args, "--arms", "multi", "qkv_2ffn + distill", "--seeds", "1"])

@@ -1,0 +1,78 @@
+"""The screening study: the methods that could close the adder gap, one recipe, on CIFAR-10.
+
+    TFDS_DATA_DIR=../shared/datasets/tfds python experiments/screen.py \\
+        --out experiments/results/screen_cifar10
+
+Arms (labels of the table), every one the ``cifar10`` config with ``--set`` applied (default:
+10 epochs, 1 warm-up epoch), seed 0, ``train[:45000]`` to fit and ``train[45000:]`` to validate:
+
+* ``multi``: the multiplication baseline, and the distillation teacher of the ``+ distill`` arms;
+* ``multi_ln``: multi sites with the distance sites' normalisation, gain F and bias b (the
+  control that separates "L1 vs dot product" from "norm vs no norm");
+* ``qkv_2ffn``: the original study's method;
+* ``qkv_2ffn + distill``: logit distillation from the ``multi`` arm (``config.distill``);
+* ``qkv_2ffn + adder lr x10``: the adder weights at 10x the learning rate (``adder_lr_scale``;
+  the reason is in ``optim.make_optimizer``);
+* ``all_adder, l1_identity``: every linear site adder, L1 attention with the identity mapping of
+  Shu et al. (``models.Attention``);
+* ``all_adder, l1_identity + distill``: the same, distilled from ``multi``;
+* ``euclider``: EuclidNet's squared L2 distance in q/k/v and the FFN.
+
+Runs train one after the other in ``OUT/runs/<arm>_seed<s>`` (the teacher first); rerunning the
+command reads back finished runs and resumes an unfinished one from its checkpoints. ``--arms``
+trains and reports a subset. Writes ``screen.md`` / ``.png`` / ``.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import study
+
+DEFAULT_SET = ["num_epochs=10", "warmup_epochs=1"]
+
+
+def arms(out: pathlib.Path) -> dict[str, dict]:
+    teacher = str(out / "runs" / "multi_seed0")
+    identity = {"variant": "all_adder", "model.attn": "l1_identity"}
+    return {
+        "multi": {"variant": "multi"},
+        "multi_ln": {"variant": "multi_ln"},
+        "qkv_2ffn": {"variant": "qkv_2ffn"},
+        "qkv_2ffn + distill": {"variant": "qkv_2ffn", "distill.teacher": teacher},
+        "qkv_2ffn + adder lr x10": {"variant": "qkv_2ffn", "adder_lr_scale": 10.0},
+        "all_adder, l1_identity": identity,
+        "all_adder, l1_identity + distill": {**identity, "distill.teacher": teacher},
+        "euclider": {"variant": "euclider"},
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    study.add_recipe_flags(parser, default_config="cifar10")
+    parser.set_defaults(set=DEFAULT_SET)
+    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms, by label")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    table = arms(out)
+    unknown = sorted(set(args.arms or ()) - set(table))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; arms: {list(table)}")
+    chosen = [(label, fields) for label, fields in table.items() if label in (args.arms or table)]
+    if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
+        parser.error("the distillation arms learn from the multi arm's seed-0 run: use --seeds 0")
+    recipe = study.load_recipe(args.config, args.set)
+    study.run_and_report(
+        study.make_runs(recipe, chosen, args.seeds),
+        out,
+        name="screen",
+        title=f"Screening on {recipe.dataset}",
+        label_header="arm",
+        recipe=recipe,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
