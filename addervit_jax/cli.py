@@ -139,12 +139,18 @@ def _parse_train_flags(argv: list[str]):
         argv = ["--config", DEFAULT_CONFIG, *argv]
         names = [0]
     i = names[-1]
+    if argv[i] == "--config" and i + 1 >= len(argv):
+        raise SystemExit("addervit train: --config needs a name or a path")
+    given = argv[i + 1] if argv[i] == "--config" else argv[i].partition("=")[2]
+    try:
+        configs.load(given)  # one-line errors for a bad name or file, before absl parses it
+        resolved = configs.path(given)
+    except ValueError as err:
+        raise SystemExit(f"addervit train: --config {given}: {err}") from None
     if argv[i] == "--config":
-        if i + 1 >= len(argv):
-            raise SystemExit("addervit train: --config needs a name or a path")
-        argv[i + 1] = configs.path(argv[i + 1])
+        argv[i + 1] = resolved
     else:
-        argv[i] = "--config=" + configs.path(argv[i].partition("=")[2])
+        argv[i] = "--config=" + resolved
     argv = ["addervit train", *argv]
 
     flag_values = flags.FlagValues()
@@ -192,7 +198,13 @@ def train_command(argv: list[str]) -> int:
         workdir = pathlib.Path("runs") / f"{config.variant}-{config.dataset}-{stamp}"
     try:
         summary = train.train(config, workdir, resume=flag_values.resume)
-    except (ValueError, FileExistsError, train.TrainingDiverged) as err:
+    except (
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        train.RunDirectoryBusy,
+        train.TrainingDiverged,
+    ) as err:
         print(f"addervit train: {err}", file=sys.stderr)
         return 1
     if "signal" in summary:
@@ -205,11 +217,19 @@ def eval_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="addervit eval")
     parser.add_argument("--checkpoint", required=True, help="work directory of a training run")
     parser.add_argument("--split", default=None, help="dataset split (default: the run's)")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     from addervit_jax import train
 
-    result = train.evaluate_workdir(args.checkpoint, split=args.split, batch_size=args.batch_size)
+    try:
+        result = train.evaluate_workdir(
+            args.checkpoint, split=args.split, batch_size=args.batch_size
+        )
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"addervit eval: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +35,8 @@ class RunLog:
             if enabled
             else None
         )
+        if enabled:
+            _drop_partial_last_line(self.workdir / "metrics.jsonl")
         self._file = open(self.workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
 
     def header(self, text: str) -> None:
@@ -94,6 +97,24 @@ class RunLog:
             self._file = None
 
 
+def _drop_partial_last_line(path: pathlib.Path) -> None:
+    """Cut a last line that a killed process left without its newline (a partial record), so
+    that a resumed run appends whole lines."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        content = f.read()
+        if not content or content.endswith(b"\n"):
+            return
+        keep = content.rfind(b"\n") + 1
+        f.truncate(keep)
+    warnings.warn(
+        f"{path}: dropped a partial last line ({len(content) - keep} bytes) left by an "
+        "interrupted write",
+        stacklevel=3,
+    )
+
+
 def _title(summary: dict) -> str:
     return f"{summary['variant']} on {summary['dataset']}"
 
@@ -107,7 +128,14 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg})") from None
     latest = {(r["split"], r["step"]): i for i, r in enumerate(records)}
     return [r for i, r in enumerate(records) if latest[(r["split"], r["step"])] == i]
 

@@ -98,6 +98,20 @@ class SimpleViTConfig(LinearOptions):
     learn_temperature: bool = True
 
     def __post_init__(self):
+        _check_sizes(
+            self,
+            (
+                "image_size",
+                "patch_size",
+                "channels",
+                "num_classes",
+                "dim",
+                "depth",
+                "heads",
+                "dim_head",
+                "mlp_dim",
+            ),
+        )
         _check_kinds(self, ("embed", "qkv", "ffn", "head"))
         if self.proj != "none":
             _check_kinds(self, ("proj",))
@@ -147,6 +161,26 @@ class SwinConfig(LinearOptions):
     learn_temperature: bool = True
 
     def __post_init__(self):
+        _check_sizes(
+            self,
+            (
+                "image_size",
+                "patch_size",
+                "channels",
+                "num_classes",
+                "embed_dim",
+                "head_dim",
+                "window_size",
+            ),
+        )
+        for field in ("depths", "heads"):
+            values = getattr(self, field)
+            if not isinstance(values, tuple | list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+            ):
+                raise ValueError(f"Swin: {field}={values!r} must be a tuple of positive integers")
+        if not (isinstance(self.mlp_ratio, int | float) and self.mlp_ratio > 0):
+            raise ValueError(f"Swin: mlp_ratio={self.mlp_ratio!r} must be a positive number")
         _check_kinds(self, ("embed", "qkv", "proj", "ffn", "merge", "head"))
         _check_attn(self)
         _check_options(self, ("embed", "qkv", "proj", "ffn", "merge", "head"))
@@ -168,6 +202,13 @@ class SwinConfig(LinearOptions):
                     f"Swin: stage {stage} resolution {side} is not divisible by its window "
                     f"{window} (window_size={self.window_size})"
                 )
+
+
+def _check_sizes(cfg, fields) -> None:
+    for field in fields:
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{type(cfg).__name__}: {field}={value!r} must be a positive integer")
 
 
 def _check_kinds(cfg, fields) -> None:

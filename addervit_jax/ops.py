@@ -41,7 +41,9 @@ Implementation (memory and speed):
   and ``"cpu_native"`` (CPU, AVX-512 or portable vector code, about 2.5x a matmul forward),
   which run per device under ``jax.shard_map`` when a mesh is set (:func:`shard_rows`).
 * Inputs of any float dtype are computed in at least float32 and results are returned in the
-  input dtype (bfloat16 in, bfloat16 out, float32 accumulation).
+  input dtype (bfloat16 in, bfloat16 out, float32 accumulation). float64 inputs (with
+  ``jax_enable_x64``) are computed in float64 by the ``"xla"`` backend whatever ``backend`` says:
+  the kernels compute in float32.
 """
 
 from __future__ import annotations
@@ -129,6 +131,15 @@ def _check_rule(op: str, grad, clip_scale) -> tuple[str, float]:
 def _compute_dtype(*dtypes) -> jnp.dtype:
     """At least float32: bfloat16/float16 inputs accumulate in float32, float64 stays float64."""
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def _float64_to_xla(backend: str, *arrays) -> str:
+    """The kernels of ``kernels/`` compute in float32; float64 operands (``jax_enable_x64``) are
+    computed in float64 by the ``"xla"`` backend instead, whatever backend was asked for."""
+    dtypes = [a.dtype for a in arrays if a is not None]
+    if backend in _KERNELS and _compute_dtype(*dtypes) == jnp.float64:
+        return "xla"
+    return backend
 
 
 def resolve_backend(backend: str) -> str:
@@ -369,7 +380,7 @@ def adder(
     if interpret and backend == "auto":
         backend = "pallas"  # interpret mode only exists for the Pallas kernels
     grad, clip_scale = _check_rule("adder", grad, clip_scale)
-    backend = resolve_backend(backend)
+    backend = _float64_to_xla(resolve_backend(backend), x, w, stretch)
     if stretch is not None:
         stretch = jnp.asarray(stretch)
         if stretch.shape != (x.shape[-1],):
@@ -461,7 +472,8 @@ def adder_scores(
     if interpret and backend == "auto":
         backend = "pallas"
     grad, clip_scale = _check_rule("adder_scores", grad, clip_scale)
-    return _scores_2d(q, k, grad, clip_scale, resolve_backend(backend), bool(interpret))
+    backend = _float64_to_xla(resolve_backend(backend), q, k)
+    return _scores_2d(q, k, grad, clip_scale, backend, bool(interpret))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ uninterrupted run computes from step ``k`` on (bit for bit on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -34,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from addervit_jax import data, models, optim
 
 __all__ = [
+    "RunDirectoryBusy",
     "TrainState",
     "TrainingDiverged",
     "Teacher",
@@ -99,9 +103,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"dataset={config.dataset!r} (known: {sorted(data.DATASETS)})")
     if config.optimizer not in optim.OPTIMIZERS:
         problems.append(f"optimizer={config.optimizer!r} (known: {optim.OPTIMIZERS})")
-    for field in ("batch_size", "num_epochs"):
+    for field in ("batch_size", "num_epochs", "log_every_steps", "keep_checkpoints"):
         if not config[field] > 0:
             problems.append(f"{field}={config[field]} must be positive")
+    for field in ("total_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if config.get(field, 0) < 0:
+            problems.append(f"{field}={config[field]} must be 0 (the default) or positive")
     if not config.learning_rate > 0:
         problems.append(f"learning_rate={config.learning_rate} must be positive")
     if config.batch_size % jax.device_count():
@@ -313,30 +320,54 @@ def _checkpointed(state: TrainState) -> tuple:
     return state.step, state.params, state.opt_state, state.rng
 
 
+def _digest(flat: dict[str, Any]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a tree's arrays, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        a = np.ascontiguousarray(_host(flat[name]))
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 class Checkpoints:
     """Orbax checkpoints of (params, optimiser state, step, rng) plus the data position, which is
-    the step: the batch order is a function of (seed, step)."""
+    the step: the batch order is a function of (seed, step).
+
+    Each checkpoint's metadata holds a sha256 of the arrays it saved, verified on restore: a
+    checkpoint whose files were damaged is skipped like one that does not load. A step on disk
+    that this process neither wrote nor restored (a damaged one skipped on resume) is replaced
+    when the run saves that step again.
+    """
 
     def __init__(self, directory: pathlib.Path, *, keep: int):
         self.manager = ocp.CheckpointManager(
             directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
+        self.good: set[int] = set()  # steps written or verified by this process
+        self.broken: list[int] = []  # steps that did not restore, newest first
 
     def save(self, state: TrainState) -> None:
         step = int(state.step)
-        if step in self.manager.all_steps():
+        if step in self.good:
             return
+        flat = _flat(_checkpointed(state))
+        meta = {"step": step, "data_position": step, "sha256": _digest(flat)}
+        if step in self.manager.all_steps():
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_flat(_checkpointed(state))),
-                meta=ocp.args.JsonSave({"step": step, "data_position": step}),
+                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)
             ),
         )
+        self.good.add(step)
 
     def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
-        """The newest checkpoint that restores; older ones are tried after a warning."""
+        """The newest checkpoint that restores and matches its checksum; older ones are tried
+        after a warning (the steps skipped are in ``self.broken``)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(_checkpointed(template)))
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -346,7 +377,18 @@ class Checkpoints:
                         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
                     ),
                 )
+                meta = dict(restored.meta)
+                expected = meta.get("sha256")
+                if expected is None:
+                    warnings.warn(
+                        f"checkpoint at step {step} in {self.manager.directory} has no checksum "
+                        "(written before checksums existed): restored unverified",
+                        stacklevel=2,
+                    )
+                elif _digest(dict(restored.state)) != expected:
+                    raise ValueError("its arrays do not match the checksum written with them")
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back
+                self.broken.append(step)
                 warnings.warn(
                     f"checkpoint at step {step} in {self.manager.directory} could not be restored "
                     f"({type(err).__name__}: {str(err)[:200]}); trying the previous one",
@@ -355,7 +397,8 @@ class Checkpoints:
                 continue
             step_, params, opt_state, rng = _unflat(_checkpointed(template), dict(restored.state))
             state = template.replace(step=step_, params=params, opt_state=opt_state, rng=rng)
-            return state, dict(restored.meta)
+            self.good.add(step)
+            return state, meta
         return None
 
     def wait(self) -> None:
@@ -363,6 +406,80 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class RunLock:
+    """One process at a time owns a run directory: an exclusive ``flock`` on ``DIR/.lock``, which
+    the operating system releases when the process ends, however it ends."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = pathlib.Path(workdir) / ".lock"
+        self._file = None
+
+    def __enter__(self):
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunDirectoryBusy(
+                f"{self.path.parent} is in use by {owner}; wait for it to end, or train into "
+                "another --workdir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+# Config fields a resumed run may change: they decide what is logged and kept, and where data is
+# read from, not what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "data_dir",
+        "stream",
+        "stream_workers",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+    }
+)
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """``field: saved != now`` for every field that a resumed run may not change."""
+
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    before, now = flat(saved), flat(json.loads(config.to_json_best_effort()))
+    return [
+        f"{k}: {before.get(k)!r} (run) != {now.get(k)!r} (now)"
+        for k in sorted(set(before) | set(now))
+        if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +490,7 @@ PARAMS_FILE = "params.msgpack"
 
 
 def _host(x) -> np.ndarray:
-    if not x.is_fully_addressable:  # FSDP over several processes: gather the shards
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # FSDP over several processes
         from jax.experimental import multihost_utils
 
         x = multihost_utils.process_allgather(x, tiled=True)
@@ -388,6 +505,9 @@ def save_params(state: TrainState, path: pathlib.Path) -> None:
         "params": {k: _host(v) for k, v in _flat(state.params).items()},
         "rest": {k: _host(v) for k, v in _flat(state.rest).items()},
     }
+    tree["sha256"] = _digest(
+        {f"{part}.{k}": v for part in ("params", "rest") for k, v in tree[part].items()}
+    )
     if jax.process_index() != 0:
         return
     tmp = path.with_suffix(".tmp")
@@ -396,9 +516,19 @@ def save_params(state: TrainState, path: pathlib.Path) -> None:
 
 
 def load_params(path: pathlib.Path, template: TrainState) -> TrainState:
-    """``template`` with the variables of a :func:`save_params` file; every name and shape must
-    match the template's model."""
-    tree = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+    """``template`` with the variables of a :func:`save_params` file, whose checksum is verified;
+    every name and shape must match the template's model."""
+    try:
+        tree = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+        arrays = {f"{part}.{k}": v for part in ("params", "rest") for k, v in tree[part].items()}
+        expected = tree.get("sha256")
+        intact = expected is None or expected == _digest(arrays)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise ValueError(f"{path} is damaged: it does not load ({type(err).__name__})") from err
+    if expected is None:
+        warnings.warn(f"{path} has no checksum (written before checksums existed)", stacklevel=2)
+    if not intact:
+        raise ValueError(f"{path} is damaged: its arrays do not match the checksum saved with them")
     replaced = {}
     for part in ("params", "rest"):
         expected = _flat(getattr(template, part))
@@ -590,25 +720,69 @@ def train(
             num_processes=config.num_processes or None,
             process_id=None if config.process_id < 0 else config.process_id,
         )
+    # Everything that can be checked is checked before the run directory is created.
     validate_config(config)
     workdir = pathlib.Path(workdir)
+    _check_workdir(config, workdir, resume)
     teacher, teacher_info = None, None
     if config.get("distill") is not None and config.distill.teacher is not None:
         teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
-    ckpt_dir = workdir / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
-        raise FileExistsError(
-            f"{workdir} already holds checkpoints; pass --resume to continue that run or choose "
-            "another --workdir"
-        )
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-    info = data.DATASETS[config.dataset]
     inputs = make_inputs(config)
     steps_per_epoch = data.steps_per_epoch(inputs.num_train, config.batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
+            f"examples of {config.dataset} {config.train_split}"
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create --workdir {workdir}: {err.strerror or err}") from err
+    is_main = jax.process_index() == 0
+    try:
+        lock = RunLock(workdir) if is_main else contextlib.nullcontext()
+        with lock:
+            _check_workdir(config, workdir, resume)  # again: it may have changed before the lock
+            if is_main:
+                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            return _train_in(
+                config, workdir, resume, inputs, steps_per_epoch, teacher, teacher_info, logs
+            )
+    except PermissionError as err:
+        raise ValueError(f"cannot write into --workdir {workdir}: {err.strerror or err}") from err
+
+
+def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
+    """Refuse a run directory that this run cannot use, naming why and what to do instead."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
+    ckpt_dir = workdir / "checkpoints"
+    if not resume:
+        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+            raise FileExistsError(
+                f"{workdir} already holds checkpoints; pass --resume to continue that run or "
+                "choose another --workdir"
+            )
+        return
+    saved = workdir / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"--resume: {workdir} holds no run to resume (no config.json); drop --resume to start "
+            "a new run there"
+        )
+    differences = config_differences(json.loads(saved.read_text()), config)
+    if differences:
+        raise ValueError(
+            f"--resume: the config differs from that of the run in {workdir}: "
+            f"{'; '.join(differences)}. Resume with the run's config (its config.json), or start "
+            "a new run in another --workdir"
+        )
+
+
+def _train_in(config, workdir, resume, inputs, steps_per_epoch, teacher, teacher_info, logs):
+    ckpt_dir = workdir / "checkpoints"
+    is_main = jax.process_index() == 0
+    info = data.DATASETS[config.dataset]
     total_steps = config.total_steps if config.get("total_steps") else 0
     total_steps = total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every_steps or steps_per_epoch
@@ -625,6 +799,15 @@ def train(
             state, meta = restored
             state = shard_state(state, mesh, config.fsdp)
             print(f"resumed from step {meta['step']} in {ckpt_dir}", flush=True)
+        elif checkpoints.broken:
+            checkpoints.close()
+            raise ValueError(
+                f"--resume: no checkpoint in {ckpt_dir} restores (steps {checkpoints.broken} are "
+                f"damaged); delete {ckpt_dir} to train again from step 0, or train into another "
+                "--workdir"
+            )
+        elif resume:
+            print(f"no checkpoint in {ckpt_dir} yet: starting from step 0", flush=True)
         start = int(state.step)
 
         state_sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -740,17 +923,25 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
     template = shard_state(
         create_train_state(config, total_steps=1, steps_per_epoch=1), make_mesh(), False
     )
-    restored = None
+    restored, broken = None, []
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
-        restored = checkpoints.restore_latest(template)
+        restored, broken = checkpoints.restore_latest(template), checkpoints.broken
         checkpoints.close()
     if restored is not None:
         return (*restored, config)
     params_path = workdir / PARAMS_FILE
     if not params_path.exists():
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} and no {PARAMS_FILE} in {workdir}")
+        damaged = f" (steps {broken} are damaged)" if broken else ""
+        raise FileNotFoundError(
+            f"no restorable checkpoint in {ckpt_dir}{damaged} and no {PARAMS_FILE} in {workdir}"
+        )
+    if broken:
+        warnings.warn(
+            f"no checkpoint in {ckpt_dir} restores (steps {broken}); using {params_path}",
+            stacklevel=2,
+        )
     summary_path = workdir / "summary.json"
     step = json.loads(summary_path.read_text())["steps"] if summary_path.exists() else None
     state = load_params(params_path, template)

@@ -16,7 +16,6 @@ import argparse
 import ast
 import dataclasses
 import datetime
-import importlib.util
 import json
 import pathlib
 import re
@@ -60,11 +59,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) ->
 
 def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest)."""
-    path = configs.path(name_or_path).partition(":")[0]
-    spec = importlib.util.spec_from_file_location("_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = configs.load(name_or_path)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:

@@ -18,8 +18,10 @@ the machine that runs it is the one that builds it. The library goes to a cache 
 compiler and its version, the flags, the CPU (model and feature flags, which ``-march=native``
 depends on) and the JAX version, so an edit, an upgrade or another machine sharing the cache
 rebuilds. A build writes a temporary file that is renamed into place, so concurrent processes
-never load a half-written library. It is loaded with :mod:`ctypes` and its handlers registered
-with :func:`jax.ffi.register_ffi_target` (the JAX FFI tutorial's route).
+never load a half-written library, and records the library's sha256 beside it (``.sha256``),
+checked before every load: a damaged library (cut short, which would crash the loading process
+with SIGBUS) is rebuilt with a warning instead of loaded. It is loaded with :mod:`ctypes` and its
+handlers registered with :func:`jax.ffi.register_ffi_target` (the JAX FFI tutorial's route).
 
 Without a compiler, or if the build fails, :func:`available` returns False after one warning and
 keeps the reason in :data:`unavailable_reason`; the kernels then raise ``RuntimeError`` and the
@@ -139,8 +141,17 @@ def build() -> pathlib.Path:
         key.update(part)
         key.update(b"\0")
     target = cache_dir() / f"cpu_native-{key.hexdigest()[:20]}.so"
+    digest_file = target.with_suffix(".sha256")
     if target.exists():
-        return target
+        if digest_file.exists() and digest_file.read_text().strip() == _file_digest(target):
+            return target
+        # a cut-short or altered library would crash the process that loads it (SIGBUS): rebuild
+        warnings.warn(
+            f"{target} does not match its recorded checksum (damaged or written by an older "
+            "version); rebuilding it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -151,6 +162,11 @@ def build() -> pathlib.Path:
             raise RuntimeError(
                 f"building {SOURCE.name} failed ({shlex.join(command)}):\n{out.stderr[-2000:]}"
             )
+        # the checksum first, then the library, each atomically: a library without a matching
+        # checksum is never loaded
+        digest_tmp = f"{tmp}.sha256"
+        pathlib.Path(digest_tmp).write_text(_file_digest(pathlib.Path(tmp)) + "\n")
+        os.replace(digest_tmp, digest_file)
         os.replace(tmp, target)  # atomic: another process sees the old name or a whole library
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"building {SOURCE.name} failed: {err}") from err
@@ -158,6 +174,10 @@ def build() -> pathlib.Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def available() -> bool:

@@ -26,6 +26,30 @@ def path(name_or_path: str) -> str:
     raise ValueError(f"--config {name_or_path!r} is neither a file nor one of {names()}")
 
 
+def load(name_or_path: str) -> ml_collections.ConfigDict:
+    """Run a config file's ``get_config()`` (a packaged name or a path; ``path:arg`` passes
+    ``arg``), checking that it has one and that it returns a ``ConfigDict``."""
+    import importlib.util
+
+    file, _, arg = path(name_or_path).partition(":")
+    spec = importlib.util.spec_from_file_location("_addervit_config", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise ValueError(f"config file {file} fails to run: {type(err).__name__}: {err}") from err
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"config file {file} has no get_config() function")
+    config = get_config(arg) if arg else get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(
+            f"config file {file}: get_config() returned {type(config).__name__}, expected an "
+            "ml_collections.ConfigDict (start from addervit_jax.configs.default_config())"
+        )
+    return config
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every field a training config has; experiment files start from this and change fields."""
     c = ml_collections.ConfigDict()

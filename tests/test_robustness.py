@@ -1,0 +1,328 @@
+"""Nothing lost, nothing silent (issue 12): damaged checkpoints, one writer per run directory,
+resume checks, partial logs, a damaged kernel cache, float64, and one-line errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_worker import TINY
+
+from addervit_jax import cli, logs, models, ops, train
+from addervit_jax.configs import digits
+
+
+def _config(**overrides):
+    config = digits.get_config()
+    config.update_from_flattened_dict(
+        {k.removeprefix("config."): v for k, v in {**TINY, **overrides}.items()}
+    )
+    return config
+
+
+def _steps(run: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _data_files(run: pathlib.Path, step: int) -> list[pathlib.Path]:
+    files = [f for f in (run / "checkpoints" / str(step) / "state").rglob("d/*") if f.is_file()]
+    assert files, f"no data files under step {step}"
+    return files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with checkpoints at 2 and 4, copied fresh for each test that damages it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    config = _config(**{"config.total_steps": 4, "config.checkpoint_every_steps": 2})
+    summary = train.train(config, run)
+    assert _steps(run) == [2, 4]
+    return run, config, summary
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+def test_resume_after_a_damaged_newest_checkpoint_rewrites_it(finished_run, tmp_path):
+    run, config, summary = finished_run
+    run = _copy(run, tmp_path)
+    for f in _data_files(run, 4):
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated
+    with pytest.warns(UserWarning, match="step 4 .* could not be restored"):
+        resumed = train.train(config, run, resume=True)
+    assert resumed["steps"] == 4
+    # the damaged step 4 was replaced by the resumed run's step 4, which restores without warning
+    state, meta, _ = train.restore(run)
+    assert meta["step"] == 4 and int(state.step) == 4
+    assert resumed["params_checksum"] == summary["params_checksum"]  # bit-identical on CPU
+
+
+def test_resume_with_every_checkpoint_damaged_refuses(finished_run, tmp_path, capsys):
+    run, config, _ = finished_run
+    run = _copy(run, tmp_path)
+    for step in (2, 4):
+        for f in _data_files(run, step):
+            f.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"steps \[4, 2\] are damaged"):
+        train.train(config, run, resume=True)
+    assert _steps(run) == [2, 4]  # nothing overwritten
+
+
+def test_flipped_bytes_are_detected(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    run = _copy(run, tmp_path)
+    for f in _data_files(run, 4):
+        raw = bytearray(f.read_bytes())
+        middle = len(raw) // 2
+        raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+        f.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="step 4 .* could not be restored"):
+        _, meta, _ = train.restore(run)
+    assert meta["step"] == 2
+    with pytest.warns(UserWarning, match="step 4"):
+        assert cli.main(["eval", "--checkpoint", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+
+
+def test_arrays_that_load_but_differ_from_what_was_written_are_refused(finished_run, tmp_path):
+    # Silent corruption (bytes that still decode, as the issue saw: accuracy 0.108, loss NaN):
+    # rewrite step 4 with one array changed under the checksum that was saved with the original.
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    run, config, _ = finished_run
+    run = _copy(run, tmp_path)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
+        restored = manager.restore(4, args=args)
+    flat, meta = dict(restored.state), dict(restored.meta)
+    name = max(flat, key=lambda k: np.size(flat[k]))
+    flat[name] = np.asarray(flat[name]) + 1.0
+    shutil.rmtree(run / "checkpoints" / "4")
+    with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
+        manager.save(
+            4,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+    with pytest.warns(UserWarning, match="step 4 .* do not match the checksum"):
+        _, meta, _ = train.restore(run)
+    assert meta["step"] == 2
+    with pytest.warns(UserWarning, match="step 4 .* checksum"):  # resume skips it, then rewrites it
+        assert train.train(config, run, resume=True)["steps"] == 4
+    assert train.restore(run)[1]["step"] == 4
+
+
+def test_params_file_corruption_is_detected(finished_run, tmp_path):
+    run, _, _ = finished_run
+    run = _copy(run, tmp_path)
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    path = run / train.PARAMS_FILE
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="params.msgpack is damaged"):
+        train.restore(run)
+
+
+def test_one_process_per_run_directory_and_no_stuck_lock(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import time
+                from addervit_jax import train
+                with train.RunLock(__import__("pathlib").Path({str(run)!r})):
+                    print("locked", flush=True)
+                    time.sleep(600)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(train.RunDirectoryBusy, match=f"in use by process {holder.pid}"):
+            train.train(_config(**{"config.total_steps": 1}), run)
+        assert not (run / "config.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the lock must not stay behind
+        holder.wait()
+    assert train.train(_config(**{"config.total_steps": 1}), run)["status"] == "finished"
+
+
+def test_resume_checks_the_config_and_the_directory(finished_run, tmp_path):
+    run, config, _ = finished_run
+    run = _copy(run, tmp_path)
+    before = (run / "config.json").read_text()
+    other = _config(**{"config.total_steps": 4, "config.checkpoint_every_steps": 2})
+    other.variant = "multi"
+    with pytest.raises(ValueError, match=r"variant: 'qkv_2ffn' \(run\) != 'multi' \(now\)"):
+        train.train(other, run, resume=True)
+    assert (run / "config.json").read_text() == before
+    # what may change on resume: logging and keeping
+    relaxed = _config(**{"config.total_steps": 4, "config.checkpoint_every_steps": 2})
+    relaxed.log_every_steps = 2
+    assert train.train(relaxed, run, resume=True)["steps"] == 4
+    with pytest.raises(FileNotFoundError, match="holds no run to resume"):
+        train.train(config, tmp_path / "missing", resume=True)
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(SystemExit):  # through the CLI: one line, exit 1
+        raise SystemExit(cli.main(["train", "--workdir", str(tmp_path / "missing"), "--resume"]))
+
+
+def test_partial_last_metrics_line_is_dropped_on_resume(finished_run, tmp_path):
+    run, config, _ = finished_run
+    run = _copy(run, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "split": "tr')  # a kill during a write
+    (run / "curves.png").unlink()
+    with pytest.warns(UserWarning, match="dropped a partial last line"):
+        train.train(config, run, resume=True)
+    assert (run / "metrics.jsonl").read_text().endswith("\n")
+    assert all(r["step"] <= 4 for r in logs.read_metrics(run))
+    assert (run / "curves.png").exists()
+    # a damaged line anywhere else is named by file and line
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        logs.read_metrics(run)
+
+
+def test_truncated_native_kernel_in_the_cache_is_rebuilt(tmp_path):
+    script = textwrap.dedent("""
+        import warnings, numpy as np
+        from addervit_jax import ops
+        from addervit_jax.kernels import cpu_native
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_native.available(), cpu_native.unavailable_reason
+        x = np.ones((3, 4), np.float32)
+        y = ops.adder(x, np.zeros((4, 2), np.float32), backend="cpu_native")
+        print("OK", float(y.sum()), [str(w.message) for w in caught])
+    """)
+    env = {**os.environ, "ADDERVIT_CACHE_DIR": str(tmp_path)}
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    assert "OK -24.0 []" in run()
+    (library,) = tmp_path.glob("cpu_native-*.so")
+    library.write_bytes(library.read_bytes()[:4096])  # cut short
+    out = run()
+    assert "OK -24.0" in out and "does not match its recorded checksum" in out
+    assert "OK -24.0 []" in run()  # rebuilt once, whole again
+
+
+@pytest.mark.parametrize("backend", ["cpu_native", "xla", "auto"])
+def test_float64_is_computed_in_float64(backend):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 9)) + 1e6
+    w = rng.normal(size=(9, 4)) + 1e6
+    q, k = rng.normal(size=(5, 7)) + 1e6, rng.normal(size=(3, 7)) + 1e6
+    with jax.enable_x64():
+        y = ops.adder(jnp.asarray(x), jnp.asarray(w), backend=backend)
+        s = ops.adder_scores(jnp.asarray(q), jnp.asarray(k), backend=backend)
+        assert y.dtype == jnp.float64 and s.dtype == jnp.float64
+    expected = -np.abs(x[:, :, None] - w[None]).sum(1)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(s), -np.abs(q[:, None] - k[None]).sum(-1), rtol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"depth": 0}, "depth=0 must be a positive integer"),
+        ({"depth": -1}, "depth=-1 must be a positive integer"),
+        ({"depth": 2.5}, "depth=2.5 must be a positive integer"),
+        ({"image_size": 0}, "image_size=0 must be a positive integer"),
+        ({"heads": 0}, "heads=0 must be a positive integer"),
+        ({"heads": "4"}, "heads='4' must be a positive integer"),
+        ({"patch_size": 0}, "patch_size=0 must be a positive integer"),
+    ],
+)
+def test_model_sizes_are_checked_by_name(overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        models.build("qkv_2ffn", rngs=nnx.Rngs(0), **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"config.log_every_steps": 0}, "log_every_steps=0 must be positive"),
+        ({"config.keep_checkpoints": 0}, "keep_checkpoints=0 must be positive"),
+        ({"config.total_steps": -5}, "total_steps=-5 must be 0"),
+        ({"config.batch_size": 2000}, "batch_size=2000 is larger than the 1437 training"),
+        ({"config.eval_split": "nosuch"}, "bad split 'nosuch'"),
+    ],
+)
+def test_bad_training_configs_fail_before_the_run_directory_exists(tmp_path, overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        train.train(_config(**overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_errors_are_one_line(finished_run, tmp_path, capsys):
+    def train_fails(*args, fragment):
+        with pytest.raises(SystemExit) as info:
+            raise SystemExit(cli.main(["train", *args]))
+        message = str(info.value.code) if not isinstance(info.value.code, int) else ""
+        message += capsys.readouterr().err
+        assert fragment in message, message
+        assert "Traceback" not in message and message.strip().count("\n") == 0, message
+
+    train_fails("--config", "nosuchconfig", fragment="neither a file nor")
+    no_function = tmp_path / "no_function.py"
+    no_function.write_text("X = 1\n")
+    train_fails("--config", str(no_function), fragment="has no get_config() function")
+    for body, kind in (("return None", "NoneType"), ("return {'variant': 'multi'}", "dict")):
+        returns = tmp_path / f"returns_{kind}.py"
+        returns.write_text(f"def get_config():\n    {body}\n")
+        train_fails("--config", str(returns), fragment=f"get_config() returned {kind}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    train_fails("--workdir", str(a_file / "run"), "--config.total_steps=1", fragment="--workdir")
+
+    def eval_fails(*args, fragment):
+        code = None
+        try:
+            code = cli.main(["eval", *args])
+        except SystemExit as err:  # argparse errors
+            code = err.code
+        assert code not in (0, None)
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
+
+    eval_fails("--checkpoint", str(tmp_path / "nowhere"), fragment="no config.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(_config().to_json_best_effort())
+    eval_fails("--checkpoint", str(empty), fragment="no restorable checkpoint")
+    for size in ("-4", "0"):
+        eval_fails("--checkpoint", str(empty), "--batch-size", size, fragment="--batch-size")
+    eval_fails("--checkpoint", str(finished_run[0]), "--split", "nosuch", fragment="bad split")
