@@ -381,7 +381,9 @@ def test_build_caches_by_source_compiler_and_flags(tmp_path, monkeypatch):
     assert "-O3" in flags and "-march=native" in flags and jax.ffi.include_dir() in flags
     monkeypatch.setenv("ADDERVIT_CXXFLAGS", "-DADDERVIT_TILES=4,4,64,64,4,3,64,64")
     assert N.build() != first  # other flags, another library
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no temp
+    # two libraries, each with its checksum, and no temporary file
+    suffixes = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
+    assert suffixes == [".sha256", ".sha256", ".so", ".so"]
 
 
 def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
