@@ -739,17 +739,22 @@ def train(
     except OSError as err:
         raise ValueError(f"cannot create --workdir {workdir}: {err.strerror or err}") from err
     is_main = jax.process_index() == 0
-    try:
-        lock = RunLock(workdir) if is_main else contextlib.nullcontext()
-        with lock:
-            _check_workdir(config, workdir, resume)  # again: it may have changed before the lock
-            if is_main:
-                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-            return _train_in(
-                config, workdir, resume, inputs, steps_per_epoch, teacher, teacher_info, logs
-            )
-    except PermissionError as err:
-        raise ValueError(f"cannot write into --workdir {workdir}: {err.strerror or err}") from err
+    if is_main:
+        try:  # a read-only or foreign directory fails here, not at the first checkpoint
+            probe = workdir / f".write_test_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(
+                f"cannot write into --workdir {workdir}: {err.strerror or err}"
+            ) from err
+    with RunLock(workdir) if is_main else contextlib.nullcontext():
+        _check_workdir(config, workdir, resume)  # again: it may have changed before the lock
+        if is_main:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        return _train_in(
+            config, workdir, resume, inputs, steps_per_epoch, teacher, teacher_info, logs
+        )
 
 
 def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
