@@ -280,7 +280,8 @@ def write_report(
         f"- date: {datetime.date.today().isoformat()}",
         f"- recipe: dataset {recipe.dataset} ({recipe.train_split} / {recipe.eval_split}), "
         f"{epochs:g} epochs ({results[0]['summary']['total_steps']} steps of "
-        f"{recipe.batch_size}), {recipe.optimizer} lr {recipe.learning_rate:g}, model overrides "
+        f"{recipe.batch_size}, {recipe.warmup_epochs:g} warm-up), {recipe.optimizer} lr "
+        f"{recipe.learning_rate:g}, grad clip {recipe.grad_clip:g}, model overrides "
         f"{dict(recipe.model) or 'none'}",
         (
             f"- final: accuracy on the test split ({recipe.eval_split}) at the end (no "
