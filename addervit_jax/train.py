@@ -497,6 +497,11 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _variables_digest(tree: dict) -> str:
+    """The checksum of a :func:`save_params` tree's arrays (both parts, one name space)."""
+    return _digest({f"{part}.{k}": v for part in ("params", "rest") for k, v in tree[part].items()})
+
+
 def save_params(state: TrainState, path: pathlib.Path) -> None:
     """The model's variables (parameters and non-trainable ones), without optimiser state, as one
     msgpack file of arrays keyed by their dotted paths (``flax.serialization``). Written to a
@@ -505,9 +510,7 @@ def save_params(state: TrainState, path: pathlib.Path) -> None:
         "params": {k: _host(v) for k, v in _flat(state.params).items()},
         "rest": {k: _host(v) for k, v in _flat(state.rest).items()},
     }
-    tree["sha256"] = _digest(
-        {f"{part}.{k}": v for part in ("params", "rest") for k, v in tree[part].items()}
-    )
+    tree["sha256"] = _variables_digest(tree)
     if jax.process_index() != 0:
         return
     tmp = path.with_suffix(".tmp")
@@ -520,23 +523,22 @@ def load_params(path: pathlib.Path, template: TrainState) -> TrainState:
     every name and shape must match the template's model."""
     try:
         tree = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
-        arrays = {f"{part}.{k}": v for part in ("params", "rest") for k, v in tree[part].items()}
-        expected = tree.get("sha256")
-        intact = expected is None or expected == _digest(arrays)
+        checksum = tree.get("sha256")
+        intact = checksum is None or checksum == _variables_digest(tree)
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise ValueError(f"{path} is damaged: it does not load ({type(err).__name__})") from err
-    if expected is None:
+    if checksum is None:
         warnings.warn(f"{path} has no checksum (written before checksums existed)", stacklevel=2)
     if not intact:
         raise ValueError(f"{path} is damaged: its arrays do not match the checksum saved with them")
     replaced = {}
     for part in ("params", "rest"):
-        expected = _flat(getattr(template, part))
+        wanted = _flat(getattr(template, part))
         saved = tree.get(part, {})
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
         wrong = [
             f"{k}: {tuple(saved[k].shape)} != {tuple(v.shape)}"
-            for k, v in expected.items()
+            for k, v in wanted.items()
             if k in saved and tuple(saved[k].shape) != tuple(v.shape)
         ]
         if missing or extra or wrong:
@@ -544,7 +546,7 @@ def load_params(path: pathlib.Path, template: TrainState) -> TrainState:
                 f"{path} does not hold this model's {part}: missing {missing[:5]}, unexpected "
                 f"{extra[:5]}, shapes {wrong[:5]}"
             )
-        flat = {k: jnp.asarray(saved[k], v.dtype) for k, v in expected.items()}
+        flat = {k: jnp.asarray(saved[k], v.dtype) for k, v in wanted.items()}
         replaced[part] = _unflat(getattr(template, part), flat)
     return template.replace(**replaced)
 
