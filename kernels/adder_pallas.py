@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from addervit_jax.kernels import compat
 
 __all__ = [
     "BLOCKS",
@@ -118,8 +119,12 @@ def _pad_to(a: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
     return jnp.pad(a, pads) if any(p for _, p in pads) else a
 
 
-def _compiler_params(blocks: Blocks) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+def _compiler_params(blocks: Blocks, interpret: bool):
+    """Triton's launch parameters; none in interpret mode, which runs without the GPU backend."""
+    if interpret:
+        return None
+    triton = compat.pallas_triton()
+    return triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:
@@ -187,7 +192,7 @@ def forward(
             pl.BlockSpec((kp,), lambda i, j: (0,)),
         ],
         out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
-        compiler_params=_compiler_params(b),
+        compiler_params=_compiler_params(b, interpret),
         interpret=interpret,
         name="adder_forward",
     )(xp, wp, ep)
@@ -258,7 +263,7 @@ def x_grad(
             pl.BlockSpec((b.rows, dp), lambda i, j: (i, 0)),
         ],
         out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
-        compiler_params=_compiler_params(b),
+        compiler_params=_compiler_params(b, interpret),
         interpret=interpret,
         name=f"adder_x_grad_{grad}",
     )(xp, ep, wp, gp)
@@ -325,7 +330,7 @@ def w_grad_exact(
             pl.BlockSpec((lp, b.cols), lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
-        compiler_params=_compiler_params(b),
+        compiler_params=_compiler_params(b, interpret),
         interpret=interpret,
         name="adder_w_grad_exact",
     )(xp, ep, wp, gp)

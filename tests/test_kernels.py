@@ -22,6 +22,7 @@ from train_worker import run_worker, train_losses
 
 from addervit_jax import ops
 from addervit_jax.kernels import adder_pallas as K
+from addervit_jax.kernels import compat
 
 TOL = 1e-5  # SPEC section 1, float32
 BF16_TOL = 1e-2  # bfloat16 inputs: 8 bits of mantissa, accumulated in float32
@@ -120,7 +121,7 @@ LOWERING_SHAPES = [(4096, 384, 1536), (4096, 1536, 384), (37, 19, 23), (65, 64, 
 
 
 def _lower_for_cuda(fn, *specs):
-    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    return compat.lower_for_cuda(fn, *specs).as_text()
 
 
 @pytest.mark.parametrize("shape", LOWERING_SHAPES)
