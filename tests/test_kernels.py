@@ -309,3 +309,19 @@ def test_interpret_mode_selects_the_pallas_kernels_under_auto():
     x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
     assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.adder(x, w, interpret=True))(x))
     assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.adder(x, w))(x))
+
+
+def test_a_cpu_only_import_does_not_load_the_gpu_backend():
+    # The Pallas Triton backend (deprecated in JAX 0.12) is GPU-only: kernels/compat.py imports it
+    # when a kernel is first built for a GPU, never at import, nor for the interpret mode.
+    code = (
+        "import sys\n"
+        "from addervit_jax import cli, layers, models, ops, train\n"
+        "import jax.numpy as jnp\n"
+        "ops.adder(jnp.ones((3, 4)), jnp.ones((4, 2)), backend='pallas', interpret=True)\n"
+        "gpu = [m for m in sys.modules if m.endswith('pallas.triton') or 'jax_triton' in m]\n"
+        "print(sorted(gpu))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
