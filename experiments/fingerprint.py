@@ -5,12 +5,12 @@
     python experiments/fingerprint.py --compare A.json B.json
 
 Records, for short fixed-seed digits runs of ``qkv_2ffn``, ``multi`` and ``all_adder`` (one
-device) and of ``qkv_2ffn`` on 8 simulated devices (data-parallel, in a subprocess with
-``--xla_force_host_platform_device_count=8``): every step's training loss (``log_every_steps=1``),
-the final evaluation and the SHA-256 of the final parameters (``params.msgpack``), and the output
-of ``addervit check-kernels`` (interpret mode on a CPU). ``--compare`` says, field by field,
-whether two fingerprints are identical: bit for bit, as they must be on the same machine and JAX
-release.
+device; ``all_adder`` also with ``backend="xla"``) and of ``qkv_2ffn`` on 8 simulated devices
+(data-parallel, in a subprocess with ``--xla_force_host_platform_device_count=8``): every step's
+training loss (``log_every_steps=1``), the final evaluation and the SHA-256 of the final
+parameters (``params.msgpack``), and the output of ``addervit check-kernels`` (interpret mode on a
+CPU). ``--compare`` says, field by field, whether two fingerprints are identical: bit for bit, as
+they must be on the same machine and JAX release.
 
 Uses only the public entry points (``train.train``, the digits config, the CLI), so it runs
 unchanged on the code before and after a restructuring (e.g. from a ``git worktree`` of the old
@@ -33,8 +33,9 @@ VARIANTS = ("qkv_2ffn", "multi", "all_adder")
 STEPS = 30
 
 
-def run(variant: str, steps: int) -> dict:
-    """One digits run of ``steps`` steps, seed 0: its per-step losses and parameter digest."""
+def run(variant: str, steps: int, **model) -> dict:
+    """One digits run of ``steps`` steps, seed 0: its per-step losses and parameter digest.
+    ``model``: overrides of the variant's model config (e.g. ``backend="xla"``)."""
     from flax import serialization
 
     from addervit_jax import train
@@ -44,6 +45,8 @@ def run(variant: str, steps: int) -> dict:
     config.variant = variant
     config.total_steps = steps
     config.log_every_steps = 1
+    for key, value in model.items():
+        config.model[key] = value
     with tempfile.TemporaryDirectory() as tmp:
         summary = train.train(config, tmp)
         records = [json.loads(line) for line in open(pathlib.Path(tmp) / "metrics.jsonl")]
@@ -72,6 +75,8 @@ def fingerprint(steps: int) -> dict:
     result = {"jax": jax.__version__, "steps": steps}
     for variant in VARIANTS:
         result[f"digits/{variant}"] = run(variant, steps)
+    # "auto" is the native kernels on a CPU; the pure-JAX backend too
+    result["digits/all_adder, backend=xla"] = run("all_adder", steps, backend="xla")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import fingerprint, jax; "

@@ -1,8 +1,8 @@
 """Fused Pallas GPU kernels (Triton backend) for the adder similarity and its backward rules.
 
-Three "pseudo-matmuls" (SPEC sections 1 and 7), each tiled like a matmul: the grid runs over
-output tiles, one program loops over the reduction dimension in chunks, and a float32
-accumulator the size of the tile lives in registers. ``u = x * e`` is the input after the
+Three "pseudo-matmuls" (the rules of :mod:`addervit_jax.adder.rules`), each tiled like a matmul:
+the grid runs over output tiles, one program loops over the reduction dimension in chunks, and a
+float32 accumulator the size of the tile lives in registers. ``u = x * e`` is the input after the
 stretch E of the *Exploration of AdderViT* study, applied as ``x`` is loaded (no ``u`` in memory):
 
 ==================== ============================================== ================ ==========
@@ -13,10 +13,9 @@ kernel               out[p, q] = sum over r of                       out tile   
 :func:`w_grad_exact` ``g[l, d] * sign(u[l, i] - w[i, d])``            (i, d)           l
 ==================== ============================================== ================ ==========
 
-``s`` is the x-gradient surrogate of the rule (``sign``, ``hardtanh`` or
-``hardtanh(clip_scale * .)``). ``x_grad`` returns the gradient with respect to ``u``; the caller
-(``ops``) multiplies by ``e`` and sums for dL/de. dL/dw of ``"addernet"``/``"clipped"`` is a
-matrix product and stays in XLA.
+``s`` is the rule's surrogate (:func:`addervit_jax.adder.rules.surrogate`). ``x_grad`` returns
+the gradient with respect to ``u``; the caller (:mod:`addervit_jax.adder.op`) multiplies by ``e``
+and sums for dL/de. dL/dw of ``"addernet"``/``"clipped"`` is a matrix product and stays in XLA.
 
 A tile of the pseudo-matmul is computed as a broadcast ``(rows, reduce, cols)`` difference and
 a sum over the middle axis, which Triton keeps in registers. Triton needs power-of-two block
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from addervit_jax.adder.rules import surrogate
 from addervit_jax.kernels import compat
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "blocks_for",
     "forward",
     "forward_reference",
-    "surrogate",
     "w_grad_exact",
     "w_grad_exact_reference",
     "x_grad",
@@ -125,20 +124,6 @@ def _compiler_params(blocks: Blocks, interpret: bool):
         return None
     triton = compat.pallas_triton()
     return triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-
-
-def surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:
-    """The function of ``w - u`` that replaces ``sign(w - u)`` in dL/du (SPEC section 1).
-
-    The one definition of the rules' x-gradient surrogate: ``ops`` uses it for the XLA backend
-    too (it lives here because the kernels cannot import ``ops``, which imports them).
-    """
-    if grad == "exact":
-        return jnp.sign
-    scale = 1.0 if grad == "addernet" else float(clip_scale)
-    if scale == 1.0:
-        return lambda z: jnp.clip(z, -1.0, 1.0)
-    return lambda z: jnp.clip(scale * z, -1.0, 1.0)
 
 
 def _ones_if_none(e: jax.Array | None, size: int, dtype) -> jax.Array:

@@ -1,8 +1,8 @@
 // Native CPU kernels for the adder similarity and its backward rules, as XLA FFI custom calls.
 //
-// The three "pseudo-matmuls" of kernels/adder_pallas.py (SPEC sections 1 and 7), float32 in and
-// out (the Python wrapper casts bfloat16), with u = x * e, the input after the stretch E, formed
-// while the kernel packs x:
+// The three "pseudo-matmuls" of kernels/adder_pallas.py (the rules of addervit_jax/adder/rules.py),
+// float32 in and out (the Python wrapper casts bfloat16), with u = x * e, the input after the
+// stretch E, formed while the kernel packs x:
 //
 //   AddervitForward          y[l, d]  = -sum_i |u[l, i] - w[i, d]|
 //   AddervitXGrad            du[l, i] =  sum_d g[l, d] * s(w[i, d] - u[l, i])

@@ -1,4 +1,4 @@
-"""Float64 NumPy implementations of SPEC section 1, written directly from the formulas.
+"""Float64 NumPy implementations of the operations, written directly from the formulas.
 
 They broadcast the full (L, D_in, D_out) difference tensor, which is the point: they are the
 obvious reading of the formulas, for small test shapes only.
@@ -91,7 +91,7 @@ def float64(*arrays):
 
 
 def rel_err(actual, expected):
-    """Relative Frobenius error, the measure SPEC section 1 states the tolerance in."""
+    """Relative Frobenius error, the measure the tests state their tolerances in."""
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     denom = np.linalg.norm(expected)

@@ -1,6 +1,6 @@
 """The native CPU kernels (kernels/cpu_native.cc, loaded by kernels/cpu_native.py).
 
-Against the float64 formulas of SPEC section 1 (tests/np_reference.py), the plain-jnp references
+Against the float64 formulas (tests/np_reference.py), the plain-jnp references
 beside the Pallas kernels, and the XLA backend of ops.adder, on fresh random inputs of many
 shapes (hypothesis: odd sizes, single rows and features, none a multiple of the register tiles).
 The build, cache and no-compiler fallback run in subprocesses or with a stand-in compiler, so
@@ -27,7 +27,7 @@ from addervit_jax import ops
 from addervit_jax.kernels import adder_pallas as P
 from addervit_jax.kernels import cpu_native as N
 
-TOL = 1e-5  # SPEC section 1, float32
+TOL = 1e-5  # float32 against float64: relative Frobenius error
 BF16_TOL = 1e-2  # bfloat16 inputs: 8 bits of mantissa, accumulated in float32
 
 

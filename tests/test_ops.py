@@ -1,4 +1,4 @@
-"""ops.adder / ops.euclid / ops.dense against float64 NumPy implementations of SPEC section 1."""
+"""ops.adder / ops.euclid / ops.dense against float64 NumPy implementations of their formulas."""
 
 import functools
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from addervit_jax import ops
 
-TOL = 1e-5  # SPEC section 1: relative Frobenius error against float64 for float32 inputs
+TOL = 1e-5  # relative Frobenius error against float64 for float32 inputs
 
 shapes = st.tuples(
     st.lists(st.integers(1, 4), min_size=0, max_size=3),  # leading dims
@@ -341,3 +341,21 @@ def test_memory_check_would_catch_the_broadcast_formula():
 
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, w).lower().compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 2**30
+
+
+def test_every_backend_module_provides_the_protocol():
+    # addervit_jax/adder/backends: one module per backend, found by name, one protocol
+    from addervit_jax.adder import backends
+
+    assert backends.NAMES == ("xla", "pallas", "cpu_native", "naive")
+    assert ops.BACKENDS == ("auto", *backends.NAMES)
+    for name in backends.NAMES:
+        module = backends.get(name)
+        assert isinstance(module.ORDER, int) and callable(module.available), name
+        assert isinstance(module.CUSTOM_CALL, bool) and isinstance(module.AUTODIFF, bool), name
+        functions = ("forward",) if module.AUTODIFF else ("forward", "x_grad", "w_grad_exact")
+        for fn in functions:
+            assert callable(getattr(module, fn)), (name, fn)
+    # the custom calls compute in float32 and run per device; the pure-JAX ones do neither
+    assert [n for n in backends.NAMES if backends.get(n).CUSTOM_CALL] == ["pallas", "cpu_native"]
+    assert [n for n in backends.NAMES if backends.get(n).AUTODIFF] == ["naive"]

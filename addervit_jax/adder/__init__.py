@@ -1,0 +1,30 @@
+"""The adder similarity ``y[..., d] = -sum_i |x[..., i] - w[i, d]|`` (AdderNet's L1 distance), its
+backward rules and its backends. Users reach it as ``addervit_jax.ops.adder``.
+
+* :mod:`.rules`: the backward rules ``"clipped"``, ``"addernet"``, ``"exact"``, written out once;
+* :mod:`.op`: :func:`adder` and :func:`adder_scores` (L1 attention logits), one custom_vjp over
+  every backend;
+* :mod:`.backends`: one module per backend (``xla``, ``pallas``, ``cpu_native``, ``naive``), each
+  with the same protocol; the Pallas and native kernels themselves live in ``kernels/`` (installed
+  as ``addervit_jax.kernels``), each beside its ``*_reference``.
+"""
+
+from addervit_jax.adder.op import (
+    BACKENDS,
+    adder,
+    adder_scores,
+    check_operands,
+    resolve_backend,
+    shard_rows,
+)
+from addervit_jax.adder.rules import GRAD_RULES
+
+__all__ = [
+    "BACKENDS",
+    "GRAD_RULES",
+    "adder",
+    "adder_scores",
+    "check_operands",
+    "resolve_backend",
+    "shard_rows",
+]

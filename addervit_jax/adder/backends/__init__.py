@@ -1,0 +1,49 @@
+"""The adder's backends, found by name: one module of this package per backend.
+
+Every backend module provides the same small protocol, for 2-D operands ``x`` ``(L, D_in)``,
+``w`` ``(D_in, D_out)``, cotangent ``g`` ``(L, D_out)`` and an optional stretch ``e`` ``(D_in,)``
+(``u = x * e``; the rules are those of :mod:`addervit_jax.adder.rules`):
+
+==================================================== ======================================
+``forward(x, w, e, *, interpret)``                   ``y[l, d] = -sum_i |u[l, i] - w[i, d]|``
+``x_grad(x, w, g, e, *, grad, clip_scale, interpret)`` dL/du of the rule ``grad``
+``w_grad_exact(x, w, g, e, *, interpret)``           dL/dw of the ``"exact"`` rule
+``available() -> bool``                              whether it runs here (e.g. it built)
+``ORDER``                                            its place in :data:`NAMES`
+``CUSTOM_CALL``                                      whether it is a kernel computing in float32
+``AUTODIFF``                                         whether its forward is differentiated by
+                                                     plain autodiff instead of the rules
+==================================================== ======================================
+
+``forward`` returns ``result_type(x, w)``; ``x_grad`` and ``w_grad_exact`` return at least
+float32 (the caller casts). ``interpret`` is Pallas' interpret mode, ignored by the others. A
+``CUSTOM_CALL`` backend runs per device under ``jax.shard_map`` (``adder.shard_rows``: a custom
+call has no partitioning rule) and hands float64 operands to ``"xla"``. An ``AUTODIFF`` backend
+(``naive``) provides only ``forward`` and ``available``.
+
+Adding a backend is adding one module here. (What only a GPU needs, the Pallas Triton backend, is
+imported when a kernel is first built: ``kernels/compat.py``.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+__all__ = ["NAMES", "get"]
+
+
+_MODULES = {
+    m.name: importlib.import_module(f"{__name__}.{m.name}")
+    for m in pkgutil.iter_modules(__path__)
+    if not m.name.startswith("_")
+}
+
+#: every backend, in their ORDER: ("xla", "pallas", "cpu_native", "naive")
+NAMES = tuple(sorted(_MODULES, key=lambda name: (_MODULES[name].ORDER, name)))
+
+
+def get(name: str) -> ModuleType:
+    """The backend module ``name`` (one of :data:`NAMES`)."""
+    return _MODULES[name]

@@ -1,0 +1,29 @@
+"""Native CPU kernels (C++ through the XLA FFI, compiled on first use): ``kernels/cpu_native.py``,
+chosen by ``"auto"`` on a CPU where they build."""
+
+from __future__ import annotations
+
+from addervit_jax.kernels import cpu_native as _kernels
+
+ORDER = 2
+CUSTOM_CALL = True
+AUTODIFF = False
+
+
+def available() -> bool:
+    return _kernels.available()
+
+
+def forward(x, w, e=None, *, interpret: bool = False):
+    del interpret
+    return _kernels.forward(x, w, e)
+
+
+def x_grad(x, w, g, e=None, *, grad: str, clip_scale: float, interpret: bool = False):
+    del interpret
+    return _kernels.x_grad(x, w, g, e, grad=grad, clip_scale=clip_scale)
+
+
+def w_grad_exact(x, w, g, e=None, *, interpret: bool = False):
+    del interpret
+    return _kernels.w_grad_exact(x, w, g, e)
