@@ -348,12 +348,13 @@ class Checkpoints:
         self.good: set[int] = set()  # steps written or verified by this process
         self.broken: list[int] = []  # steps that did not restore, newest first
 
-    def save(self, state: TrainState) -> None:
+    def save(self, state: TrainState, **extra) -> None:
+        """Save ``state``; ``extra`` (JSON values) goes into the checkpoint's metadata."""
         step = int(state.step)
         if step in self.good:
             return
         flat = _flat(_checkpointed(state))
-        meta = {"step": step, "data_position": step, "sha256": _digest(flat)}
+        meta = {"step": step, "data_position": step, "sha256": _digest(flat), **extra}
         if step in self.manager.all_steps():
             self.manager.wait_until_finished()
             self.manager.delete(step)
@@ -802,10 +803,12 @@ def _train_in(config, workdir, resume, inputs, steps_per_epoch, teacher, teacher
         state = shard_state(state, mesh, config.fsdp)
         checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
         restored = checkpoints.restore_latest(state) if resume else None
+        train_seconds, images_seen = 0.0, 0  # of every segment of this run, up to ``state``
         if restored is not None:
             state, meta = restored
             state = shard_state(state, mesh, config.fsdp)
             print(f"resumed from step {meta['step']} in {ckpt_dir}", flush=True)
+            train_seconds, images_seen = _time_so_far(workdir, meta)
         elif checkpoints.broken:
             checkpoints.close()
             raise ValueError(
@@ -832,7 +835,6 @@ def _train_in(config, workdir, resume, inputs, steps_per_epoch, teacher, teacher
         )
 
         pending = []  # device metrics since the last host check (NaN guard, logging)
-        train_seconds, images_seen = 0.0, 0
         t_last = time.perf_counter()
         status = "finished"
         batches = inputs.train_batches(start)
@@ -879,13 +881,15 @@ def _train_in(config, workdir, resume, inputs, steps_per_epoch, teacher, teacher
                             ),
                         )
                     if is_ckpt or stop.received:
-                        checkpoints.save(state)
+                        checkpoints.save(
+                            state, train_seconds=train_seconds, images_seen=images_seen
+                        )
                     t_last = time.perf_counter()
                 if stop.received:
                     status = f"interrupted by {signal.Signals(stop.received).name}"
                     break
 
-        checkpoints.save(state)
+        checkpoints.save(state, train_seconds=train_seconds, images_seen=images_seen)
         checkpoints.wait()
         save_params(state, workdir / PARAMS_FILE)
         final_step = int(state.step)
@@ -916,6 +920,22 @@ def _train_in(config, workdir, resume, inputs, steps_per_epoch, teacher, teacher
     if stop.received:
         summary["signal"] = stop.received
     return summary
+
+
+def _time_so_far(workdir: pathlib.Path, meta: dict) -> tuple[float, int]:
+    """Training seconds and images of the segments before the checkpoint ``meta`` describes, so
+    that a resumed run's summary times the whole run. Checkpoints record them; for one written
+    before they did, the summary of the interrupted segment that saved it, if it has that step."""
+    if "train_seconds" in meta:
+        return float(meta["train_seconds"]), int(meta["images_seen"])
+    try:
+        previous = json.loads((workdir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return 0.0, 0
+    if previous.get("status") == "finished" or previous.get("steps") != meta["step"]:
+        return 0.0, 0
+    seconds = float(previous.get("train_seconds", 0.0))
+    return seconds, round(seconds * float(previous.get("images_per_second", 0.0)))
 
 
 def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collections.ConfigDict]:

@@ -103,6 +103,22 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert resumed["eval_accuracy"] == straight["eval_accuracy"]
+    # the resumed summary times the whole run, both segments: every image once
+    assert resumed["train_seconds"] > interrupted["train_seconds"]
+    images = {
+        name: run["images_per_second"] * run["train_seconds"]
+        for name, run in (("resumed", resumed), ("straight", straight))
+    }
+    assert images["resumed"] == pytest.approx(images["straight"], rel=1e-9), images
+
+
+def test_time_of_a_checkpoint_without_it_comes_from_the_interrupted_summary(tmp_path):
+    summary = {"status": "interrupted by SIGTERM", "steps": 40, "train_seconds": 10.0}
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "images_per_second": 256.0}))
+    assert train._time_so_far(tmp_path, {"step": 40}) == (10.0, 2560)
+    assert train._time_so_far(tmp_path, {"step": 30}) == (0.0, 0)  # another segment's summary
+    meta = {"step": 30, "train_seconds": 5.0, "images_seen": 640}
+    assert train._time_so_far(tmp_path, meta) == (5.0, 640)  # checkpoints record it
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
