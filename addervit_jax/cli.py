@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from addervit_jax import configs, ops, profile
+from addervit_jax import configs, ops, timing
 
 DEFAULT_CONFIG = "digits"
 
@@ -55,7 +55,7 @@ def demo(args: argparse.Namespace) -> int:
     def train_like(op):
         return jax.jit(jax.grad(lambda x, w: jnp.sum(op(x, w) ** 2), argnums=(0, 1)))
 
-    ratio, _, _ = profile.paired_ratio(
+    ratio, _, _ = timing.paired_ratio(
         train_like(ops.adder), train_like(ops.dense), (xr, wr), repeats=5
     )
     print(f"forward+backward time, adder / dense at that shape: {ratio:.1f}x")
@@ -88,7 +88,7 @@ def check_kernels(args: argparse.Namespace) -> int:
     dtype = jnp.dtype(args.dtype)
     tol = args.tol if args.tol is not None else (1e-5 if dtype == jnp.float32 else 1e-2)
     mode = " (interpret mode: no GPU)" if interpret else ""
-    print(f"addervit check-kernels on {profile.describe_device()}{mode}, {dtype.name} inputs")
+    print(f"addervit check-kernels on {timing.describe_device()}{mode}, {dtype.name} inputs")
     print(f"relative Frobenius error, Pallas kernels vs the XLA backend; pass: all < {tol:g}\n")
     print("| shape (L x D_in x D_out) | rule | y | dL/dx | dL/dw | dL/dE | result |")
     print("|---|---|---:|---:|---:|---:|---|")

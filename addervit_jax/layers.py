@@ -55,7 +55,7 @@ class AdderWeight(nnx.Param):
 
 
 def similarity_scope(kind: str):
-    """Name scope that marks a similarity computation of ``kind`` for ``addervit_jax.profile``."""
+    """Name scope that marks a similarity computation of ``kind`` for ``addervit_jax.counts``."""
     return jax.named_scope(f"similarity_{kind}")
 
 
@@ -183,7 +183,7 @@ class NormedDense(_DistanceDense):
     compare the similarity alone. It has no stretch E: for a dot product ``(E * x) @ W`` is
     ``x @ (diag(E) W)``, which ``W`` already expresses. ``W`` starts like ``Dense``'s."""
 
-    kind = "multi"  # a dot product, for the operation counts of addervit_jax.profile
+    kind = "multi"  # a dot product, for the operation counts of addervit_jax.counts
 
     def __init__(self, in_features, out_features, *, kernel_init=DENSE_INIT, **kwargs):
         super().__init__(

@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from addervit_jax import ops, profile
+from addervit_jax import ops, timing
 from addervit_jax.kernels import adder_pallas
 
 DEFAULT_SHAPES = ["4096x384x1536", "4096x1536x384", "4096x384x1152", "4160x128x256"]
@@ -86,12 +86,12 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     if device.platform != "gpu" and not args.interpret:
         raise SystemExit(
-            f"bench_kernels: no GPU here ({profile.describe_device()}); the Pallas kernels "
+            f"bench_kernels: no GPU here ({timing.describe_device()}); the Pallas kernels "
             "are GPU kernels. Pass --interpret for a smoke run of the script on CPU."
         )
     peak = fp32_peak(device, args.cores, args.clock_ghz)
     dtype = jnp.dtype(args.dtype)
-    print(f"device: {profile.describe_device()}, {dtype.name} inputs")
+    print(f"device: {timing.describe_device()}, {dtype.name} inputs")
     if peak:
         print(f"FP32 CUDA-core peak: {peak[0] / 1e12:.1f} T instr/s, {peak[1]}; an L1 term is 2")
     print(f"median of {args.repeats} runs over {args.rotate} rotating input sets, after warm-up\n")

@@ -18,7 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from addervit_jax import ops, profile
+from addervit_jax import ops, timing
 
 # (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down) and the CIFAR-sized
 # SimpleViT MLP on a batch of 64 images of 64 patches.
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     backends = [ops.resolve_backend(b) for b in args.backend]
-    print(f"device: {profile.describe_device()}; adder backends: {', '.join(backends)}")
+    print(f"device: {timing.describe_device()}; adder backends: {', '.join(backends)}")
     print(f"median of {args.repeats} alternating runs after warm-up\n")
     print("| shape (L x D_in x D_out) | op | pass | ratio to dense | op time (ms) | dense (ms) |")
     print("|---|---|---|---:|---:|---:|")
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
                 rows.append((name, "fwd+bwd", forward_and_backward(adder)))
         for name, kind, fn in rows:
             baseline = dense_fwd if kind == "forward" else dense_fb
-            ratio, t_op, t_dense = profile.paired_ratio(fn, baseline, inputs, args.repeats)
+            ratio, t_op, t_dense = timing.paired_ratio(fn, baseline, inputs, args.repeats)
             print(
                 f"| {spec} | {name} | {kind} | {ratio:.2f}x | {1e3 * t_op:.1f} | "
                 f"{1e3 * t_dense:.1f} |",

@@ -6,7 +6,7 @@
     python experiments/op_counts.py --variants swin_multi swin_adder swin_euclider \\
         --set image_size=224 patch_size=4 window_size=7      # Swin at 224px
 
-Counts come from ``profile.count_ops``, which traces the model on one image: similarity sites
+Counts come from ``counts.count_ops``, which traces the model on one image: similarity sites
 (linear layers, attention scores and values) by their formula, with an adder site costing two
 additions and no multiplication per term, as the AdderNet papers count; everything else
 (normalisation, softmax, GELU, the stretch E and mask F, residuals) from its primitives. Energies
@@ -28,7 +28,7 @@ import jax
 import study
 from flax import nnx
 
-from addervit_jax import models, profile
+from addervit_jax import counts, models, timing
 
 BASELINES = {"simple_vit": "multi", "swin": "swin_multi"}
 
@@ -48,25 +48,25 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def count_variant(variant: str, overrides: dict) -> dict:
-    """Parameters and ``profile.count_ops`` of one variant, as a JSON-ready record."""
+    """Parameters and ``counts.count_ops`` of one variant, as a JSON-ready record."""
     model = models.build(variant, rngs=nnx.Rngs(0), **overrides)
     cfg = model.cfg
     image_shape = (cfg.image_size, cfg.image_size, cfg.channels)
-    counts = profile.count_ops(model, image_shape)
+    c = counts.count_ops(model, image_shape)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return {
         "variant": variant,
         "family": models.VARIANTS[variant].family,
         "image_shape": list(image_shape),
         "params": int(params),
-        "similarity": {site: list(v) for site, v in sorted(counts.similarity.items())},
-        "similarity_mults": counts.similarity_mults,
-        "similarity_adds": counts.similarity_adds,
-        "other_mults": counts.other_mults,
-        "other_adds": counts.other_adds,
-        "total_mults": counts.total_mults,
-        "total_adds": counts.total_adds,
-        "counts": counts,  # dropped before writing JSON
+        "similarity": {site: list(v) for site, v in sorted(c.similarity.items())},
+        "similarity_mults": c.similarity_mults,
+        "similarity_adds": c.similarity_adds,
+        "other_mults": c.other_mults,
+        "other_adds": c.other_adds,
+        "total_mults": c.total_mults,
+        "total_adds": c.total_adds,
+        "counts": c,  # dropped before writing JSON
     }
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> str:
         metavar="KEY=VALUE",
         help="model-config overrides for every variant, e.g. patch_size=16",
     )
-    parser.add_argument("--precision", default="fp32", choices=sorted(profile.ENERGY_PJ))
+    parser.add_argument("--precision", default="fp32", choices=sorted(counts.ENERGY_PJ))
     parser.add_argument("--out", default="experiments/results/op_counts", help="results directory")
     args = parser.parse_args(argv)
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> str:
         rows.append(row)
 
     table = markdown_table(rows, args.precision)
-    e_mul, e_add = profile.ENERGY_PJ[args.precision]
-    command, hardware = study.command_line("op_counts.py", argv), profile.describe_device()
+    e_mul, e_add = counts.ENERGY_PJ[args.precision]
+    command, hardware = study.command_line("op_counts.py", argv), timing.describe_device()
     date = datetime.date.today().isoformat()
     header = [
         "# Operations and energy per image",
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> str:
         '"Computing\'s energy problem", ISSCC 2014); an adder term is 2 additions, a '
         "multiply-accumulate 1 + 1",
         "- similarity: linear layers, attention scores and attention values; total adds "
-        "normalisation, softmax, GELU, the stretch E and mask F, residuals (profile.count_ops)",
+        "normalisation, softmax, GELU, the stretch E and mask F, residuals (counts.count_ops)",
         "- energy vs multi: total energy over that of the family's multiplication baseline",
         "",
         table,

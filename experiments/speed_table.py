@@ -18,7 +18,7 @@ A train step is ``value_and_grad`` of the mean cross-entropy and an ``optax.adam
 is the jitted forward pass (the models have no dropout or batch statistics, so it is the eval
 forward). One process; each step is compiled once, then ``--warmup`` calls of it and of Multi's
 step, then ``--steps`` alternating timed calls of the row's step and Multi's step: "vs multi" is
-the median of the per-pair ratios (robust on a shared machine, as in ``profile.paired_ratio``),
+the median of the per-pair ratios (robust on a shared machine, as in ``timing.paired_ratio``),
 the times are medians (Multi's over all its pairs).
 
 Memory: "compiled" is the train step's ``memory_analysis()`` after compilation, arguments
@@ -55,7 +55,7 @@ import optax
 import study
 from flax import nnx
 
-from addervit_jax import models, ops, profile
+from addervit_jax import models, ops, timing
 
 MIB = 2**20
 MODEL_FLAGS = ("image_size", "patch_size", "dim", "depth", "heads", "dim_head", "mlp_dim")
@@ -134,12 +134,12 @@ def prepare(fn, args, limit_bytes: float | None):
 
 
 def time_against(f, baseline, *, warmup: int, steps: int) -> dict:
-    """Warm up, then ``profile.paired_ratio`` (its first call of each is the last warm-up)."""
+    """Warm up, then ``timing.paired_ratio`` (its first call of each is the last warm-up)."""
     try:
         for _ in range(max(warmup - 1, 0)):
             jax.block_until_ready(f())
             jax.block_until_ready(baseline())
-        ratio, t_f, t_b = profile.paired_ratio(f, baseline, (), steps)
+        ratio, t_f, t_b = timing.paired_ratio(f, baseline, (), steps)
     except jax.errors.JaxRuntimeError as err:
         if _is_oom(err):
             raise OutOfMemory(f"run: {str(err).splitlines()[0][:200]}") from err
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     labels = jax.random.randint(ky, (args.batch,), 0, args.num_classes)
     tx = optax.adamw(1e-3, weight_decay=0.002)
 
-    hardware = profile.describe_device()
+    hardware = timing.describe_device()
     print(f"device: {hardware}; batch {args.batch} of {shape[1:]}; {args.steps} timed steps")
     # run order: multi, this project's backends, naive last (the device peak is cumulative)
     runs = [Row("multi", "multi", None)]

@@ -25,7 +25,7 @@ import sys
 
 import ml_collections
 
-from addervit_jax import configs, logs, profile, train
+from addervit_jax import configs, logs, timing, train
 
 
 @dataclasses.dataclass
@@ -276,7 +276,7 @@ def write_report(
         f"# {title}",
         "",
         f"- command: `{command}`",
-        f"- hardware: {profile.describe_device()}",
+        f"- hardware: {timing.describe_device()}",
         f"- date: {datetime.date.today().isoformat()}",
         f"- recipe: dataset {recipe.dataset} ({recipe.train_split} / {recipe.eval_split}), "
         f"{epochs:g} epochs ({results[0]['summary']['total_steps']} steps of "

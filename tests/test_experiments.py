@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from addervit_jax import models, profile
+from addervit_jax import counts, models
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -43,13 +43,13 @@ def test_op_counts_match_profile(tmp_path, capsys):
     energies = {}
     for variant, row in rows.items():
         model = models.build(variant, rngs=nnx.Rngs(0))
-        counts = profile.count_ops(model, (32, 32, 3))
-        assert row["similarity"] == {k: list(v) for k, v in counts.similarity.items()}
-        assert row["similarity_mults"] == counts.similarity_mults
-        assert row["similarity_adds"] == counts.similarity_adds
-        assert row["total_mults"] == counts.total_mults
-        assert row["total_adds"] == counts.total_adds
-        assert row["energy_pj"] == pytest.approx(3.7 * counts.total_mults + 0.9 * counts.total_adds)
+        c = counts.count_ops(model, (32, 32, 3))
+        assert row["similarity"] == {k: list(v) for k, v in c.similarity.items()}
+        assert row["similarity_mults"] == c.similarity_mults
+        assert row["similarity_adds"] == c.similarity_adds
+        assert row["total_mults"] == c.total_mults
+        assert row["total_adds"] == c.total_adds
+        assert row["energy_pj"] == pytest.approx(3.7 * c.total_mults + 0.9 * c.total_adds)
         assert row["params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         energies[variant] = row["energy_pj"]
     # a multiply-accumulate model: one addition per multiplication in every similarity site

@@ -3,7 +3,7 @@
 import pytest
 from flax import nnx
 
-from addervit_jax import models, profile
+from addervit_jax import counts, models
 
 TINY = {
     "image_size": 4,
@@ -28,7 +28,7 @@ VALUES = 2 * 4 * 4 * 4
 
 def _counts(variant):
     model = models.build(variant, rngs=nnx.Rngs(0), **TINY)
-    return profile.count_ops(model, (4, 4, 1))
+    return counts.count_ops(model, (4, 4, 1))
 
 
 def test_hand_count_multi():
@@ -71,7 +71,7 @@ def test_energy_uses_published_45nm_costs():
 
 
 def test_adder_removes_most_multiplications_of_the_default_model():
-    multi = profile.count_ops(models.build("multi", rngs=nnx.Rngs(0)), (32, 32, 3))
-    adder = profile.count_ops(models.build("qkv_2ffn", rngs=nnx.Rngs(0)), (32, 32, 3))
+    multi = counts.count_ops(models.build("multi", rngs=nnx.Rngs(0)), (32, 32, 3))
+    adder = counts.count_ops(models.build("qkv_2ffn", rngs=nnx.Rngs(0)), (32, 32, 3))
     assert adder.total_mults < 0.3 * multi.total_mults
     assert adder.energy_pj() < multi.energy_pj()
