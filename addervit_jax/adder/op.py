@@ -136,14 +136,25 @@ def shard_rows(kernel: Callable, rows: tuple, shared: tuple = (), *, sum_rows: b
 # ---------------------------------------------------------------------------------------------
 
 
+def _run(backend: str, name: str, rows: tuple, shared: tuple, *, sum_rows=False, **options):
+    """``backend``'s protocol function ``name`` on ``(x, w[, g], e)``, given as the operands split
+    by rows (``x``, and ``g`` if any) and the shared ones (``w``, ``e``); per device
+    (:func:`shard_rows`) for a custom call."""
+    fn = partial(getattr(backends.get(backend), name), **options)
+
+    def call(*args):
+        x, *g, w, e = args  # shard_rows passes the rows first
+        return fn(x, w, *g, e)
+
+    if backends.get(backend).CUSTOM_CALL:
+        return shard_rows(call, rows, shared, sum_rows=sum_rows)
+    return call(*rows, *shared)
+
+
 def _input_grad(x, w, e, g, grad, clip_scale, backend, interpret):
     """The rule's dL/du of ``adder(u, w)`` with ``u = x * e``, by the backend, at least float32."""
-    module = backends.get(backend)
-    x_grad = partial(module.x_grad, grad=grad, clip_scale=clip_scale, interpret=interpret)
-    if module.CUSTOM_CALL:
-        du = shard_rows(lambda x, g, w, e: x_grad(x, w, g, e), (x, g), (w, e))
-    else:
-        du = x_grad(x, w, g, e)
+    options = {"grad": grad, "clip_scale": clip_scale, "interpret": interpret}
+    du = _run(backend, "x_grad", (x, g), (w, e), **options)
     return du.astype(compute_dtype(x, w, g))
 
 
@@ -151,11 +162,7 @@ def _input_grad(x, w, e, g, grad, clip_scale, backend, interpret):
 def _adder_2d(x, w, e, grad: str, clip_scale: float, backend: str, interpret: bool):
     """``-sum_i |x[l, i] * e[i] - w[i, d]|`` (``e`` None: no stretch) with the rule ``grad``."""
     del grad, clip_scale  # they only select the backward rule
-    module = backends.get(backend)
-    forward = partial(module.forward, interpret=interpret)
-    if module.CUSTOM_CALL:
-        return shard_rows(lambda x, w, e: forward(x, w, e), (x,), (w, e))
-    return forward(x, w, e)
+    return _run(backend, "forward", (x,), (w, e), interpret=interpret)
 
 
 def _adder_2d_fwd(x, w, e, grad, clip_scale, backend, interpret):
@@ -169,12 +176,7 @@ def _adder_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
     ec = None if e is None else e.astype(dtype)
     du = _input_grad(x, w, e, g, grad, clip_scale, backend, interpret)
     if grad == "exact":
-        module = backends.get(backend)
-        w_grad = partial(module.w_grad_exact, interpret=interpret)
-        if module.CUSTOM_CALL:
-            dw = shard_rows(lambda x, g, w, e: w_grad(x, w, g, e), (x, g), (w, e), sum_rows=True)
-        else:
-            dw = w_grad(x, w, g, e)
+        dw = _run(backend, "w_grad_exact", (x, g), (w, e), sum_rows=True, interpret=interpret)
         dw = dw.astype(dtype)
     else:
         # sum_l g[l, d] * (u[l, i] - w[i, d]) = (u^T g)[i, d] - w[i, d] * sum_l g[l, d].

@@ -28,5 +28,6 @@ def forward(x, w, e=None, *, interpret: bool = False) -> jax.Array:
     """``-sum_i |u[..., i, None] - w[i, :]|`` by broadcasting (``u = x * e`` in ``x``'s dtype)."""
     del interpret
     u = x if e is None else (x * e).astype(x.dtype)
-    diff = u.astype(compute_dtype(u, w))[..., :, None] - w.astype(compute_dtype(u, w))
+    dtype = compute_dtype(u, w)
+    diff = u.astype(dtype)[..., :, None] - w.astype(dtype)
     return (-jnp.sum(jnp.abs(diff), axis=-2)).astype(jnp.result_type(u, w))
