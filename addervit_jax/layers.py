@@ -23,7 +23,6 @@ on the variables of ``nnx.state(model, nnx.Param)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -133,8 +132,9 @@ class _DistanceDense(nnx.Module):
 
 
 class AdderDense(_DistanceDense):
-    """``y = F * N(adder(E * x, W)) + b``; ``grad``, ``clip_scale``, ``backend``, ``interpret``
-    and E go to the op."""
+    """``y = F * N(adder(E * x, W)) + b``. How the op runs is one ``ops.AdderOptions``
+    (``options``, default ``AdderOptions()``); ``grad``, ``clip_scale``, ``backend`` and
+    ``interpret``, when given, replace its fields. E goes to the op too."""
 
     kind = "adder"
     weight_type = AdderWeight
@@ -144,28 +144,22 @@ class AdderDense(_DistanceDense):
         in_features: int,
         out_features: int,
         *,
-        grad: str = "clipped",
-        clip_scale: float = 4.0,
-        backend: str = "auto",
-        interpret: bool = False,
+        grad: str | None = None,
+        clip_scale: float | None = None,
+        backend: str | None = None,
+        interpret: bool | None = None,
+        options: ops.AdderOptions | None = None,
         **kwargs: Any,
     ):
-        _check_adder_options(type(self).__name__, grad, clip_scale, backend)
+        options = ops.AdderOptions.of(
+            options, grad=grad, clip_scale=clip_scale, backend=backend, interpret=interpret
+        )
         super().__init__(in_features, out_features, **kwargs)
-        self.grad, self.clip_scale, self.backend = grad, float(clip_scale), backend
-        self.interpret = bool(interpret)
+        self.options = options
 
     def _similarity(self, x, w, stretch):
         # E goes into the op, whose kernels fuse it into their loads
-        return ops.adder(
-            x,
-            w,
-            stretch=stretch,
-            grad=self.grad,
-            clip_scale=self.clip_scale,
-            backend=self.backend,
-            interpret=self.interpret,
-        )
+        return ops.adder(x, w, stretch=stretch, options=self.options)
 
 
 class EuclidDense(_DistanceDense):
@@ -202,6 +196,7 @@ SITE_OPTIONS = {
     "multi_ln": frozenset({"mask", "norm", "use_bias", "kernel_init"}),
     "adder": frozenset(
         {
+            "options",
             "grad",
             "clip_scale",
             "backend",
@@ -213,7 +208,7 @@ SITE_OPTIONS = {
             "kernel_init",
         }
     ),
-    "adder_orig": frozenset({"backend", "interpret", "norm", "use_bias", "kernel_init"}),
+    "adder_orig": frozenset({"options", "backend", "interpret", "norm", "use_bias", "kernel_init"}),
     "euclid": frozenset({"stretch", "mask", "norm", "use_bias", "kernel_init"}),
 }
 
@@ -224,7 +219,8 @@ def make_linear(kind: str, in_features: int, out_features: int, *, rngs: nnx.Rng
 
     ``multi_ln`` is :class:`NormedDense`. ``adder_orig`` is AdderNet's original layer
     (Chen et al., CVPR 2020): ``grad="addernet"``, no stretch E, and the normalisation with a
-    learnable gain F and bias b, which AdderNet had as the batch norm after every adder layer.
+    learnable gain F and bias b, which AdderNet had as the batch norm after every adder layer;
+    of an ``options`` value it takes the backend and ``interpret``, its rule being AdderNet's.
     An option that ``kind`` does not honour (see ``SITE_OPTIONS``: ``grad`` at a ``multi`` or an
     ``adder_orig`` site) raises ``TypeError`` naming the option and the kind.
     """
@@ -243,8 +239,9 @@ def make_linear(kind: str, in_features: int, out_features: int, *, rngs: nnx.Rng
     if kind == "adder":
         return AdderDense(in_features, out_features, rngs=rngs, **opts)
     if kind == "adder_orig":
+        options = ops.AdderOptions.of(opts.pop("options", None), grad="addernet")
         return AdderDense(
-            in_features, out_features, grad="addernet", stretch=False, mask=True, rngs=rngs, **opts
+            in_features, out_features, options=options, stretch=False, mask=True, rngs=rngs, **opts
         )
     return EuclidDense(in_features, out_features, rngs=rngs, **opts)
 
@@ -253,12 +250,3 @@ def _check_features(in_features, out_features) -> None:
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_adder_options(layer: str, grad, clip_scale, backend) -> None:
-    if grad not in ops.GRAD_RULES:
-        raise ValueError(f"{layer}: unknown grad={grad!r}; expected one of {ops.GRAD_RULES}")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"{layer}: unknown backend={backend!r}; expected one of {ops.BACKENDS}")
-    if not isinstance(clip_scale, int | float) or not (0 < clip_scale < math.inf):
-        raise ValueError(f"{layer}: clip_scale must be a positive number, got {clip_scale!r}")

@@ -57,13 +57,26 @@ class LinearOptions:
         names = (f.name for f in dataclasses.fields(LinearOptions))
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    @property
+    def adder_options(self) -> ops.AdderOptions:
+        """``grad``, ``clip_scale``, ``backend`` and ``interpret`` as the one value the adder
+        sites and the L1 scores receive (unset ones: ``AdderOptions``' defaults)."""
+        return ops.AdderOptions.of(**{name: getattr(self, name) for name in _ADDER_FIELDS})
+
     def site_options(self, kind: str) -> dict[str, Any]:
-        """The explicitly set options that a site of ``kind`` honours."""
-        return {k: v for k, v in self.set_options().items() if k in _honoured(kind)}
+        """What a site of ``kind`` receives: the explicitly set options it honours, with the
+        adder settings as one ``options`` value."""
+        given = {k: v for k, v in self.set_options().items() if k in _honoured(kind)}
+        if "options" not in _honoured(kind):
+            return given
+        return {k: v for k, v in given.items() if k not in _ADDER_FIELDS} | {
+            "options": self.adder_options
+        }
 
 
-# The options the L1 attention scores (ops.adder_scores) honour.
-_SCORE_OPTIONS = frozenset({"grad", "clip_scale", "backend", "interpret"})
+# The adder settings (ops.AdderOptions' fields), which the L1 attention scores honour.
+_ADDER_FIELDS = tuple(f.name for f in dataclasses.fields(ops.AdderOptions))
+_SCORE_OPTIONS = frozenset({"options", *_ADDER_FIELDS})
 
 
 def _honoured(kind: str) -> frozenset:
@@ -226,12 +239,12 @@ def _check_attn(cfg) -> None:
         raise ValueError(
             f"{type(cfg).__name__}: attn={cfg.attn!r}; expected one of {ATTENTION_SCORES}"
         )
-    if cfg.grad is not None and cfg.grad not in ops.GRAD_RULES:
-        raise ValueError(f"{type(cfg).__name__}: grad={cfg.grad!r}; expected {ops.GRAD_RULES}")
 
 
 def _check_options(cfg, fields) -> None:
-    """Every explicitly set option must be honoured by at least one site (LinearOptions)."""
+    """The adder settings must make an ``AdderOptions`` (it raises, naming the bad one), and
+    every explicitly set option must be honoured by at least one site (LinearOptions)."""
+    _ = cfg.adder_options
     sites = {f: getattr(cfg, f) for f in fields if getattr(cfg, f) != "none"}
     kinds = set(sites.values()) | ({"scores_l1"} if cfg.attn != "dot" else set())
     for option, value in cfg.set_options().items():
@@ -280,7 +293,7 @@ class Attention(nnx.Module):
     def __init__(self, dim, heads, dim_head, cfg, *, qkv_bias, proj, rngs):
         inner = heads * dim_head
         self.heads, self.attn = heads, cfg.attn
-        self.score_options = cfg.site_options("scores_l1")
+        self.score_options = cfg.adder_options
         self.to_q = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_k = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
         self.to_v = _linear(cfg.qkv, dim, inner, cfg, rngs, qkv_bias)
@@ -300,7 +313,7 @@ class Attention(nnx.Module):
                 return jnp.einsum("bhnd,bhmd->bhnm", q, k) * self.scale
 
         def l1(q, k):  # one (n, d) x (m, d) score matrix per batch element and head
-            return ops.adder_scores(q, k, **self.score_options)
+            return ops.adder_scores(q, k, options=self.score_options)
 
         with layers.similarity_scope("scores_l1"):
             # per device over the batch under a mesh (each example has its own keys)

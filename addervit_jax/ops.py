@@ -25,6 +25,7 @@ from jax import lax
 from addervit_jax.adder import (
     BACKENDS,
     GRAD_RULES,
+    AdderOptions,
     adder,
     adder_scores,
     check_operands,
@@ -35,6 +36,7 @@ from addervit_jax.adder.backends.xla import compute_dtype
 
 __all__ = [
     "BACKENDS",
+    "AdderOptions",
     "GRAD_RULES",
     "adder",
     "adder_scores",

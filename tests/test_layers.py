@@ -137,11 +137,12 @@ def test_make_linear_kinds_and_options():
     rngs = nnx.Rngs(0)
     opts = {"grad": "exact", "clip_scale": 2.0, "stretch": False, "norm": "none"}
     adder = layers.make_linear("adder", 3, 4, rngs=rngs, **opts)
-    assert (adder.grad, adder.clip_scale, adder.stretch, adder.norm) == ("exact", 2.0, None, "none")
+    assert (adder.options.grad, adder.options.clip_scale) == ("exact", 2.0)
+    assert (adder.stretch, adder.norm) == (None, "none")
     assert adder.mask is not None
     # AdderNet's layer: its rule, no stretch, and a learnable gain F (the batch norm's scale)
     orig = layers.make_linear("adder_orig", 3, 4, rngs=rngs, norm="none")
-    assert (orig.grad, orig.stretch, orig.norm) == ("addernet", None, "none")
+    assert (orig.options.grad, orig.stretch, orig.norm) == ("addernet", None, "none")
     assert orig.mask is not None and orig.mask[...].shape == (4,)
     euclid = layers.make_linear("euclid", 3, 4, rngs=rngs, stretch=False, norm="none")
     assert type(euclid) is layers.EuclidDense and euclid.stretch is None

@@ -61,7 +61,7 @@ def test_variant_sites_are_what_the_study_names():
     )
     orig = models.build("adder", rngs=rngs).blocks[0].attn.to_k
     # AdderNet's layer keeps a learnable gain F, the scale of its batch norm
-    assert (orig.grad, orig.stretch) == ("addernet", None) and orig.mask is not None
+    assert (orig.options.grad, orig.stretch) == ("addernet", None) and orig.mask is not None
     multi_ln = models.build("multi_ln", rngs=rngs).blocks[0]
     for site in (multi_ln.attn.to_q, multi_ln.attn.to_v, multi_ln.ffn.fc1, multi_ln.ffn.fc2):
         assert isinstance(site, layers.NormedDense) and site.mask is not None
@@ -142,7 +142,8 @@ def test_an_option_no_site_honours_is_refused():
     # grad and clip_scale go to the adder sites; the multi embedding and head do not get them
     model = models.build("qkv_2ffn", grad="exact", clip_scale=2.0, rngs=rngs)
     assert isinstance(model.embed, layers.Dense)
-    assert (model.blocks[0].attn.to_q.grad, model.blocks[0].attn.to_q.clip_scale) == ("exact", 2.0)
+    to_q = model.blocks[0].attn.to_q
+    assert (to_q.options.grad, to_q.options.clip_scale) == ("exact", 2.0)
     # adder_orig sites have AdderNet's rule: a study labelled by a rule must not train them
     for variant, option in [
         ("adder", {"grad": "exact"}),

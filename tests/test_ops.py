@@ -359,3 +359,37 @@ def test_every_backend_module_provides_the_protocol():
     # the custom calls compute in float32 and run per device; the pure-JAX ones do neither
     assert [n for n in backends.NAMES if backends.get(n).CUSTOM_CALL] == ["pallas", "cpu_native"]
     assert [n for n in backends.NAMES if backends.get(n).AUTODIFF] == ["naive"]
+
+
+def test_adder_options_are_one_checked_value():
+    # the four settings of the op, checked once, hashable (a custom_vjp static argument)
+    default = ops.AdderOptions()
+    assert default == ops.AdderOptions("clipped", 4.0, "auto", False)
+    options = ops.AdderOptions(grad="exact", clip_scale=2)
+    assert isinstance(options.clip_scale, float) and hash(options) == hash(
+        ops.AdderOptions(grad="exact", clip_scale=2.0)
+    )
+    assert ops.AdderOptions.of(options, grad="addernet", backend=None) == ops.AdderOptions(
+        grad="addernet", clip_scale=2.0
+    )
+    for fields, exc, fragment in [
+        ({"grad": "sign"}, ValueError, "grad='sign'"),
+        ({"backend": "cuda"}, ValueError, "backend='cuda'"),
+        ({"clip_scale": float("inf")}, ValueError, "clip_scale"),
+        ({"clip_scale": True}, TypeError, "clip_scale"),
+        ({"interpret": "yes"}, TypeError, "interpret"),
+    ]:
+        with pytest.raises(exc, match=fragment):
+            ops.AdderOptions(**fields)
+    with pytest.raises(TypeError, match="options must be an AdderOptions"):
+        ops.adder(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), options={"grad": "x"})
+    # passing the value whole computes what the keywords compute, and a keyword replaces a field
+    x, w, g = _inputs(11, (5,), 6, 3)
+    for grad in ops.GRAD_RULES:
+        by_value = _vjp(functools.partial(ops.adder, options=ops.AdderOptions(grad=grad)), x, w, g)
+        by_keyword = _vjp(functools.partial(ops.adder, grad=grad), x, w, g)
+        exact = ops.AdderOptions(grad="exact")
+        replaced = _vjp(functools.partial(ops.adder, grad=grad, options=exact), x, w, g)
+        for a, b, c in zip(by_value, by_keyword, replaced, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)

@@ -2,6 +2,7 @@
 backward rules and its backends. Users reach it as ``addervit_jax.ops.adder``.
 
 * :mod:`.rules`: the backward rules ``"clipped"``, ``"addernet"``, ``"exact"``, written out once;
+* :mod:`.options`: :class:`AdderOptions`, the rule and the backend as one checked value;
 * :mod:`.op`: :func:`adder` and :func:`adder_scores` (L1 attention logits), one custom_vjp over
   every backend;
 * :mod:`.backends`: one module per backend (``xla``, ``pallas``, ``cpu_native``, ``naive``), each
@@ -10,17 +11,18 @@ backward rules and its backends. Users reach it as ``addervit_jax.ops.adder``.
 """
 
 from addervit_jax.adder.op import (
-    BACKENDS,
     adder,
     adder_scores,
     check_operands,
     resolve_backend,
     shard_rows,
 )
+from addervit_jax.adder.options import BACKENDS, AdderOptions
 from addervit_jax.adder.rules import GRAD_RULES
 
 __all__ = [
     "BACKENDS",
+    "AdderOptions",
     "GRAD_RULES",
     "adder",
     "adder_scores",

@@ -9,6 +9,7 @@ custom calls per device (:func:`shard_rows`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -17,14 +18,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from addervit_jax.adder import backends, rules
+from addervit_jax.adder import backends
 from addervit_jax.adder.backends.xla import compute_dtype
+from addervit_jax.adder.options import BACKENDS, AdderOptions
 
-__all__ = ["BACKENDS", "adder", "adder_scores", "check_operands", "resolve_backend", "shard_rows"]
-
-# "naive" is the broadcast formula with plain autodiff, a baseline for comparisons only: "auto"
-# never selects it.
-BACKENDS = ("auto", *backends.NAMES)
+__all__ = ["adder", "adder_scores", "check_operands", "resolve_backend", "shard_rows"]
 
 
 def check_operands(op: str, x: jax.Array, w: jax.Array) -> None:
@@ -89,6 +87,17 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _resolve(options: AdderOptions, *arrays) -> AdderOptions:
+    """``options`` with the backend that will run on ``arrays``: ``interpret`` selects the Pallas
+    kernels under ``"auto"`` (interpret mode exists only for them), then
+    :func:`resolve_backend`, then float64 operands go to ``"xla"``."""
+    backend = options.backend
+    if options.interpret and backend == "auto":
+        backend = "pallas"
+    backend = _float64_to_xla(resolve_backend(backend), *arrays)
+    return dataclasses.replace(options, backend=backend)
+
+
 def shard_rows(kernel: Callable, rows: tuple, shared: tuple = (), *, sum_rows: bool = False):
     """Call ``kernel(*rows, *shared)``, whose ``rows`` operands split along their first axis.
 
@@ -151,32 +160,46 @@ def _run(backend: str, name: str, rows: tuple, shared: tuple, *, sum_rows=False,
     return call(*rows, *shared)
 
 
-def _input_grad(x, w, e, g, grad, clip_scale, backend, interpret):
+def _input_grad(x, w, e, g, options: AdderOptions):
     """The rule's dL/du of ``adder(u, w)`` with ``u = x * e``, by the backend, at least float32."""
-    options = {"grad": grad, "clip_scale": clip_scale, "interpret": interpret}
-    du = _run(backend, "x_grad", (x, g), (w, e), **options)
+    du = _run(
+        options.backend,
+        "x_grad",
+        (x, g),
+        (w, e),
+        grad=options.grad,
+        clip_scale=options.clip_scale,
+        interpret=options.interpret,
+    )
     return du.astype(compute_dtype(x, w, g))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _adder_2d(x, w, e, grad: str, clip_scale: float, backend: str, interpret: bool):
-    """``-sum_i |x[l, i] * e[i] - w[i, d]|`` (``e`` None: no stretch) with the rule ``grad``."""
-    del grad, clip_scale  # they only select the backward rule
-    return _run(backend, "forward", (x,), (w, e), interpret=interpret)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _adder_2d(x, w, e, options: AdderOptions):
+    """``-sum_i |x[l, i] * e[i] - w[i, d]|`` (``e`` None: no stretch) with the rule of
+    ``options``, whose backend is resolved (:func:`_resolve`)."""
+    return _run(options.backend, "forward", (x,), (w, e), interpret=options.interpret)
 
 
-def _adder_2d_fwd(x, w, e, grad, clip_scale, backend, interpret):
-    return _adder_2d(x, w, e, grad, clip_scale, backend, interpret), (x, w, e)
+def _adder_2d_fwd(x, w, e, options):
+    return _adder_2d(x, w, e, options), (x, w, e)
 
 
-def _adder_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
+def _adder_2d_bwd(options, residuals, g):
     x, w, e = residuals
     dtype = compute_dtype(x, w, g)
     xc, wc, gc = x.astype(dtype), w.astype(dtype), g.astype(dtype)
     ec = None if e is None else e.astype(dtype)
-    du = _input_grad(x, w, e, g, grad, clip_scale, backend, interpret)
-    if grad == "exact":
-        dw = _run(backend, "w_grad_exact", (x, g), (w, e), sum_rows=True, interpret=interpret)
+    du = _input_grad(x, w, e, g, options)
+    if options.grad == "exact":
+        dw = _run(
+            options.backend,
+            "w_grad_exact",
+            (x, g),
+            (w, e),
+            sum_rows=True,
+            interpret=options.interpret,
+        )
         dw = dw.astype(dtype)
     else:
         # sum_l g[l, d] * (u[l, i] - w[i, d]) = (u^T g)[i, d] - w[i, d] * sum_l g[l, d].
@@ -198,10 +221,11 @@ def adder(
     w: jax.Array,
     *,
     stretch: jax.Array | None = None,
-    grad: str = "clipped",
-    clip_scale: float = 4.0,
-    backend: str = "auto",
-    interpret: bool = False,
+    grad: str | None = None,
+    clip_scale: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+    options: AdderOptions | None = None,
 ) -> jax.Array:
     """AdderNet's L1 similarity ``y[..., d] = -sum_i |x[..., i] - w[i, d]|``.
 
@@ -213,17 +237,20 @@ def adder(
         gradients flow to ``stretch`` by the chain rule.
       grad: backward rule, ``"clipped"`` (default), ``"addernet"`` or ``"exact"``; the formulas
         are in :mod:`addervit_jax.adder.rules`.
-      clip_scale: the factor inside ``hardtanh`` of the ``"clipped"`` x-gradient (4 in the
-        *Exploration of AdderViT* study). A positive Python number; ignored by other rules.
-      backend: ``"auto"`` (``"pallas"`` on a GPU, ``"cpu_native"`` on a CPU, else ``"xla"``),
-        ``"xla"`` (pure JAX, runs everywhere), ``"pallas"`` (fused GPU kernels),
+      clip_scale: the factor inside ``hardtanh`` of the ``"clipped"`` x-gradient (4, the
+        default, in the *Exploration of AdderViT* study). A positive Python number; ignored by
+        other rules.
+      backend: ``"auto"`` (default: ``"pallas"`` on a GPU, ``"cpu_native"`` on a CPU, else
+        ``"xla"``), ``"xla"`` (pure JAX, runs everywhere), ``"pallas"`` (fused GPU kernels),
         ``"cpu_native"`` (C++ kernels through the XLA FFI, compiled on first use; ``"xla"`` when
         no compiler works, with one warning), or ``"naive"`` (the broadcast formula with plain
         autodiff: a baseline for speed and memory comparisons, which ignores ``grad`` and
         ``clip_scale`` and always has the ``"exact"`` gradient; ``"auto"`` never selects it).
         Each is a module of :mod:`addervit_jax.adder.backends`.
       interpret: run the Pallas kernels in interpret mode (on CPU, for tests; slow); with
-        ``backend="auto"`` it selects ``"pallas"``; ignored by other backends.
+        ``backend="auto"`` it selects ``"pallas"``; ignored by other backends. Default False.
+      options: the four settings above as one :class:`AdderOptions` (how layers pass them);
+        a setting also given as a keyword replaces the one in ``options``.
 
     Returns:
       ``(..., D_out)`` array of dtype ``result_type(x, w)``, accumulated in at least float32.
@@ -232,10 +259,9 @@ def adder(
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     check_operands("adder", x, w)
-    if interpret and backend == "auto":
-        backend = "pallas"  # interpret mode only exists for the Pallas kernels
-    grad, clip_scale = rules.check_rule("adder", grad, clip_scale)
-    backend = _float64_to_xla(resolve_backend(backend), x, w, stretch)
+    options = AdderOptions.of(
+        options, grad=grad, clip_scale=clip_scale, backend=backend, interpret=interpret
+    )
     if stretch is not None:
         stretch = jnp.asarray(stretch)
         if stretch.shape != (x.shape[-1],):
@@ -243,11 +269,12 @@ def adder(
                 f"adder: stretch must have shape (D_in,) = ({x.shape[-1]},), got "
                 f"{stretch.shape} (x {x.shape}, w {w.shape})"
             )
-    module = backends.get(backend)
+    options = _resolve(options, x, w, stretch)
+    module = backends.get(options.backend)
     if module.AUTODIFF:
         return module.forward(x, w, stretch)
     lead, (d_in, d_out) = x.shape[:-1], w.shape
-    y = _adder_2d(x.reshape(-1, d_in), w, stretch, grad, clip_scale, backend, bool(interpret))
+    y = _adder_2d(x.reshape(-1, d_in), w, stretch, options)
     return y.reshape(*lead, d_out)
 
 
@@ -256,21 +283,21 @@ def adder(
 # ---------------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _scores_2d(q, k, grad: str, clip_scale: float, backend: str, interpret: bool):
-    return _adder_2d(q, k.T, None, grad, clip_scale, backend, interpret)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scores_2d(q, k, options: AdderOptions):
+    return _adder_2d(q, k.T, None, options)
 
 
-def _scores_2d_fwd(q, k, grad, clip_scale, backend, interpret):
-    return _scores_2d(q, k, grad, clip_scale, backend, interpret), (q, k)
+def _scores_2d_fwd(q, k, options):
+    return _scores_2d(q, k, options), (q, k)
 
 
-def _scores_2d_bwd(grad, clip_scale, backend, interpret, residuals, g):
+def _scores_2d_bwd(options, residuals, g):
     q, k = residuals
     # s[n, m] = -sum_d |q[n, d] - k[m, d]| is adder(q, k^T) and also adder(k, q^T)^T: each
     # operand's gradient is the input rule of the adder in which it is the input.
-    dq = _input_grad(q, k.T, None, g, grad, clip_scale, backend, interpret)
-    dk = _input_grad(k, q.T, None, g.T, grad, clip_scale, backend, interpret)
+    dq = _input_grad(q, k.T, None, g, options)
+    dk = _input_grad(k, q.T, None, g.T, options)
     return dq.astype(q.dtype), dk.astype(k.dtype)
 
 
@@ -281,10 +308,11 @@ def adder_scores(
     q: jax.Array,
     k: jax.Array,
     *,
-    grad: str = "clipped",
-    clip_scale: float = 4.0,
-    backend: str = "auto",
-    interpret: bool = False,
+    grad: str | None = None,
+    clip_scale: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+    options: AdderOptions | None = None,
 ) -> jax.Array:
     """L1 attention logits ``s[n, m] = -sum_d |q[n, d] - k[m, d]|`` of ``(N, D)`` and ``(M, D)``.
 
@@ -295,8 +323,8 @@ def adder_scores(
         dL/dq[n, d] = sum_m g[n, m] * s(k[m, d] - q[n, d]),
         dL/dk[m, d] = sum_n g[n, m] * s(q[n, d] - k[m, d]).
 
-    ``backend`` and ``interpret`` are those of :func:`adder` (``"naive"`` is not offered).
-    Batch it with ``jax.vmap``.
+    The settings (``grad``, ``clip_scale``, ``backend``, ``interpret``, ``options``) are those of
+    :func:`adder` (``backend="naive"`` is not offered). Batch it with ``jax.vmap``.
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
     if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
@@ -304,11 +332,10 @@ def adder_scores(
             f"adder_scores: q and k must be (N, D) and (M, D) with the same D, got "
             f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
         )
-    if backend == "naive":
+    options = AdderOptions.of(
+        options, grad=grad, clip_scale=clip_scale, backend=backend, interpret=interpret
+    )
+    if options.backend == "naive":
         raise ValueError("adder_scores: backend='naive' is not offered; use 'auto' or 'xla'")
     check_operands("adder_scores", q, k.T)
-    if interpret and backend == "auto":
-        backend = "pallas"
-    grad, clip_scale = rules.check_rule("adder_scores", grad, clip_scale)
-    backend = _float64_to_xla(resolve_backend(backend), q, k)
-    return _scores_2d(q, k, grad, clip_scale, backend, bool(interpret))
+    return _scores_2d(q, k, _resolve(options, q, k))

@@ -24,14 +24,12 @@ L1 attention scores (``adder_scores``) both operands are activations and both ge
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-__all__ = ["GRAD_RULES", "check_rule", "surrogate"]
+__all__ = ["GRAD_RULES", "surrogate"]
 
 GRAD_RULES = ("clipped", "addernet", "exact")
 
@@ -46,18 +44,3 @@ def surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:
     if scale == 1.0:
         return lambda z: jnp.clip(z, -1.0, 1.0)
     return lambda z: jnp.clip(scale * z, -1.0, 1.0)
-
-
-def check_rule(op: str, grad, clip_scale) -> tuple[str, float]:
-    """``(grad, float(clip_scale))``, or an error naming ``op`` and the bad argument."""
-    if grad not in GRAD_RULES:
-        raise ValueError(f"{op}: unknown grad={grad!r}; expected one of {GRAD_RULES}")
-    if isinstance(clip_scale, bool) or not isinstance(clip_scale, int | float | np.number):
-        raise TypeError(
-            f"{op}: clip_scale must be a Python number (it selects the backward rule at trace "
-            f"time), got {type(clip_scale).__name__}"
-        )
-    clip_scale = float(clip_scale)
-    if not (clip_scale > 0 and math.isfinite(clip_scale)):
-        raise ValueError(f"{op}: clip_scale must be positive and finite, got {clip_scale}")
-    return grad, clip_scale
