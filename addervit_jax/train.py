@@ -21,8 +21,7 @@ import pathlib
 import signal
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -657,56 +656,20 @@ def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:
     }
 
 
-class Inputs(NamedTuple):
-    num_train: int
-    num_eval: int
-    train_batches: Callable[[int], Iterator[tuple[int, dict]]]  # start step -> (step, batch)
-    eval_batches: Callable[[], Iterator[dict]]
-
-
-def make_inputs(config, *, eval_split: str | None = None, batch_size: int | None = None) -> Inputs:
-    """In-memory batches for small datasets, Grain streaming for large ones (``config.stream``
-    overrides the choice); both give the same batches for the same (seed, step)."""
-    eval_split = eval_split or config.eval_split
-    batch_size = batch_size or config.batch_size
-    stream = config.get("stream")
-    if stream is None:
-        stream = data.is_streamed(config.dataset)
-    sizes = (
-        data.num_examples(config.dataset, config.train_split, data_dir=config.data_dir),
-        data.num_examples(config.dataset, eval_split, data_dir=config.data_dir),
-    )
-    if not stream:
-        # Splits are decoded on first use (once per process: data.load caches them), so that
-        # evaluating a checkpoint never decodes the training split.
-        def load(split):
-            return data.load(config.dataset, split, data_dir=config.data_dir)
-
-        return Inputs(
-            *sizes,
-            lambda start: data.train_batches(
-                load(config.train_split), batch_size=batch_size, seed=config.seed, start_step=start
-            ),
-            lambda: data.eval_batches(load(eval_split), batch_size=batch_size),
-        )
-    common = {
-        "data_dir": config.data_dir,
-        "image_size": model_overrides(config)["image_size"],
-        "num_workers": None if config.stream_workers < 0 else config.stream_workers,
-    }
-    return Inputs(
-        *sizes,
-        lambda start: data.stream_batches(
-            config.dataset,
-            config.train_split,
-            batch_size=batch_size,
-            seed=config.seed,
-            start_step=start,
-            **common,
-        ),
-        lambda: data.stream_eval_batches(
-            config.dataset, eval_split, batch_size=batch_size, **common
-        ),
+def make_inputs(
+    config, *, eval_split: str | None = None, batch_size: int | None = None
+) -> data.Inputs:
+    """:func:`data.make_inputs` for ``config`` (``eval_split``/``batch_size`` override its own)."""
+    return data.make_inputs(
+        config.dataset,
+        train_split=config.train_split,
+        eval_split=eval_split or config.eval_split,
+        batch_size=batch_size or config.batch_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        stream=config.get("stream"),
+        image_size=model_overrides(config)["image_size"],
+        num_workers=None if config.stream_workers < 0 else config.stream_workers,
     )
 
 
@@ -731,8 +694,7 @@ def train(
     if config.get("distill") is not None and config.distill.teacher is not None:
         teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
     inputs = make_inputs(config)
-    steps_per_epoch = data.steps_per_epoch(inputs.num_train, config.batch_size)
-    if steps_per_epoch < 1:
+    if inputs.steps_per_epoch < 1:
         raise ValueError(
             f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
             f"examples of {config.dataset} {config.train_split}"
@@ -755,9 +717,7 @@ def train(
         _check_workdir(config, workdir, resume)  # again: it may have changed before the lock
         if is_main:
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        return _train_in(
-            config, workdir, resume, inputs, steps_per_epoch, teacher, teacher_info, logs
-        )
+        return _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs)
 
 
 def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
@@ -787,10 +747,10 @@ def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
         )
 
 
-def _train_in(config, workdir, resume, inputs, steps_per_epoch, teacher, teacher_info, logs):
+def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
     ckpt_dir = workdir / "checkpoints"
     is_main = jax.process_index() == 0
-    info = data.DATASETS[config.dataset]
+    info, steps_per_epoch = inputs.info, inputs.steps_per_epoch
     total_steps = config.total_steps if config.get("total_steps") else 0
     total_steps = total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every_steps or steps_per_epoch
@@ -985,7 +945,5 @@ def evaluate_workdir(
     inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
     mesh = make_mesh()
     with jax.set_mesh(mesh):
-        result = evaluate(
-            state, inputs.eval_batches(), mesh=mesh, info=data.DATASETS[config.dataset]
-        )
+        result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
     return {"workdir": str(workdir), "step": meta["step"], "split": split, **result}

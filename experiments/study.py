@@ -332,4 +332,4 @@ def run_and_report(
 
 
 def steps_per_epoch(recipe: ml_collections.ConfigDict) -> int:
-    return train.make_inputs(recipe).num_train // recipe.batch_size  # splits decode lazily
+    return train.make_inputs(recipe).steps_per_epoch  # splits decode lazily

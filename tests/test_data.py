@@ -1,4 +1,4 @@
-"""data: loading, batch order, resumption, augmentation (SPEC section 5).
+"""data: loading, batch order, resumption, streaming, augmentation, the trainer's inputs.
 
 Order and augmentation are tested on synthetic arrays whose labels are example indices, so "every
 example once" is an exact check. Loading is tested on sklearn's digits and on the real CIFAR-10
@@ -164,7 +164,7 @@ def test_disk_cache_round_trips_and_leaves_data_dir_alone(tfds_dir, tmp_path, mo
     def no_decoding(*args):
         raise AssertionError("decoded again despite the disk cache")
 
-    monkeypatch.setattr(data, "_decode_split", no_decoding)
+    monkeypatch.setattr(data.datasets, "_decode_split", no_decoding)
     second = data.load("cifar10", split, data_dir=tfds_dir, cache_dir=str(tmp_path))
     np.testing.assert_array_equal(second.images, first.images)
     np.testing.assert_array_equal(second.labels, first.labels)
@@ -185,7 +185,9 @@ def test_unreadable_cache_is_replaced(tfds_dir, tmp_path):
 
 
 def test_parallel_decoding_matches_serial(tfds_dir, cifar):
-    images, labels = data._decode_split("cifar10", "train[:300]", tfds_dir, 300, num_workers=2)
+    images, labels = data.datasets._decode_split(
+        "cifar10", "train[:300]", tfds_dir, 300, num_workers=2
+    )
     np.testing.assert_array_equal(images, cifar.images[:300])
     np.testing.assert_array_equal(labels, cifar.labels[:300])
 
@@ -221,16 +223,38 @@ def test_stream_resumes_at_any_step(tfds_dir):
     _assert_same_batches(got, expected[6:])
 
 
+def test_inputs_in_memory_and_streamed_are_the_same_batches(tfds_dir):
+    kwargs = dict(
+        train_split="train[:200]", eval_split="train[200:270]", batch_size=32, seed=7,
+        data_dir=tfds_dir, num_workers=0,
+    )  # fmt: skip
+    in_memory = data.make_inputs("cifar10", stream=False, **kwargs)
+    streamed = data.make_inputs("cifar10", stream=True, **kwargs)
+    for inputs in (in_memory, streamed):
+        assert (inputs.num_train, inputs.num_eval, inputs.steps_per_epoch) == (200, 70, 6)
+        assert inputs.info is data.DATASETS["cifar10"]
+    _assert_same_batches(
+        _take(streamed.train_batches(5), 4), _take(in_memory.train_batches(5), 4)
+    )  # crosses from the first epoch into the second
+    got, want = list(streamed.eval_batches()), list(in_memory.eval_batches())
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want, strict=True):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_resize_center_crop_keeps_the_middle():
     image = np.repeat(np.array([0, 128, 255], np.uint8), 32)[None, :, None]  # thirds, 96 wide
     image = np.broadcast_to(image, (64, 96, 3)).copy()
-    out = data._resize_center_crop(image, 32)  # -> 32x48, then the middle 32 columns
+    out = data.stream._resize_center_crop(image, 32)  # -> 32x48, then the middle 32 columns
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(
         out[:, [0, 16, 31]], np.broadcast_to([0, 128, 255], (32, 3))[..., None].repeat(3, -1)
     )
-    np.testing.assert_array_equal(data._resize_center_crop(image[:32, :32], 32), image[:32, :32])
-    assert data._resize_center_crop(image[..., :1], 16).shape == (16, 16, 1)
+    np.testing.assert_array_equal(
+        data.stream._resize_center_crop(image[:32, :32], 32), image[:32, :32]
+    )
+    assert data.stream._resize_center_crop(image[..., :1], 16).shape == (16, 16, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +309,22 @@ def test_every_example_once_per_epoch():
     assert (
         len({tuple(np.setdiff1d(np.arange(103), lab)) for lab in epochs}) > 1
     )  # dropped ones vary
+
+
+def test_batch_order_survives_pickling_mid_epoch():
+    import pickle
+
+    order = data.BatchOrder(103, 10, seed=6)
+    expected = [order.train(s).copy() for s in range(25)]
+    fresh = data.BatchOrder(103, 10, seed=6)
+    fresh.train(13)  # holds epoch 1's permutation when pickled
+    copy = pickle.loads(pickle.dumps(fresh))
+    for s in (14, 3, 24, 13):
+        np.testing.assert_array_equal(copy.train(s), expected[s])
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        data.BatchOrder(10, 2, seed=-1)
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        order.check_start(-1)
 
 
 def test_train_batches_rejects_batch_larger_than_split():
@@ -433,7 +473,7 @@ def test_every_randaugment_op_has_a_pil_check():
 def test_randaugment_op_matches_pil(op, channels):
     value, pil_op, tolerance, fraction = _PIL_CASES[op]
     image = _IMAGE[..., :channels]
-    fn = jax.jit(data._randaugment_op(op, value))
+    fn = jax.jit(data.augment._randaugment_op(op, value))
     ours = np.asarray(fn(image.astype(np.float32), 1.0)).astype(int)
     theirs = np.asarray(pil_op(Image.fromarray(image.squeeze(-1) if channels == 1 else image)))
     theirs = theirs.reshape(image.shape).astype(int)
@@ -442,5 +482,5 @@ def test_randaugment_op_matches_pil(op, channels):
 
 
 def test_rotate_by_90_degrees_is_rot90():
-    fn = jax.jit(data._randaugment_op("rotate", 90.0))
+    fn = jax.jit(data.augment._randaugment_op("rotate", 90.0))
     np.testing.assert_array_equal(fn(_IMAGE.astype(np.float32), 1.0), np.rot90(_IMAGE, 1))

@@ -55,6 +55,7 @@ def test_wheel_ships_the_configs_and_the_kernel_sources(tmp_path):
         "addervit_jax/configs/cifar10.py",
         "addervit_jax/adder/op.py",
         "addervit_jax/adder/backends/xla.py",
+        "addervit_jax/data/order.py",
         "addervit_jax/kernels/adder_pallas.py",
         "addervit_jax/kernels/cpu_native.py",
         "addervit_jax/kernels/cpu_native.cc",
