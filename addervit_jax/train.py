@@ -12,7 +12,9 @@ uninterrupted run computes from step ``k`` on (bit for bit on CPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -37,6 +39,7 @@ from addervit_jax import data, models, optim
 
 __all__ = [
     "RunDirectoryBusy",
+    "StepRecipe",
     "TrainState",
     "TrainingDiverged",
     "Teacher",
@@ -197,12 +200,42 @@ def distill_loss(student_logits, teacher_logits, temperature: float) -> jax.Arra
     return temperature**2 * kl
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRecipe:
+    """What :func:`train_step` reads from a config: the augmentation and the loss, nothing else
+    (hashable, so a jitted step is specialised on exactly these values)."""
+
+    crop_padding: int
+    flip: bool | None
+    randaugment: tuple[int, int] | None
+    label_smoothing: float
+    distill_weight: float
+    distill_temperature: float
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepRecipe:
+        distill = config.get("distill")
+        return cls(
+            crop_padding=config.crop_padding,
+            flip=config.flip,
+            randaugment=None if config.randaugment is None else tuple(config.randaugment),
+            label_smoothing=config.label_smoothing,
+            distill_weight=1.0 if distill is None else distill.weight,
+            distill_temperature=1.0 if distill is None else distill.temperature,
+        )
+
+
 def train_step(
-    state: TrainState, batch: dict, *, info, config, teacher: Teacher | None = None
+    state: TrainState,
+    batch: dict,
+    teacher: Teacher | None = None,
+    *,
+    info: data.DatasetInfo,
+    recipe: StepRecipe,
 ) -> tuple[TrainState, dict]:
     """One optimiser step on a (sharded) global batch of uint8 images and int labels.
 
-    With a ``teacher`` the loss is ``cross-entropy + distill.weight * distill_loss`` (on the same
+    With a ``teacher`` the loss is ``cross-entropy + distill_weight * distill_loss`` (on the same
     augmented images; no gradient reaches the teacher), and both terms are logged.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -211,20 +244,20 @@ def train_step(
         batch["image"],
         info,
         train=True,
-        crop_padding=config.crop_padding,
-        flip=config.flip,
-        randaugment=None if config.randaugment is None else tuple(config.randaugment),
+        crop_padding=recipe.crop_padding,
+        flip=recipe.flip,
+        randaugment=recipe.randaugment,
     )
     teacher_logits = None if teacher is None else jax.lax.stop_gradient(teacher(images))
 
     def loss_fn(params):
         logits = nnx.merge(state.graphdef, params, state.rest)(images)
-        ce = _cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+        ce = _cross_entropy(logits, batch["label"], recipe.label_smoothing).mean()
         terms = {"ce_loss": ce}
         if teacher_logits is not None:
-            kd = distill_loss(logits, teacher_logits, config.distill.temperature).mean()
+            kd = distill_loss(logits, teacher_logits, recipe.distill_temperature).mean()
             terms["distill_loss"] = kd
-            ce = ce + config.distill.weight * kd
+            ce = ce + recipe.distill_weight * kd
         return ce, (logits, terms)
 
     (loss, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -314,9 +347,19 @@ def _unflat(template, flat: dict[str, Any]):
     return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
 
-def _checkpointed(state: TrainState) -> tuple:
-    """The parts of a state a checkpoint holds; the rest is rebuilt from the config."""
-    return state.step, state.params, state.opt_state, state.rng
+_CHECKPOINTED = ("step", "params", "opt_state", "rng")
+
+
+def _checkpointed(state: TrainState) -> dict:
+    """The parts of a state a checkpoint holds, saved by Orbax as they are (the NNX states
+    included); the rest is rebuilt from the config."""
+    return {name: getattr(state, name) for name in _CHECKPOINTED}
+
+
+def _flat_layout(state: TrainState) -> dict[str, Any]:
+    """Checkpoints written before the ``"layout": "tree"`` metadata saved the tuple (step, params,
+    opt_state, rng) flattened into a dict of dotted names; they still restore."""
+    return _flat(tuple(getattr(state, name) for name in _CHECKPOINTED))
 
 
 def _digest(flat: dict[str, Any]) -> str:
@@ -333,60 +376,74 @@ class Checkpoints:
     """Orbax checkpoints of (params, optimiser state, step, rng) plus the data position, which is
     the step: the batch order is a function of (seed, step).
 
+    When to save is Orbax's decision (:meth:`should_save`): every ``every`` steps, and at a
+    preemption sync point of a multi-process run (JAX's preemption service; every process reaches
+    it at the same step, so every process joins the save). The loop also saves at the end and on
+    a signal to a single process, with :meth:`save`.
+
     Each checkpoint's metadata holds a sha256 of the arrays it saved, verified on restore: a
-    checkpoint whose files were damaged is skipped like one that does not load. A step on disk
-    that this process neither wrote nor restored (a damaged one skipped on resume) is replaced
-    when the run saves that step again.
+    checkpoint whose files were damaged is skipped like one that does not load; once an older one
+    has restored, the damaged newer ones are deleted (:meth:`delete_broken`), so the resumed run
+    writes those steps again.
     """
 
-    def __init__(self, directory: pathlib.Path, *, keep: int):
+    def __init__(self, directory: pathlib.Path, *, keep: int, every: int = 1):
+        policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             directory.absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                save_decision_policy=policies.AnySavePolicy(
+                    [
+                        policies.FixedIntervalPolicy(every),
+                        policies.PreemptionCheckpointingPolicy(),
+                    ]
+                ),
+            ),
         )
         self.good: set[int] = set()  # steps written or verified by this process
         self.broken: list[int] = []  # steps that did not restore, newest first
 
+    def should_save(self, step: int) -> bool:
+        """Whether the run should save after ``step`` steps (collective in a multi-process run:
+        every process calls it at every step)."""
+        return self.manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
     def save(self, state: TrainState, **extra) -> None:
-        """Save ``state``; ``extra`` (JSON values) goes into the checkpoint's metadata."""
+        """Save ``state`` now; ``extra`` (JSON values) goes into the checkpoint's metadata."""
         step = int(state.step)
         if step in self.good:
             return
-        flat = _flat(_checkpointed(state))
-        meta = {"step": step, "data_position": step, "sha256": _digest(flat), **extra}
-        if step in self.manager.all_steps():
+        tree = _checkpointed(state)
+        meta = {
+            "step": step,
+            "data_position": step,
+            "layout": "tree",
+            "sha256": _digest(_flat(tree)),
+            **extra,
+        }
+        if step in self.manager.all_steps():  # a damaged one, not deleted: replace it
             self.manager.wait_until_finished()
             self.manager.delete(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
             ),
+            force=True,
         )
         self.good.add(step)
 
     def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
         """The newest checkpoint that restores and matches its checksum; older ones are tried
         after a warning (the steps skipped are in ``self.broken``)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(_checkpointed(template)))
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                meta = dict(restored.meta)
-                expected = meta.get("sha256")
-                if expected is None:
-                    warnings.warn(
-                        f"checkpoint at step {step} in {self.manager.directory} has no checksum "
-                        "(written before checksums existed): restored unverified",
-                        stacklevel=2,
-                    )
-                elif _digest(dict(restored.state)) != expected:
-                    raise ValueError("its arrays do not match the checksum written with them")
+                state, meta = self._restore(step, template)
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back
                 self.broken.append(step)
                 warnings.warn(
@@ -395,11 +452,39 @@ class Checkpoints:
                     stacklevel=2,
                 )
                 continue
-            step_, params, opt_state, rng = _unflat(_checkpointed(template), dict(restored.state))
-            state = template.replace(step=step_, params=params, opt_state=opt_state, rng=rng)
             self.good.add(step)
             return state, meta
         return None
+
+    def _restore(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = dict(meta.meta)
+        tree = meta.get("layout") == "tree"
+        target = _checkpointed(template) if tree else _flat_layout(template)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        ).state
+        expected = meta.get("sha256")
+        if expected is None:
+            warnings.warn(
+                f"checkpoint at step {step} in {self.manager.directory} has no checksum "
+                "(written before checksums existed): restored unverified",
+                stacklevel=3,
+            )
+        elif _digest(_flat(restored)) != expected:
+            raise ValueError("its arrays do not match the checksum written with them")
+        if not tree:
+            parts = _unflat(tuple(_checkpointed(template).values()), dict(restored))
+            restored = dict(zip(_CHECKPOINTED, parts, strict=True))
+        return template.replace(**restored), meta
+
+    def delete_broken(self) -> None:
+        """Delete the checkpoints that did not restore (after an older one did)."""
+        self.manager.wait_until_finished()
+        for step in self.broken:
+            self.manager.delete(step)
+        self.broken = []
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -603,13 +688,24 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
 
 
 class _StopSignals:
-    """Turn SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
+    """Turn SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits).
+
+    Only in a single-process run: an Orbax save needs every process, so a multi-process run
+    learns of a preemption from JAX's preemption service instead, at a step every process
+    reaches (:meth:`Checkpoints.should_save`).
+    """
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name
+
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -623,6 +719,44 @@ class _StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _Clock:
+    """The training time and images of every segment of a run, and the metrics of the steps since
+    the last look (kept on the device until then: one host copy per look)."""
+
+    def __init__(self, seconds: float = 0.0, images: int = 0):
+        self.seconds, self.images = seconds, images
+        self._pending: list[dict] = []
+        self._since = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+
+    def lap(self, batch_size: int) -> tuple[dict, float, float | None]:
+        """The mean metrics of the steps since the last lap (so logged train accuracy is not one
+        batch's), their images per second, and the first non-finite loss among them, if any."""
+        host = jax.device_get(self._pending)
+        self._pending = []
+        elapsed = time.perf_counter() - self._since
+        self.seconds += elapsed
+        self.images += len(host) * batch_size
+        losses = [float(m["loss"]) for m in host]
+        bad = next((loss for loss in losses if not math.isfinite(loss)), None)
+        window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
+        return window, len(host) * batch_size / max(elapsed, 1e-9), bad
+
+    def restart(self) -> None:
+        """Start timing again (evaluations and checkpoints are not training time)."""
+        self._since = time.perf_counter()
+
+    def totals(self) -> dict:
+        """What a checkpoint records, so that a resumed run's summary times the whole run."""
+        return {"train_seconds": self.seconds, "images_seen": self.images}
+
+    def summary(self) -> dict:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return {"train_seconds": self.seconds, "images_per_second": rate}
 
 
 def params_checksum(params) -> float:
@@ -748,126 +882,72 @@ def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
 
 
 def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
-    ckpt_dir = workdir / "checkpoints"
-    is_main = jax.process_index() == 0
-    info, steps_per_epoch = inputs.info, inputs.steps_per_epoch
-    total_steps = config.total_steps if config.get("total_steps") else 0
-    total_steps = total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
+    steps_per_epoch = inputs.steps_per_epoch
+    total_steps = config.get("total_steps") or int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every_steps or steps_per_epoch
-    ckpt_every = config.checkpoint_every_steps or steps_per_epoch
-
     mesh = make_mesh()
     # the mesh in context lets ops run the Pallas kernels per device (jax.shard_map)
     with jax.set_mesh(mesh):
-        state = create_train_state(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        state = shard_state(state, mesh, config.fsdp)
-        checkpoints = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
-        restored = checkpoints.restore_latest(state) if resume else None
-        train_seconds, images_seen = 0.0, 0  # of every segment of this run, up to ``state``
-        if restored is not None:
-            state, meta = restored
-            state = shard_state(state, mesh, config.fsdp)
-            print(f"resumed from step {meta['step']} in {ckpt_dir}", flush=True)
-            train_seconds, images_seen = _time_so_far(workdir, meta)
-        elif checkpoints.broken:
-            checkpoints.close()
-            raise ValueError(
-                f"--resume: no checkpoint in {ckpt_dir} restores (steps {checkpoints.broken} are "
-                f"damaged); delete {ckpt_dir} to train again from step 0, or train into another "
-                "--workdir"
-            )
-        elif resume:
-            print(f"no checkpoint in {ckpt_dir} yet: starting from step 0", flush=True)
-        start = int(state.step)
-
-        state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        step_fn = jax.jit(
-            lambda s, b, t: train_step(s, b, info=info, config=config, teacher=t),
-            out_shardings=(state_sharding, NamedSharding(mesh, P())),
-            donate_argnums=0,
+        checkpoints = Checkpoints(
+            workdir / "checkpoints",
+            keep=config.keep_checkpoints,
+            every=config.checkpoint_every_steps or steps_per_epoch,
         )
-        eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=info))
-        log = logs.RunLog(workdir, total_steps=total_steps, start_step=start, enabled=is_main)
+        state, clock = _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs)
+        step_fn, evaluate_all = _compile(config, state, mesh, inputs)
+        log = logs.RunLog(
+            workdir, total_steps=total_steps, start_step=int(state.step), enabled=_is_main()
+        )
         log.header(
             f"{config.variant} on {config.dataset} ({inputs.num_train} train / "
             f"{inputs.num_eval} eval images), {total_steps} steps of {config.batch_size}, "
             f"{_device_description()}"
         )
-
-        pending = []  # device metrics since the last host check (NaN guard, logging)
-        t_last = time.perf_counter()
         status = "finished"
-        batches = inputs.train_batches(start)
         with _StopSignals() as stop:
-            for step, batch in batches:
+            for step, batch in inputs.train_batches(int(state.step)):
                 if step >= total_steps:
                     break
                 state, metrics = step_fn(state, global_batch(batch, mesh), teacher)
-                pending.append(metrics)
+                clock.add(metrics)
                 done = step + 1
-                is_log = done % config.log_every_steps == 0 or done == total_steps
-                is_eval = done % eval_every == 0 and done < total_steps
-                is_ckpt = done % ckpt_every == 0
-                if is_log or is_eval or is_ckpt or stop.received or done == total_steps:
-                    host = jax.device_get(pending)
-                    pending = []
-                    now = time.perf_counter()
-                    train_seconds += now - t_last
-                    images_seen += len(host) * config.batch_size
-                    rate = len(host) * config.batch_size / max(now - t_last, 1e-9)
-                    if not all(math.isfinite(float(m["loss"])) for m in host):
-                        checkpoints.wait()
-                        log.close()
-                        saved = checkpoints.manager.latest_step()
-                        kept = (
-                            f"the last good checkpoint, step {saved}, is kept in {ckpt_dir}"
-                            if saved is not None
-                            else "no checkpoint had been written yet"
-                        )
-                        raise TrainingDiverged(
-                            f"loss became {float(host[-1]['loss'])} by step {done} "
-                            f"(variant {config.variant}, learning_rate "
-                            f"{config.learning_rate}); {kept}"
-                        )
-                    # the mean over the steps since the last log, so logged train accuracy is not
-                    # one batch's
-                    window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
+                save = checkpoints.should_save(done) or stop.received is not None
+                evaluate_now = done % eval_every == 0 and done < total_steps
+                log_now = done % config.log_every_steps == 0 or done == total_steps
+                if save or evaluate_now or log_now:
+                    window, rate, bad_loss = clock.lap(config.batch_size)
+                    if bad_loss is not None:
+                        _diverged(bad_loss, done, config, checkpoints, log)
                     log.train(done, window, images_per_second=rate)
-                    if is_eval:
-                        log.eval(
-                            done,
-                            evaluate(
-                                state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn
-                            ),
-                        )
-                    if is_ckpt or stop.received:
-                        checkpoints.save(
-                            state, train_seconds=train_seconds, images_seen=images_seen
-                        )
-                    t_last = time.perf_counter()
-                if stop.received:
-                    status = f"interrupted by {signal.Signals(stop.received).name}"
+                    if evaluate_now:
+                        log.eval(done, evaluate_all(state))
+                    if save:
+                        checkpoints.save(state, **clock.totals())
+                    clock.restart()
+                if stop.received is not None:
+                    status = f"interrupted by {stop.name}"
+                    break
+                if save and checkpoints.reached_preemption(done):
+                    status = "preempted"
                     break
 
-        checkpoints.save(state, train_seconds=train_seconds, images_seen=images_seen)
+        checkpoints.save(state, **clock.totals())
         checkpoints.wait()
         save_params(state, workdir / PARAMS_FILE)
-        final_step = int(state.step)
-        result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=info, jitted=eval_fn)
+        result = evaluate_all(state)
         if status == "finished":
-            log.eval(final_step, result)
+            log.eval(int(state.step), result)
         summary = {
             "variant": config.variant,
             "dataset": config.dataset,
-            "steps": final_step,
+            "steps": int(state.step),
             "total_steps": total_steps,
             "status": status,
             "eval_accuracy": result["accuracy"],
             "eval_loss": result["loss"],
             "eval_examples": result["count"],
             "best_eval_accuracy": log.best_eval_accuracy(),
-            "train_seconds": train_seconds,
-            "images_per_second": images_seen / train_seconds if train_seconds else 0.0,
+            **clock.summary(),
             "device": _device_description(),
             "adaptive_lr": uses_adaptive_lr(config),
             "params_checksum": params_checksum(state.params),
@@ -880,6 +960,67 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
     if stop.received:
         summary["signal"] = stop.received
     return summary
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs):
+    """The state to train from (the newest checkpoint that restores, when resuming) and the
+    clock of the run so far; refuses to resume when no checkpoint restores."""
+    state = create_train_state(
+        config, total_steps=total_steps, steps_per_epoch=inputs.steps_per_epoch
+    )
+    state = shard_state(state, mesh, config.fsdp)
+    directory = checkpoints.manager.directory
+    restored = checkpoints.restore_latest(state) if resume else None
+    if restored is not None:
+        state, meta = restored
+        checkpoints.delete_broken()  # so that the run writes those steps again
+        print(f"resumed from step {meta['step']} in {directory}", flush=True)
+        return shard_state(state, mesh, config.fsdp), _Clock(*_time_so_far(workdir, meta))
+    if checkpoints.broken:
+        checkpoints.close()
+        raise ValueError(
+            f"--resume: no checkpoint in {directory} restores (steps {checkpoints.broken} are "
+            f"damaged); delete {directory} to train again from step 0, or train into another "
+            "--workdir"
+        )
+    if resume:
+        print(f"no checkpoint in {directory} yet: starting from step 0", flush=True)
+    return state, _Clock()
+
+
+def _compile(config, state, mesh, inputs):
+    """The jitted train step (state donated; it reads only :class:`StepRecipe` of the config)
+    and a function that evaluates a state on every evaluation example."""
+    recipe = StepRecipe.from_config(config)
+    step_fn = jax.jit(
+        functools.partial(train_step, info=inputs.info, recipe=recipe),
+        out_shardings=(jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, info=inputs.info))
+    return step_fn, lambda s: evaluate(
+        s, inputs.eval_batches(), mesh=mesh, info=inputs.info, jitted=eval_fn
+    )
+
+
+def _diverged(loss: float, step: int, config, checkpoints: Checkpoints, log) -> None:
+    """Stop a run whose loss is no longer finite, naming the last good checkpoint."""
+    checkpoints.wait()
+    log.close()
+    saved = checkpoints.manager.latest_step()
+    kept = (
+        f"the last good checkpoint, step {saved}, is kept in {checkpoints.manager.directory}"
+        if saved is not None
+        else "no checkpoint had been written yet"
+    )
+    raise TrainingDiverged(
+        f"loss became {loss} by step {step} (variant {config.variant}, learning_rate "
+        f"{config.learning_rate}); {kept}"
+    )
 
 
 def _time_so_far(workdir: pathlib.Path, meta: dict) -> tuple[float, int]:

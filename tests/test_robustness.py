@@ -109,15 +109,17 @@ def test_arrays_that_load_but_differ_from_what_was_written_are_refused(finished_
     args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
     with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
         restored = manager.restore(4, args=args)
-    flat, meta = dict(restored.state), dict(restored.meta)
-    name = max(flat, key=lambda k: np.size(flat[k]))
-    flat[name] = np.asarray(flat[name]) + 1.0
+    leaves, treedef = jax.tree_util.tree_flatten(restored.state)
+    meta = dict(restored.meta)
+    biggest = max(range(len(leaves)), key=lambda i: np.size(leaves[i]))
+    leaves[biggest] = np.asarray(leaves[biggest]) + 1.0
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
     shutil.rmtree(run / "checkpoints" / "4")
     with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
         manager.save(
             4,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
             ),
         )
     with pytest.warns(UserWarning, match="step 4 .* do not match the checksum"):
@@ -126,6 +128,44 @@ def test_arrays_that_load_but_differ_from_what_was_written_are_refused(finished_
     with pytest.warns(UserWarning, match="step 4 .* checksum"):  # resume skips it, then rewrites it
         assert train.train(config, run, resume=True)["steps"] == 4
     assert train.restore(run)[1]["step"] == 4
+
+
+def test_checkpoints_of_the_earlier_flat_layout_still_restore_and_resume(finished_run, tmp_path):
+    # Before checkpoints held the NNX states as they are ("layout": "tree"), they held the tuple
+    # (step, params, opt_state, rng) flattened by hand into dotted names; runs of a study that
+    # started then must resume to the same result.
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    run, config, summary = finished_run
+    run = _copy(run, tmp_path)
+    template = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
+    checkpoints = train.Checkpoints(run / "checkpoints", keep=3)
+    states = {step: checkpoints._restore(step, template) for step in (2, 4)}
+    checkpoints.close()
+    assert all(meta["layout"] == "tree" for _, meta in states.values())
+    shutil.rmtree(run / "checkpoints")
+    with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
+        for step, (state, meta) in states.items():
+            flat = train._flat_layout(state)
+            old_meta = {k: v for k, v in meta.items() if k != "layout"}
+            old_meta["sha256"] = train._digest(flat)
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(old_meta)
+                ),
+            )
+    restored, meta, _ = train.restore(run)
+    assert meta["step"] == 4 and "layout" not in meta
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states[4][0]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # resumed from step 2 in the earlier layout, the run ends bit-identical to the original
+    shutil.rmtree(run / "checkpoints" / "4")
+    resumed = train.train(config, run, resume=True)
+    assert resumed["steps"] == 4 and resumed["params_checksum"] == summary["params_checksum"]
+    assert train.restore(run)[1]["layout"] == "tree"
 
 
 def test_params_file_corruption_is_detected(finished_run, tmp_path):
