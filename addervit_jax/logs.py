@@ -3,6 +3,11 @@
 Files in the work directory:
   metrics.jsonl   one object per line: {"step", "split": "train"|"eval", "loss", "accuracy", ...}
                   (a resumed run appends to it, so the curves cover the whole run)
+  events.out.tfevents.*
+                  the same metrics as TensorBoard scalars ``train/loss``, ``eval/accuracy``, ...,
+                  where ``tensorboardX`` is installed (the ``tensorboard`` extra; it writes event
+                  files without TensorFlow): ``tensorboard --logdir runs``. A resumed run adds a
+                  file.
   summary.json    the final summary returned by ``train.train``
   curves.png      training loss and train/eval accuracy against the step
 """
@@ -16,11 +21,20 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["RunLog", "plot_curves", "read_metrics"]
+__all__ = ["RunLog", "plot_curves", "read_metrics", "tensorboard_writer"]
 
 
 def _to_python(metrics: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def tensorboard_writer(workdir: pathlib.Path):
+    """A ``tensorboardX.SummaryWriter`` into ``workdir``, or None where tensorboardX is missing."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(logdir=str(workdir))
 
 
 class RunLog:
@@ -38,6 +52,7 @@ class RunLog:
         if enabled:
             _drop_partial_last_line(self.workdir / "metrics.jsonl")
         self._file = open(self.workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._events = tensorboard_writer(self.workdir) if enabled else None
 
     def header(self, text: str) -> None:
         if self.enabled:
@@ -47,6 +62,10 @@ class RunLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._events is not None:
+            for name, value in record.items():
+                if name not in ("step", "split"):
+                    self._events.add_scalar(f"{record['split']}/{name}", value, record["step"])
 
     def train(self, step: int, metrics: dict, *, images_per_second: float) -> None:
         record = {"step": step, "split": "train", **_to_python(metrics)}
@@ -95,6 +114,9 @@ class RunLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def _drop_partial_last_line(path: pathlib.Path) -> None:

@@ -32,7 +32,7 @@ from addervit_jax.adder import (
     resolve_backend,
     shard_rows,
 )
-from addervit_jax.adder.backends.xla import compute_dtype
+from addervit_jax.adder.rules import compute_dtype
 
 __all__ = [
     "BACKENDS",

@@ -19,7 +19,6 @@ for SimpleViT, ``swin_multi`` for Swin), counted with the same image size and ov
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import json
 import pathlib
@@ -28,23 +27,9 @@ import jax
 import study
 from flax import nnx
 
-from addervit_jax import counts, models, timing
+from addervit_jax import configs, counts, models, timing
 
 BASELINES = {"simple_vit": "multi", "swin": "swin_multi"}
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` model-config overrides (Python literals, else strings)."""
-    overrides = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            overrides[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[key] = text
-    return overrides
 
 
 def count_variant(variant: str, overrides: dict) -> dict:
@@ -115,7 +100,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default="experiments/results/op_counts", help="results directory")
     args = parser.parse_args(argv)
 
-    overrides = parse_overrides(args.set)
+    overrides = configs.parse_overrides(args.set)
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     cache: dict[str, dict] = {}

@@ -13,7 +13,6 @@ hardware that made them.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime
 import json
@@ -58,29 +57,12 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) ->
 
 
 def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
-    """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest)."""
-    config = configs.load(name_or_path)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            if part not in node:
-                node[part] = ml_collections.ConfigDict()
-            node = node[part]
-        if parents == ["model"] or leaf not in node:
-            if parents != ["model"]:
-                raise ValueError(f"--set {item!r}: the recipe has no field {key!r}")
-            node[leaf] = value  # model fields are free-form overrides of the variant's config
-        else:
-            node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], float) else value
-    return config
+    """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest;
+    ``configs.override``)."""
+    try:
+        return configs.override(configs.load(name_or_path), configs.parse_overrides(overrides))
+    except ValueError as err:
+        raise ValueError(f"--set: {err}") from err
 
 
 def make_runs(
@@ -95,13 +77,8 @@ def make_runs(
     for label, fields in settings:
         for seed in seeds:
             config = recipe.copy_and_resolve_references()
-            for key, value in {**fields, "seed": seed}.items():
-                *parents, leaf = key.split(".")
-                node = config
-                for part in parents:
-                    node = node[part]
-                node[leaf] = value
             try:  # refuse before any training: e.g. a rule that no site of the variant uses
+                configs.override(config, {**fields, "seed": seed})
                 train.validate_config(config)
             except ValueError as err:
                 raise SystemExit(f"{label}: {err}") from err

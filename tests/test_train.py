@@ -74,6 +74,47 @@ def test_two_processes_through_jax_distributed_agree(tmp_path):
     assert first["params_checksum"] == pytest.approx(single["params_checksum"], rel=1e-5)
 
 
+def test_a_preempted_multi_process_run_saves_once_at_one_step_on_every_process(tmp_path):
+    # An Orbax save needs every process. SIGTERM to one process reaches all of them through JAX's
+    # preemption service; each stops at the same sync point after the same checkpoint.
+    port = _free_port()
+    procs = [
+        run_worker(
+            tmp_path / "run",
+            {
+                "config.total_steps": 100_000,
+                "config.checkpoint_every_steps": 100_000,
+                "config.distributed": True,
+                "config.coordinator_address": f"127.0.0.1:{port}",
+                "config.num_processes": 2,
+                "config.process_id": i,
+            },
+            background=True,
+        )
+        for i in range(2)
+    ]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    first, second = (summary_of(out) for out, _ in outs)
+    assert first["status"] == second["status"] == "preempted"
+    assert first["steps"] == second["steps"] < 100_000
+    assert first["params_checksum"] == second["params_checksum"]
+    saved = (tmp_path / "run" / "checkpoints").iterdir()
+    assert sorted(int(d.name) for d in saved if d.name.isdigit()) == [first["steps"]]
+
+
 def test_sigterm_then_resume_is_bit_identical(tmp_path):
     steps = {"config.total_steps": 300, "config.checkpoint_every_steps": 100}
     proc = run_worker(tmp_path / "interrupted", steps, background=True)
@@ -199,11 +240,39 @@ def test_cli_trains_on_digits_and_evaluates(tmp_path, capsys):
     assert summary["eval_accuracy"] > 0.6
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "config.json").exists()
+    # TensorBoard event files beside metrics.jsonl hold the same numbers (float32 scalars)
+    scalars = _tensorboard_scalars(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = {
+        (f"{r['split']}/{k}", r["step"]): np.float32(v)
+        for r in records
+        for k, v in r.items()
+        if k not in ("step", "split")
+    }
+    assert scalars == expected and ("eval/accuracy", summary["steps"]) in scalars
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] == pytest.approx(summary["eval_accuracy"])
     assert result["count"] == 360
+
+
+def _tensorboard_scalars(workdir: pathlib.Path) -> dict:
+    """{(tag, step): value} of the event files in ``workdir``, read as TFRecords of Event protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):
+            (length,) = struct.unpack("<Q", raw[at : at + 8])
+            event = event_pb2.Event.FromString(raw[at + 12 : at + 12 + length])
+            at += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = np.float32(value.simple_value)
+    return scalars
 
 
 def test_cli_rejects_unknown_config_fields(tmp_path):
@@ -249,6 +318,31 @@ def test_every_packaged_config_is_valid(name):
     module = importlib.import_module(f"addervit_jax.configs.{name}")
     assert "addervit train --config" in module.__doc__
     train.validate_config(module.get_config())
+
+
+def test_overrides_set_existing_fields_and_name_the_unknown_ones():
+    # the one way to override a config from code and from the experiments' --set
+    items = ["num_epochs=2", "model.dim=64", "randaugment=(2, 14)", "distill.teacher=runs/m"]
+    overrides = configs.parse_overrides([*items, "flip=None"])
+    assert overrides == {
+        "num_epochs": 2,
+        "model.dim": 64,
+        "randaugment": (2, 14),
+        "distill.teacher": "runs/m",
+        "flip": None,
+    }
+    config = configs.override(configs.load("cifar10"), overrides)
+    assert config.num_epochs == 2.0 and isinstance(config.num_epochs, float)
+    assert config.model.dim == 64 and config.model.depth == 4  # model.*: the rest is kept
+    assert config.randaugment == (2, 14) and config.distill.teacher == "runs/m"
+    assert config.flip is None
+    for key in ("num_epoch", "distill.teachr", "variant.name"):
+        with pytest.raises(ValueError, match=f"no field '{key}'"):
+            configs.override(config, {key: 1})
+    with pytest.raises(ValueError, match="batch_size"):
+        configs.override(config, {"batch_size": "many"})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        configs.parse_overrides(["num_epochs"])
 
 
 def test_metrics_of_a_resumed_run_keep_the_last_record_of_each_step(tmp_path):

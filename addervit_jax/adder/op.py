@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from addervit_jax.adder import backends
-from addervit_jax.adder.backends.xla import compute_dtype
 from addervit_jax.adder.options import BACKENDS, AdderOptions
+from addervit_jax.adder.rules import compute_dtype
 
 __all__ = ["adder", "adder_scores", "check_operands", "resolve_backend", "shard_rows"]
 

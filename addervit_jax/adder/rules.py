@@ -29,9 +29,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GRAD_RULES", "surrogate"]
+__all__ = ["GRAD_RULES", "compute_dtype", "surrogate"]
 
 GRAD_RULES = ("clipped", "addernet", "exact")
+
+
+def compute_dtype(*dtypes) -> jnp.dtype:
+    """The precision every backend sums in: at least float32 (bfloat16/float16 inputs accumulate
+    in float32), float64 stays float64."""
+    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
 def surrogate(grad: str, clip_scale: float) -> Callable[[jax.Array], jax.Array]:

@@ -1,12 +1,21 @@
 """Experiment configs, one file per experiment, each with a ``get_config()`` (big_vision style).
 
 ``addervit train --config NAME`` takes the name of a file here (without ``.py``) or a path to any
-config file of the same form; ``--config.key=value`` overrides a field.
+config file of the same form; ``--config.key=value`` overrides a field (ml_collections'
+``config_flags``). Code and the experiment scripts (``--set key=value``) override fields with
+:func:`override`, which is ml_collections' ``update_from_flattened_dict`` after a check that every
+field exists.
 """
 
+import ast
 import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
+
+# Fields whose children are free-form: the overrides of the variant's model config.
+FREE_FORM = ("model",)
 
 CONFIG_DIR = pathlib.Path(__file__).parent
 
@@ -47,6 +56,49 @@ def load(name_or_path: str) -> ml_collections.ConfigDict:
             f"config file {file}: get_config() returned {type(config).__name__}, expected an "
             "ml_collections.ConfigDict (start from addervit_jax.configs.default_config())"
         )
+    return config
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> ``{dotted key: value}``; a value is a Python literal
+    (``2``, ``0.5``, ``True``, ``None``, ``(2, 14)``), else the string itself."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
+    return overrides
+
+
+def override(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """Set the dotted fields ``overrides`` names in ``config`` (in place; returns it).
+
+    Every field must exist, except under :data:`FREE_FORM` (``model.*``: the variant's model
+    config, whose fields the model knows). A value must fit the field's type (ints are accepted
+    for floats), as ml_collections checks.
+    """
+    for key in overrides:
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            if part in FREE_FORM and node is config and part not in node:
+                node[part] = ml_collections.ConfigDict()
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ValueError(f"the config has no field {key!r}")
+            node = node[part]
+        free = bool(parents) and parents[0] in FREE_FORM
+        if not free and (not isinstance(node, ml_collections.ConfigDict) or leaf not in node):
+            raise ValueError(f"the config has no field {key!r}")
+    try:
+        config.update_from_flattened_dict(dict(overrides))
+    except (TypeError, KeyError) as err:
+        raise ValueError(str(err).strip("'\"")) from err
     return config
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from addervit_jax.adder.backends.xla import compute_dtype
+from addervit_jax.adder.rules import compute_dtype
 
 ORDER = 3
 CUSTOM_CALL = False

@@ -32,11 +32,6 @@ def available() -> bool:
     return True
 
 
-def compute_dtype(*dtypes) -> jnp.dtype:
-    """At least float32: bfloat16/float16 inputs accumulate in float32, float64 stays float64."""
-    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
-
-
 def _stretched(x: jax.Array, e: jax.Array | None) -> jax.Array:
     return x if e is None else x * e
 
@@ -88,7 +83,7 @@ def _cast(dtype, *arrays):
 def forward(x, w, e=None, *, interpret: bool = False) -> jax.Array:
     """``-sum_i |u[l, i] - w[i, d]|``; zero padding of D_in adds zero."""
     del interpret
-    xc, wc, ec = _cast(compute_dtype(x, w), x, w, e)
+    xc, wc, ec = _cast(rules.compute_dtype(x, w), x, w, e)
     u = _stretched(xc, ec)
     distance = _rank1_sum(lambda xi, wi, _: jnp.abs(xi - wi), u.T, wc)
     return (-distance).astype(jnp.result_type(x, w))
@@ -97,7 +92,7 @@ def forward(x, w, e=None, *, interpret: bool = False) -> jax.Array:
 def x_grad(x, w, g, e=None, *, grad: str, clip_scale: float, interpret: bool = False):
     """``du[l, i] = sum_d g[l, d] * s(w[i, d] - u[l, i])``; zero-padded g adds zero."""
     del interpret
-    xc, wc, gc, ec = _cast(compute_dtype(x, w, g), x, w, g, e)
+    xc, wc, gc, ec = _cast(rules.compute_dtype(x, w, g), x, w, g, e)
     s = rules.surrogate(grad, clip_scale)
     return _rank1_sum(lambda gd, wd, uu: gd * s(wd - uu), gc.T, wc.T, _stretched(xc, ec))
 
@@ -105,6 +100,6 @@ def x_grad(x, w, g, e=None, *, grad: str, clip_scale: float, interpret: bool = F
 def w_grad_exact(x, w, g, e=None, *, interpret: bool = False) -> jax.Array:
     """``dw[i, d] = sum_l g[l, d] * sign(u[l, i] - w[i, d])``; zero-padded g adds zero."""
     del interpret
-    xc, wc, gc, ec = _cast(compute_dtype(x, w, g), x, w, g, e)
+    xc, wc, gc, ec = _cast(rules.compute_dtype(x, w, g), x, w, g, e)
     u = _stretched(xc, ec)
     return _rank1_sum(lambda gl, ul, ww: gl * jnp.sign(ul - ww), gc, u, wc.T).T
