@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import signal
 import sys
 
 import jax
@@ -207,9 +208,9 @@ def train_command(argv: list[str]) -> int:
     ) as err:
         print(f"addervit train: {err}", file=sys.stderr)
         return 1
-    if "signal" in summary:
+    if summary["status"] != "finished":  # a signal, or a preemption of a multi-process run
         print(f"resume with: addervit train --workdir {workdir} --resume [same --config flags]")
-        return 128 + summary["signal"]
+        return 128 + summary.get("signal", signal.SIGTERM)
     return 0
 
 

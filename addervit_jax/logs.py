@@ -28,13 +28,14 @@ def _to_python(metrics: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def tensorboard_writer(workdir: pathlib.Path):
-    """A ``tensorboardX.SummaryWriter`` into ``workdir``, or None where tensorboardX is missing."""
+def tensorboard_writer(workdir: pathlib.Path, start_step: int = 0):
+    """A ``tensorboardX.SummaryWriter`` into ``workdir``, or None where tensorboardX is missing.
+    From ``start_step`` on (a resumed run), TensorBoard drops the points of earlier files."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(logdir=str(workdir))
+    return SummaryWriter(logdir=str(workdir), purge_step=start_step or None)
 
 
 class RunLog:
@@ -52,7 +53,7 @@ class RunLog:
         if enabled:
             _drop_partial_last_line(self.workdir / "metrics.jsonl")
         self._file = open(self.workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        self._events = tensorboard_writer(self.workdir) if enabled else None
+        self._events = tensorboard_writer(self.workdir, start_step) if enabled else None
 
     def header(self, text: str) -> None:
         if self.enabled:

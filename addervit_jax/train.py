@@ -382,9 +382,9 @@ class Checkpoints:
     a signal to a single process, with :meth:`save`.
 
     Each checkpoint's metadata holds a sha256 of the arrays it saved, verified on restore: a
-    checkpoint whose files were damaged is skipped like one that does not load; once an older one
-    has restored, the damaged newer ones are deleted (:meth:`delete_broken`), so the resumed run
-    writes those steps again.
+    checkpoint whose files were damaged is skipped like one that does not load; when a run resumes
+    from an older one, the newer ones that did not restore are moved aside
+    (:meth:`set_aside_broken`), so the resumed run writes those steps again.
     """
 
     def __init__(self, directory: pathlib.Path, *, keep: int, every: int = 1):
@@ -402,6 +402,7 @@ class Checkpoints:
                 ),
             ),
         )
+        self.directory = directory  # as given, for messages
         self.good: set[int] = set()  # steps written or verified by this process
         self.broken: list[int] = []  # steps that did not restore, newest first
 
@@ -479,11 +480,25 @@ class Checkpoints:
             restored = dict(zip(_CHECKPOINTED, parts, strict=True))
         return template.replace(**restored), meta
 
-    def delete_broken(self) -> None:
-        """Delete the checkpoints that did not restore (after an older one did)."""
+    def set_aside_broken(self) -> None:
+        """Move the checkpoints that did not restore (after an older one did) into
+        ``<directory>_damaged/``, so that the run writes those steps again; nothing is deleted (a
+        checkpoint may have failed for a passing reason)."""
         self.manager.wait_until_finished()
-        for step in self.broken:
-            self.manager.delete(step)
+        if self.broken and jax.process_index() == 0:
+            aside = pathlib.Path(f"{self.directory}_damaged")
+            aside.mkdir(exist_ok=True)
+            for step in self.broken:
+                target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                (pathlib.Path(self.manager.directory) / str(step)).rename(target)
+                warnings.warn(
+                    f"moved the checkpoint that did not restore to {target}", stacklevel=3
+                )
+        if self.broken and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("addervit: damaged checkpoints set aside")
+        self.manager.reload()
         self.broken = []
 
     def wait(self) -> None:
@@ -735,14 +750,14 @@ class _Clock:
 
     def lap(self, batch_size: int) -> tuple[dict, float, float | None]:
         """The mean metrics of the steps since the last lap (so logged train accuracy is not one
-        batch's), their images per second, and the first non-finite loss among them, if any."""
+        batch's), their images per second, and the last loss if any of them is not finite."""
         host = jax.device_get(self._pending)
         self._pending = []
         elapsed = time.perf_counter() - self._since
         self.seconds += elapsed
         self.images += len(host) * batch_size
         losses = [float(m["loss"]) for m in host]
-        bad = next((loss for loss in losses if not math.isfinite(loss)), None)
+        bad = losses[-1] if not all(math.isfinite(loss) for loss in losses) else None
         window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
         return window, len(host) * batch_size / max(elapsed, 1e-9), bad
 
@@ -912,23 +927,21 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
                 clock.add(metrics)
                 done = step + 1
                 save = checkpoints.should_save(done) or stop.received is not None
-                evaluate_now = done % eval_every == 0 and done < total_steps
+                preempted = save and checkpoints.reached_preemption(done)
+                evaluate_now = done % eval_every == 0 and done < total_steps and not preempted
                 log_now = done % config.log_every_steps == 0 or done == total_steps
                 if save or evaluate_now or log_now:
                     window, rate, bad_loss = clock.lap(config.batch_size)
                     if bad_loss is not None:
                         _diverged(bad_loss, done, config, checkpoints, log)
                     log.train(done, window, images_per_second=rate)
-                    if evaluate_now:
-                        log.eval(done, evaluate_all(state))
                     if save:
                         checkpoints.save(state, **clock.totals())
+                    if evaluate_now:
+                        log.eval(done, evaluate_all(state))
                     clock.restart()
-                if stop.received is not None:
-                    status = f"interrupted by {stop.name}"
-                    break
-                if save and checkpoints.reached_preemption(done):
-                    status = "preempted"
+                if stop.received is not None or preempted:
+                    status = f"interrupted by {stop.name}" if stop.received else "preempted"
                     break
 
         checkpoints.save(state, **clock.totals())
@@ -973,11 +986,11 @@ def _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs):
         config, total_steps=total_steps, steps_per_epoch=inputs.steps_per_epoch
     )
     state = shard_state(state, mesh, config.fsdp)
-    directory = checkpoints.manager.directory
+    directory = checkpoints.directory
     restored = checkpoints.restore_latest(state) if resume else None
     if restored is not None:
         state, meta = restored
-        checkpoints.delete_broken()  # so that the run writes those steps again
+        checkpoints.set_aside_broken()  # so that the run writes those steps again
         print(f"resumed from step {meta['step']} in {directory}", flush=True)
         return shard_state(state, mesh, config.fsdp), _Clock(*_time_so_far(workdir, meta))
     if checkpoints.broken:
@@ -1013,7 +1026,7 @@ def _diverged(loss: float, step: int, config, checkpoints: Checkpoints, log) -> 
     log.close()
     saved = checkpoints.manager.latest_step()
     kept = (
-        f"the last good checkpoint, step {saved}, is kept in {checkpoints.manager.directory}"
+        f"the last good checkpoint, step {saved}, is kept in {checkpoints.directory}"
         if saved is not None
         else "no checkpoint had been written yet"
     )

@@ -59,10 +59,13 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) ->
 def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest;
     ``configs.override``)."""
-    try:
-        return configs.override(configs.load(name_or_path), configs.parse_overrides(overrides))
-    except ValueError as err:
-        raise ValueError(f"--set: {err}") from err
+    config = configs.load(name_or_path)
+    for item in overrides:
+        try:
+            configs.override(config, configs.parse_overrides([item]))
+        except ValueError as err:
+            raise ValueError(f"--set {item!r}: {err}") from err
+    return config
 
 
 def make_runs(

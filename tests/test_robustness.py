@@ -33,9 +33,13 @@ def _steps(run: pathlib.Path) -> list[int]:
 
 
 def _data_files(run: pathlib.Path, step: int) -> list[pathlib.Path]:
-    files = [f for f in (run / "checkpoints" / str(step) / "state").rglob("d/*") if f.is_file()]
+    files = _data_files_in(run / "checkpoints" / str(step))
     assert files, f"no data files under step {step}"
     return files
+
+
+def _data_files_in(checkpoint: pathlib.Path) -> list[pathlib.Path]:
+    return [f for f in (checkpoint / "state").rglob("d/*") if f.is_file()]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,9 @@ def test_resume_after_a_damaged_newest_checkpoint_rewrites_it(finished_run, tmp_
     state, meta, _ = train.restore(run)
     assert meta["step"] == 4 and int(state.step) == 4
     assert resumed["params_checksum"] == summary["params_checksum"]  # bit-identical on CPU
+    # the damaged one was moved aside, not deleted
+    (aside,) = (run / "checkpoints_damaged").iterdir()
+    assert aside.name.startswith("4-") and _data_files_in(aside)
 
 
 def test_resume_with_every_checkpoint_damaged_refuses(finished_run, tmp_path, capsys):
