@@ -47,13 +47,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_through_jax_distributed_agree(tmp_path):
+def _two_processes(workdir, overrides):
+    """Two background workers of one ``jax.distributed`` run in ``workdir``."""
     port = _free_port()
-    procs = [
+    return [
         run_worker(
-            tmp_path / "run",
+            workdir,
             {
-                "config.total_steps": 4,
+                **overrides,
                 "config.distributed": True,
                 "config.coordinator_address": f"127.0.0.1:{port}",
                 "config.num_processes": 2,
@@ -63,6 +64,10 @@ def test_two_processes_through_jax_distributed_agree(tmp_path):
         )
         for i in range(2)
     ]
+
+
+def test_two_processes_through_jax_distributed_agree(tmp_path):
+    procs = _two_processes(tmp_path / "run", {"config.total_steps": 4})
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -77,22 +82,8 @@ def test_two_processes_through_jax_distributed_agree(tmp_path):
 def test_a_preempted_multi_process_run_saves_once_at_one_step_on_every_process(tmp_path):
     # An Orbax save needs every process. SIGTERM to one process reaches all of them through JAX's
     # preemption service; each stops at the same sync point after the same checkpoint.
-    port = _free_port()
-    procs = [
-        run_worker(
-            tmp_path / "run",
-            {
-                "config.total_steps": 100_000,
-                "config.checkpoint_every_steps": 100_000,
-                "config.distributed": True,
-                "config.coordinator_address": f"127.0.0.1:{port}",
-                "config.num_processes": 2,
-                "config.process_id": i,
-            },
-            background=True,
-        )
-        for i in range(2)
-    ]
+    steps = {"config.total_steps": 100_000, "config.checkpoint_every_steps": 100_000}
+    procs = _two_processes(tmp_path / "run", steps)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 300
