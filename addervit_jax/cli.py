@@ -219,14 +219,32 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="work directory of a training run")
     parser.add_argument("--split", default=None, help="dataset split (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also evaluate the int8 form of the model (adder sites on 8-bit integers), "
+        "calibrated on training batches, and report float and int8 side by side",
+    )
+    parser.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=4,
+        help="training batches (of --batch-size) that calibrate --int8 (default 4)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.calibration_batches < 1:
+        parser.error(f"--calibration-batches must be positive, got {args.calibration_batches}")
     from addervit_jax import train
 
     try:
         result = train.evaluate_workdir(
-            args.checkpoint, split=args.split, batch_size=args.batch_size
+            args.checkpoint,
+            split=args.split,
+            batch_size=args.batch_size,
+            int8=args.int8,
+            calibration_batches=args.calibration_batches,
         )
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"addervit eval: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)

@@ -3,6 +3,8 @@
 ``build(variant, *, num_classes=10, image_size=32, rngs, **overrides)`` builds any named variant of
 the *Exploration of AdderViT* study (and ``all_adder``, beyond it): an NNX module mapping float
 images ``(B, H, W, C)`` to logits ``(B, num_classes)``. ``VARIANTS`` lists them with their configs.
+``quantize(model, batches)`` is a trained model's int8 form for inference (its adder sites on 8-bit
+integers).
 
 Site kinds are those of ``layers.make_linear`` (``multi | multi_ln | adder | adder_orig |
 euclid``); the attention scores (``"dot"``, ``"l1"``, ``"l1_identity"``) are described in
@@ -23,7 +25,16 @@ from flax import nnx
 
 from addervit_jax import layers, ops
 
-__all__ = ["VARIANTS", "SimpleViT", "SimpleViTConfig", "Swin", "SwinConfig", "Variant", "build"]
+__all__ = [
+    "VARIANTS",
+    "SimpleViT",
+    "SimpleViTConfig",
+    "Swin",
+    "SwinConfig",
+    "Variant",
+    "build",
+    "quantize",
+]
 
 ATTENTION_SCORES = ("dot", "l1", "l1_identity")
 
@@ -607,3 +618,78 @@ def build(
     cfg = config(variant, num_classes=num_classes, image_size=image_size, **overrides)
     _, model_cls = _FAMILIES[VARIANTS[variant].family]
     return model_cls(cfg, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 inference
+# ---------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a site while :func:`quantize` runs the model: keeps the site's inputs."""
+
+    def __init__(self, layer: nnx.Module, inputs: list):
+        self.layer, self.inputs = layer, inputs
+
+    def __call__(self, x):
+        self.inputs.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+        return self.layer(x)
+
+
+def _replace(model: nnx.Module, path: tuple, new) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def quantize(
+    model: nnx.Module,
+    batches,
+    *,
+    max_tokens: int = 8192,
+    clip_fractions: tuple[float, ...] = layers.Int8AdderDense.CLIP_FRACTIONS,
+    backend: str = "auto",
+    seed: int = 0,
+) -> nnx.Module:
+    """A copy of ``model`` whose adder sites (every ``AdderDense``, ``adder`` and ``adder_orig``)
+    run on 8-bit integers (``layers.Int8AdderDense``), calibrated on ``batches``.
+
+    ``batches`` is an iterable of preprocessed image arrays ``(B, H, W, C)``, e.g. a few training
+    batches without augmentation; the model runs on them once, eagerly, and each site is
+    calibrated (``Int8AdderDense.calibrate``) on at most ``max_tokens`` of its inputs, drawn with
+    ``seed``. Sites are calibrated on the float model's activations. Everything else stays as it
+    is: multiplication, ``multi_ln`` and euclid sites, the LayerNorms, and the L1 attention
+    scores of ``attn="l1"``/``"l1_identity"`` (products of two activations, for which a shared
+    grid would have to be found per example). ``model`` itself is not changed.
+    """
+    model = nnx.clone(model)
+    sites = [
+        (path, module)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, layers.AdderDense)
+    ]
+    if not sites:
+        raise ValueError(f"quantize: {type(model).__name__} has no adder sites to quantise")
+    recorded = {path: [] for path, _ in sites}
+    for path, layer in sites:
+        _replace(model, path, _Recorder(layer, recorded[path]))
+    seen = 0
+    for images in batches:
+        model(jnp.asarray(images))
+        seen += 1
+    if not seen:
+        raise ValueError("quantize: batches is empty; give at least one batch of images")
+    rng = np.random.default_rng(seed)
+    for path, layer in sites:
+        x = np.concatenate(recorded.pop(path))
+        if x.shape[0] > max_tokens:
+            x = x[np.sort(rng.choice(x.shape[0], max_tokens, replace=False))]
+        quantized = layers.Int8AdderDense.calibrate(
+            layer, x, clip_fractions=clip_fractions, backend=backend
+        )
+        _replace(model, path, quantized)
+    return model

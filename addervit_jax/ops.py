@@ -8,6 +8,9 @@
   backward rule (``grad``) and of backend: the subpackage :mod:`addervit_jax.adder`, whose
   :mod:`~addervit_jax.adder.rules` holds the rules' formulas. ``adder_scores`` is its form for
   two activations (L1 attention logits).
+* ``adder_int8``: ``y[..., d] = -sum_i |qx[..., i] - qw[i, d]|`` on 8-bit codes, in int32 (the int8
+  adder layer's inference; codes from ``int8_codes``, the grid explained in
+  :mod:`addervit_jax.adder.quantized`).
 * ``euclid``: ``y[..., d] = -sum_i (x[..., i] - w[i, d])^2`` (EuclidNet's squared L2 similarity;
   Li et al., "EuclidNets: An alternative operation for efficient inference of deep learning
   models", 2022), exact gradients by autodiff.
@@ -27,8 +30,10 @@ from addervit_jax.adder import (
     GRAD_RULES,
     AdderOptions,
     adder,
+    adder_int8,
     adder_scores,
     check_operands,
+    int8_codes,
     resolve_backend,
     shard_rows,
 )
@@ -39,9 +44,11 @@ __all__ = [
     "AdderOptions",
     "GRAD_RULES",
     "adder",
+    "adder_int8",
     "adder_scores",
     "dense",
     "euclid",
+    "int8_codes",
     "resolve_backend",
     "shard_rows",
 ]

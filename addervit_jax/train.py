@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -1091,13 +1092,41 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
 
 
 def evaluate_workdir(
-    workdir: str | os.PathLike, *, split: str | None = None, batch_size: int | None = None
+    workdir: str | os.PathLike,
+    *,
+    split: str | None = None,
+    batch_size: int | None = None,
+    int8: bool = False,
+    calibration_batches: int = 4,
 ) -> dict:
-    """Evaluate the latest checkpoint of a training run on its eval split (or ``split``)."""
+    """Evaluate the latest checkpoint of a training run on its eval split (or ``split``).
+
+    With ``int8``, also its int8 form (``models.quantize``), calibrated on the first
+    ``calibration_batches`` batches of the run's training split without augmentation: the result
+    then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of each) and the calibration.
+    """
     state, meta, config = restore(workdir)
     split = split or config.eval_split
     inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
     mesh = make_mesh()
+    head = {"workdir": str(workdir), "step": meta["step"], "split": split}
     with jax.set_mesh(mesh):
         result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
-    return {"workdir": str(workdir), "step": meta["step"], "split": split, **result}
+        if not int8:
+            return {**head, **result}
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be positive, got {calibration_batches}")
+        images = [
+            data.preprocess(None, batch["image"], inputs.info, train=False)
+            for _, batch in itertools.islice(inputs.train_batches(0), calibration_batches)
+        ]
+        model = nnx.merge(state.graphdef, state.params, state.rest)
+        graphdef, params, rest = nnx.split(models.quantize(model, images), nnx.Param, ...)
+        int8_state = state.replace(graphdef=graphdef, params=params, rest=rest)
+        quantized = evaluate(int8_state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
+    calibration = {
+        "split": config.train_split,
+        "images": sum(len(x) for x in images),
+        "augmentation": False,
+    }
+    return {**head, "float": result, "int8": quantized, "calibration": calibration}

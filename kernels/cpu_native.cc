@@ -45,8 +45,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
 #define ADDERVIT_AVX512 1
 #else
 #define ADDERVIT_AVX512 0
@@ -587,6 +589,222 @@ ffi::Error WGradExactImpl(ffi::ThreadPool pool, F32 x, F32 w, F32 g, F32 e,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// The 8-bit sum of absolute differences: out[l, n] = sum_k |a[l, k] - b[k, n]| for uint8 a, b
+// ---------------------------------------------------------------------------------------------
+//
+// The int8 adder layer (addervit_jax/adder/quantized.py) codes u = E * x and W with one scale
+// and one offset per layer, so |u - w| is a difference of codes and the whole sum is integer.
+// x86's PSADBW sums |a - b| over the 8 byte pairs of each 64-bit lane: with 8 consecutive k of
+// one row of a broadcast to every lane and, in lane c, the same 8 k of column c of b, one
+// VPSADBW on a zmm register adds 64 terms (8 columns x 8 k) and one VPADDQ accumulates them:
+// two instructions per 64 terms on two different ports, where float32 needs four FMAs. The
+// packing that puts 8 k of a column into one lane is done once per call (b, K x N bytes).
+//
+// kGroup columns share a vector (8 with AVX-512BW, 4 with AVX2's ymm PSADBW; the portable path
+// uses the AVX-512 layout with scalar code). A register tile is R rows x C vectors; lanes hold
+// 64-bit sums (at most 8 * 255 per instruction) that are narrowed to int32 when a block of
+// k-steps ends. K is padded to whole 8-byte steps with zeros in both a and b (|0 - 0| = 0).
+
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+constexpr int kGroup = 8;
+using vq = __m512i;
+ADDERVIT_INLINE vq q_zero() { return _mm512_setzero_si512(); }
+ADDERVIT_INLINE vq q_load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+ADDERVIT_INLINE vq q_broadcast(const uint64_t* p) { return _mm512_set1_epi64(*p); }
+ADDERVIT_INLINE vq q_sad_add(vq acc, vq a, vq b) {
+  return _mm512_add_epi64(acc, _mm512_sad_epu8(a, b));
+}
+ADDERVIT_INLINE vq q_load_sums(const int32_t* p) {
+  return _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi64_epi32(v));
+}
+#define ADDERVIT_SAD_PATH "avx512bw"
+#define ADDERVIT_SAD_TILES 6, 4
+#elif defined(__AVX2__)
+constexpr int kGroup = 4;
+using vq = __m256i;
+ADDERVIT_INLINE vq q_zero() { return _mm256_setzero_si256(); }
+ADDERVIT_INLINE vq q_load(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+ADDERVIT_INLINE vq q_broadcast(const uint64_t* p) {
+  return _mm256_set1_epi64x(static_cast<long long>(*p));
+}
+ADDERVIT_INLINE vq q_sad_add(vq acc, vq a, vq b) {
+  return _mm256_add_epi64(acc, _mm256_sad_epu8(a, b));
+}
+ADDERVIT_INLINE vq q_load_sums(const int32_t* p) {
+  return _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
+  // the low 32 bits of each 64-bit lane: lanes 0, 2, 4, 6 of the 32-bit view
+  const __m256i low = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(low));
+}
+#define ADDERVIT_SAD_PATH "avx2"
+#define ADDERVIT_SAD_TILES 4, 3
+#else
+constexpr int kGroup = 8;
+struct vq {
+  uint64_t lane[kGroup];
+};
+ADDERVIT_INLINE vq q_zero() { return vq{}; }
+ADDERVIT_INLINE vq q_load(const uint8_t* p) {
+  vq v;
+  std::memcpy(v.lane, p, sizeof(v.lane));
+  return v;
+}
+ADDERVIT_INLINE vq q_broadcast(const uint64_t* p) {
+  vq v;
+  for (int c = 0; c < kGroup; ++c) v.lane[c] = *p;
+  return v;
+}
+ADDERVIT_INLINE vq q_sad_add(vq acc, vq a, vq b) {
+  for (int c = 0; c < kGroup; ++c) {
+    uint8_t x[8], y[8];
+    std::memcpy(x, &a.lane[c], 8);
+    std::memcpy(y, &b.lane[c], 8);
+    for (int s = 0; s < 8; ++s) acc.lane[c] += x[s] > y[s] ? x[s] - y[s] : y[s] - x[s];
+  }
+  return acc;
+}
+ADDERVIT_INLINE vq q_load_sums(const int32_t* p) {
+  vq v;
+  for (int c = 0; c < kGroup; ++c) v.lane[c] = static_cast<uint32_t>(p[c]);
+  return v;
+}
+ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
+  for (int c = 0; c < kGroup; ++c) p[c] = static_cast<int32_t>(v.lane[c]);
+}
+#define ADDERVIT_SAD_PATH "portable"
+#define ADDERVIT_SAD_TILES 2, 2
+#endif
+
+// R rows x C vectors of output; KS 8-byte k-steps per block (a KS x C * 64-byte block of the B
+// panel, 32 KB at the AVX-512 defaults, stays in L1); PC rows per job.
+constexpr int kSadTiles[] = {ADDERVIT_SAD_TILES};
+constexpr int kSadR = kSadTiles[0], kSadC = kSadTiles[1], kSadKS = 128, kSadPC = 96;
+static_assert(kSadPC % kSadR == 0, "a chunk is whole register tiles");
+
+// T[r, :] (+)= sum over ks steps of SAD(A[k][r], B[k][:]): A packed [k][R] (8 bytes of a row per
+// entry), B packed [k][C][kGroup][8 bytes].
+__attribute__((noinline)) void sad_tile(long ks, const uint64_t* __restrict A,
+                                        const uint8_t* __restrict B, int32_t* __restrict T,
+                                        bool first) {
+  constexpr int R = kSadR, C = kSadC, W = C * kGroup, step = C * kGroup * 8;
+  vq acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = first ? q_zero() : q_load_sums(T + r * W + c * kGroup);
+  }
+  for (long k = 0; k < ks; ++k) {
+    vq b[C];
+    for (int c = 0; c < C; ++c) b[c] = q_load(B + k * step + c * kGroup * 8);
+    for (int r = 0; r < R; ++r) {
+      const vq a = q_broadcast(A + k * R + r);
+      for (int c = 0; c < C; ++c) acc[r][c] = q_sad_add(acc[r][c], a, b[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) q_store_sums(T + r * W + c * kGroup, acc[r][c]);
+  }
+}
+
+// 8 bytes of a from column 8 * step on, zero past K.
+ADDERVIT_INLINE uint64_t sad_row_step(const uint8_t* row, long K, long step) {
+  const long k0 = step * 8;
+  uint64_t v = 0;
+  if (k0 + 8 <= K) {
+    std::memcpy(&v, row + k0, 8);
+  } else if (k0 < K) {
+    std::memcpy(&v, row + k0, K - k0);
+  }
+  return v;
+}
+
+ffi::Error sad_u8(ffi::ThreadPool& pool, const uint8_t* a, const uint8_t* b, long L, long K,
+                  long N, int32_t* out) {
+  constexpr long R = kSadR, W = kSadC * kGroup, KS = kSadKS, PC = kSadPC, kMinJobs = 16;
+  const long steps = ceil_div(K, 8), panels = ceil_div(N, W), chunks = ceil_div(L, PC);
+  // B[j][k][c][g][s] = b[8 k + s, j * W + c * kGroup + g], zero past K and N
+  std::unique_ptr<uint8_t, decltype(&std::free)> packed(
+      static_cast<uint8_t*>(std::aligned_alloc(64, ((panels * steps * W * 8 + 63) / 64) * 64)),
+      &std::free);
+  if (!packed) return out_of_memory("adder sad_u8");
+  uint8_t* B = packed.get();
+  parallel_for(pool, panels, [&](long j) {
+    uint8_t* dst = B + j * steps * W * 8;
+    std::memset(dst, 0, steps * W * 8);
+    const long n0 = j * W, width = std::min(W, N - n0);
+    for (long k = 0; k < K; ++k) {
+      const uint8_t* row = b + k * N + n0;
+      uint8_t* d = dst + (k / 8) * W * 8 + (k % 8);
+      for (long n = 0; n < width; ++n) d[n * 8] = row[n];
+    }
+  });
+  const long per_group = std::max<long>(1, ceil_div(panels, ceil_div(kMinJobs, chunks)));
+  const long groups = ceil_div(panels, per_group);
+  parallel_for(pool, chunks * groups, [&](long job) {
+    const long p0 = (job / groups) * PC, p1 = std::min(L, p0 + PC);
+    const long rows = ceil_div(p1 - p0, R) * R;
+    const long j0 = (job % groups) * per_group, j1 = std::min(panels, j0 + per_group);
+    thread_local std::vector<int32_t> sums;
+    thread_local std::vector<uint64_t> apack;
+    sums.resize(PC * W * per_group);
+    apack.resize(PC * KS);
+    for (long k0 = 0; k0 < steps; k0 += KS) {
+      const long ks = std::min(KS, steps - k0);
+      // A[t][k][r]: rows of the chunk as register tiles, 8 bytes per entry, zero past L
+      for (long t = 0; t < rows; t += R) {
+        uint64_t* d = apack.data() + t * ks;
+        for (long r = 0; r < R; ++r) {
+          const long p = p0 + t + r;
+          for (long k = 0; k < ks; ++k) d[k * R + r] = p < L ? sad_row_step(a + p * K, K, k0 + k) : 0;
+        }
+      }
+      for (long j = j0; j < j1; ++j) {
+        const uint8_t* Bj = B + (j * steps + k0) * W * 8;
+        int32_t* Tj = sums.data() + (j - j0) * PC * W;
+        for (long t = 0; t < rows; t += R) {
+          sad_tile(ks, apack.data() + t * ks, Bj, Tj + t * W, k0 == 0);
+        }
+      }
+    }
+    for (long j = j0; j < j1; ++j) {
+      const long n0 = j * W, width = std::min(W, N - n0);
+      const int32_t* Tj = sums.data() + (j - j0) * PC * W;
+      for (long p = p0; p < p1; ++p) {
+        std::memcpy(out + p * N + n0, Tj + (p - p0) * W, width * sizeof(int32_t));
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error SadU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8> b,
+                     ffi::ResultBuffer<ffi::S32> out) {
+  auto da = a.dimensions(), db = b.dimensions();
+  if (da.size() != 2 || db.size() != 2 || da[1] != db[0]) {
+    auto shape = [](auto dims) {
+      std::string s = "(";
+      for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+      return s + ")";
+    };
+    return ffi::Error::InvalidArgument("adder sad_u8: expected a (L, K) and b (K, N), got a " +
+                                       shape(da) + ", b " + shape(db));
+  }
+  const long L = da[0], K = da[1], N = db[1];
+  int32_t* o = out->typed_data();
+  if (L * N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(o, o + L * N, 0);
+    return ffi::Error::Success();
+  }
+  return sad_u8(pool, a.typed_data(), b.typed_data(), L, K, N, o);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitForward, ForwardImpl,
@@ -618,3 +836,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitWGradExact, WGradExactImpl,
                                   .Arg<F32>()  // e (D_in,)
                                   .Ret<F32>()  // dw (D_in, D_out)
 );
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitSadU8, SadU8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // a (L, K)
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // b (K, N)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // out (L, N)
+);
+
+// Which SAD path this library was built with ("avx512bw", "avx2" or "portable").
+extern "C" const char* AddervitSadPath() { return ADDERVIT_SAD_PATH; }

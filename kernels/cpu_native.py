@@ -11,6 +11,9 @@ kernel               out[p, q] = sum over r of                       out        
 :func:`w_grad_exact` ``g[l, d] * sign(u[l, i] - w[i, d])``            (i, d)           l
 ==================== ============================================== ================ ==========
 
+and one integer kernel for int8 inference, :func:`sad` (``out[l, n] = sum_k |a[l, k] - b[k, n]|``
+for uint8 codes, int32; x86 PSADBW with AVX-512BW or AVX2, portable C++ elsewhere: :func:`sad_path`).
+
 The C++ source (``cpu_native.cc`` beside this file) is compiled on first use, not at import, with
 the system compiler (``$CXX`` or ``g++``) and ``-O3 -march=native`` (plus ``$ADDERVIT_CXXFLAGS``):
 the machine that runs it is the one that builds it. The library goes to a cache directory
@@ -69,6 +72,9 @@ __all__ = [
     "build",
     "cache_dir",
     "forward",
+    "sad",
+    "sad_path",
+    "sad_reference",
     "unavailable_reason",
     "w_grad_exact",
     "x_grad",
@@ -81,6 +87,7 @@ _TARGETS = {
     "addervit_adder_forward": "AddervitForward",
     "addervit_adder_x_grad": "AddervitXGrad",
     "addervit_adder_w_grad_exact": "AddervitWGradExact",
+    "addervit_sad_u8": "AddervitSadU8",
 }
 _X_GRAD_RULES = {"exact": 0, "addernet": 1, "clipped": 1}
 
@@ -227,8 +234,8 @@ def _f32(*arrays):
     return tuple(a.astype(jnp.float32) for a in arrays)
 
 
-def _ffi(target: str, shape: tuple[int, ...], *args, **attrs) -> jax.Array:
-    result = jax.ShapeDtypeStruct(shape, jnp.float32)
+def _ffi(target: str, shape: tuple[int, ...], *args, dtype=jnp.float32, **attrs) -> jax.Array:
+    result = jax.ShapeDtypeStruct(shape, dtype)
     return jax.ffi.ffi_call(target, result, vmap_method="sequential")(*args, **attrs)
 
 
@@ -261,6 +268,13 @@ def _mapped(fn, axis_size, in_batched, args):
         for a, b in zip(args, in_batched, strict=True)
     ]
     return lax.map(lambda xs: fn(*xs), tuple(batched))
+
+
+def _sad_call(a, b):
+    return _ffi("addervit_sad_u8", (a.shape[0], b.shape[1]), a, b, dtype=jnp.int32)
+
+
+_sad_rows = _rowwise(_sad_call, rows_args=1)
 
 
 def _forward_call(x, w, e):
@@ -362,3 +376,49 @@ def w_grad_exact(x: jax.Array, w: jax.Array, g: jax.Array, e: jax.Array | None =
     _require()
     x, g, w, e = _f32(x, g, w, _ones_if_none(e, d_in))
     return _w_grad_exact_mapped(x, g, w, e)
+
+
+# Sums of 8-bit codes stay exact in int32 up to this many terms (2**31 - 1 over 255).
+SAD_MAX_TERMS = (2**31 - 1) // 255
+
+
+@jax.jit
+def sad(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``out[l, n] = sum_k |a[l, k] - b[k, n]|`` for uint8 ``a`` (L, K) and ``b`` (K, N), in
+    int32 (exact: every term is an integer up to 255, and ``K`` is at most
+    :data:`SAD_MAX_TERMS`).
+
+    Computed with PSADBW (``"avx512bw"`` or ``"avx2"``) or portable C++, whichever
+    :func:`sad_path` says this build has; the int8 adder layer's kernel
+    (:mod:`addervit_jax.adder.quantized`). Under :func:`jax.vmap` a batch of ``a`` alone folds into
+    its rows.
+    """
+    if a.dtype != jnp.uint8 or b.dtype != jnp.uint8 or a.ndim != 2 or b.ndim != 2:
+        raise TypeError(
+            f"sad: a (L, K) and b (K, N) must be 2-D uint8, got a {a.dtype}{list(a.shape)}, "
+            f"b {b.dtype}{list(b.shape)}"
+        )
+    (length, k), n = a.shape, b.shape[1]
+    if b.shape[0] != k:
+        raise ValueError(f"sad: a.shape[1]={k} must equal b.shape[0]={b.shape[0]}")
+    if k > SAD_MAX_TERMS:
+        raise ValueError(f"sad: K={k} terms could overflow int32 (at most {SAD_MAX_TERMS})")
+    if length * k * n == 0:
+        return jnp.zeros((length, n), jnp.int32)
+    _require()
+    return _sad_rows(a, b)
+
+
+def sad_reference(a, b) -> np.ndarray:
+    """:func:`sad` in NumPy integers (int64 sums of int16 differences), for tests."""
+    a, b = np.asarray(a).astype(np.int16), np.asarray(b).astype(np.int16)
+    return np.abs(a[:, :, None] - b[None, :, :]).sum(axis=1, dtype=np.int64)
+
+
+def sad_path() -> str:
+    """The SAD kernel's instruction path in this build: ``"avx512bw"``, ``"avx2"`` or
+    ``"portable"`` (decided by the compiler flags, ``-march=native`` and ``$ADDERVIT_CXXFLAGS``)."""
+    _require()
+    fn = _library.AddervitSadPath
+    fn.restype = ctypes.c_char_p
+    return fn().decode()

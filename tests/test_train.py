@@ -246,6 +246,13 @@ def test_cli_trains_on_digits_and_evaluates(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] == pytest.approx(summary["eval_accuracy"])
     assert result["count"] == 360
+    # the int8 form beside the float model, calibrated on training batches
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), "--int8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["float"]["accuracy"] == pytest.approx(summary["eval_accuracy"])
+    assert result["int8"]["count"] == 360
+    assert abs(result["int8"]["accuracy"] - result["float"]["accuracy"]) <= 0.03
+    assert result["calibration"] == {"split": "train", "images": 4 * 64, "augmentation": False}
 
 
 def _tensorboard_scalars(workdir: pathlib.Path) -> dict:

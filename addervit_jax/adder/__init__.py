@@ -5,6 +5,7 @@ backward rules and its backends. Users reach it as ``addervit_jax.ops.adder``.
 * :mod:`.options`: :class:`AdderOptions`, the rule and the backend as one checked value;
 * :mod:`.op`: :func:`adder` and :func:`adder_scores` (L1 attention logits), one custom_vjp over
   every backend;
+* :mod:`.quantized`: :func:`adder_int8` on 8-bit codes (int8 inference) and :func:`int8_codes`;
 * :mod:`.backends`: one module per backend (``xla``, ``pallas``, ``cpu_native``, ``naive``), each
   with the same protocol; the Pallas and native kernels themselves live in ``kernels/`` (installed
   as ``addervit_jax.kernels``), each beside its ``*_reference``.
@@ -18,6 +19,7 @@ from addervit_jax.adder.op import (
     shard_rows,
 )
 from addervit_jax.adder.options import BACKENDS, AdderOptions
+from addervit_jax.adder.quantized import adder_int8, int8_codes
 from addervit_jax.adder.rules import GRAD_RULES
 
 __all__ = [
@@ -25,8 +27,10 @@ __all__ = [
     "AdderOptions",
     "GRAD_RULES",
     "adder",
+    "adder_int8",
     "adder_scores",
     "check_operands",
+    "int8_codes",
     "resolve_backend",
     "shard_rows",
 ]

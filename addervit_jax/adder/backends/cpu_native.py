@@ -27,3 +27,7 @@ def x_grad(x, w, g, e=None, *, grad: str, clip_scale: float, interpret: bool = F
 def w_grad_exact(x, w, g, e=None, *, interpret: bool = False):
     del interpret
     return _kernels.w_grad_exact(x, w, g, e)
+
+
+def sad(a, b):
+    return _kernels.sad(a, b)

@@ -103,3 +103,10 @@ def w_grad_exact(x, w, g, e=None, *, interpret: bool = False) -> jax.Array:
     xc, wc, gc, ec = _cast(rules.compute_dtype(x, w, g), x, w, g, e)
     u = _stretched(xc, ec)
     return _rank1_sum(lambda gl, ul, ww: gl * jnp.sign(ul - ww), gc, u, wc.T).T
+
+
+def sad(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``out[l, n] = sum_k |a[l, k] - b[k, n]|`` for uint8 codes, in int32 (exact); zero
+    padding of K adds ``|0 - 0| = 0``."""
+    a, b = a.astype(jnp.int32), b.astype(jnp.int32)
+    return _rank1_sum(lambda ak, bk, _: jnp.abs(ak - bk), a.T, b)

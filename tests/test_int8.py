@@ -1,0 +1,282 @@
+"""int8 inference of adder layers: the SAD kernel (kernels/cpu_native.cc, every instruction path),
+``ops.adder_int8`` and ``ops.int8_codes``, ``layers.Int8AdderDense``, ``models.quantize`` and
+``addervit eval --int8``.
+
+Integer results are compared for equality with a NumPy integer reference; the quantised layer
+against the float64 adder within the bound its grid implies.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from addervit_jax import layers, models, ops
+from addervit_jax.kernels import cpu_native as N
+
+
+def _codes(rng, shape, extremes: bool) -> np.ndarray:
+    """Random uint8 codes; ``extremes``: only 0 and 255 (the largest differences)."""
+    if extremes:
+        return (rng.integers(0, 2, shape) * 255).astype(np.uint8)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def native():
+    if not N.available():
+        pytest.skip(f"native CPU kernels unavailable: {N.unavailable_reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel and the op
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 70),
+    st.integers(1, 300),
+    st.integers(1, 70),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_sad_kernel_is_exact_on_random_shapes(native, length, k, n, extremes, seed):
+    rng = np.random.default_rng(seed)
+    a, b = _codes(rng, (length, k), extremes), _codes(rng, (k, n), extremes)
+    out = N.sad(a, b)
+    assert out.dtype == jnp.int32 and out.shape == (length, n)
+    np.testing.assert_array_equal(np.asarray(out), N.sad_reference(a, b))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (96 * 2 + 5, 1031, 97), (6, 8, 32), (200, 2049, 3)])
+def test_sad_kernel_at_tile_edges_long_reductions_and_saturation(native, shape):
+    length, k, n = shape
+    rng = np.random.default_rng(k)
+    a, b = _codes(rng, (length, k), False), _codes(rng, (k, n), False)
+    np.testing.assert_array_equal(np.asarray(N.sad(a, b)), N.sad_reference(a, b))
+    # every term at its largest, 255, in both directions
+    full, empty = np.full((length, k), 255, np.uint8), np.zeros((k, n), np.uint8)
+    np.testing.assert_array_equal(np.asarray(N.sad(full, empty)), np.full((length, n), 255 * k))
+    np.testing.assert_array_equal(np.asarray(N.sad(empty.T, full.T)), np.full((n, length), 255 * k))
+
+
+def test_sad_kernel_under_jit_and_vmap(native):
+    rng = np.random.default_rng(3)
+    a, b = _codes(rng, (3, 10, 21), False), _codes(rng, (21, 9), False)
+    want = np.stack([N.sad_reference(x, b) for x in a])
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(N.sad, (0, None)))(a, b)), want)
+    bs = _codes(rng, (3, 21, 9), False)  # both batched: mapped
+    want = np.stack([N.sad_reference(x, y) for x, y in zip(a, bs, strict=True)])
+    np.testing.assert_array_equal(np.asarray(jax.vmap(N.sad)(a, bs)), want)
+
+
+def test_sad_kernel_rejects_bad_operands(native):
+    a = np.zeros((2, 3), np.uint8)
+    with pytest.raises(TypeError, match=r"uint8.*float32\[3, 4\]"):
+        N.sad(a, np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"a.shape\[1\]=3 must equal b.shape\[0\]=5"):
+        N.sad(a, np.zeros((5, 4), np.uint8))
+    assert N.sad(np.zeros((0, 3), np.uint8), np.zeros((3, 4), np.uint8)).shape == (0, 4)
+
+
+SAD_PATH_SCRIPT = """
+import json
+import numpy as np
+from addervit_jax.kernels import cpu_native as N
+
+assert N.available(), N.unavailable_reason
+rng = np.random.default_rng(5)
+same = []
+for length, k, n in [(1, 1, 1), (7, 13, 5), (97, 301, 43), (13, 1100, 33)]:
+    a, b = rng.integers(0, 256, (length, k), np.uint8), rng.integers(0, 256, (k, n), np.uint8)
+    same.append(bool(np.array_equal(np.asarray(N.sad(a, b)), N.sad_reference(a, b))))
+full, empty = np.full((9, 777), 255, np.uint8), np.zeros((777, 10), np.uint8)
+same.append(bool(np.all(np.asarray(N.sad(full, empty)) == 255 * 777)))
+print("RESULT " + json.dumps({"path": N.sad_path(), "same": same}))
+"""
+
+_CPU_FLAGS = (
+    pathlib.Path("/proc/cpuinfo").read_text(errors="ignore").split()
+    if pathlib.Path("/proc/cpuinfo").exists()
+    else []
+)
+
+
+@pytest.mark.parametrize(
+    ("flags", "path", "needs"),
+    [
+        ("-mno-avx512f", "avx2", "avx2"),
+        ("-mno-avx2 -mno-avx512f", "portable", None),
+    ],
+)
+def test_every_instruction_path_of_the_sad_kernel_is_exact(native, flags, path, needs):
+    # The default build here takes the best path this CPU has (avx512bw on AVX-512 machines: the
+    # tests above); the others are built with target flags turned off.
+    if needs and needs not in _CPU_FLAGS:
+        pytest.skip(f"this CPU has no {needs}")
+    env = {**os.environ, "ADDERVIT_CXXFLAGS": flags, "ADDERVIT_CPU_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SAD_PATH_SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["path"] == path and all(result["same"]), result
+
+
+def test_native_path_is_the_best_this_cpu_has(native):
+    expected = (
+        "avx512bw"
+        if {"avx512f", "avx512bw"} <= set(_CPU_FLAGS)
+        else "avx2"
+        if "avx2" in _CPU_FLAGS
+        else "portable"
+    )
+    if not _CPU_FLAGS or os.environ.get("ADDERVIT_CXXFLAGS"):
+        pytest.skip("no /proc/cpuinfo, or build flags set by the environment")
+    assert N.sad_path() == expected
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla", "cpu_native", "pallas"])
+def test_adder_int8_is_minus_the_sad_on_every_backend(backend):
+    rng = np.random.default_rng(7)
+    qx, qw = _codes(rng, (2, 9, 37), False), _codes(rng, (37, 11), False)
+    want = -np.stack([N.sad_reference(x, qw) for x in qx])
+    out = jax.jit(lambda a, b: ops.adder_int8(a, b, backend=backend))(qx, qw)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), want)
+    # int8 codes: the same differences (the sign bit flipped is +128 on both)
+    signed = lambda q: (q.astype(np.int16) - 128).astype(np.int8)  # noqa: E731
+    np.testing.assert_array_equal(
+        np.asarray(ops.adder_int8(signed(qx), signed(qw), backend=backend)), want
+    )
+
+
+def test_adder_int8_rejects_bad_operands():
+    q = np.zeros((4, 3), np.uint8)
+    with pytest.raises(TypeError, match=r"both be uint8 or both int8, got uint8 and int8"):
+        ops.adder_int8(q, np.zeros((3, 2), np.int8))
+    with pytest.raises(ValueError, match=r"qx.shape=\(4, 3\), qw.shape=\(4, 2\)"):
+        ops.adder_int8(q, np.zeros((4, 2), np.uint8))
+
+
+def test_int8_codes_put_values_on_the_grid_and_clip_at_its_ends():
+    low, scale = -0.5, 0.01
+    grid = low + scale * np.arange(256)
+    np.testing.assert_array_equal(np.asarray(ops.int8_codes(grid, low, scale)), np.arange(256))
+    outside = np.array([-100.0, low - scale, low + 300 * scale, 1e30])
+    np.testing.assert_array_equal(np.asarray(ops.int8_codes(outside, low, scale)), [0, 0, 255, 255])
+    assert ops.int8_codes(grid, low, scale).dtype == jnp.uint8
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer and the model
+# ---------------------------------------------------------------------------------------------
+
+
+def _adder_layer(seed, d_in, d_out, norm="layer"):
+    rng = np.random.default_rng(seed)
+    layer = layers.AdderDense(d_in, d_out, norm=norm, rngs=nnx.Rngs(seed))
+    layer.stretch[...] = jnp.asarray(rng.uniform(0.5, 1.5, d_in), jnp.float32)
+    layer.mask[...] = jnp.asarray(rng.uniform(0.5, 1.5, d_out), jnp.float32)
+    layer.bias[...] = jnp.asarray(rng.normal(size=d_out), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(300, d_in)), jnp.float32)
+    return layer, x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int8_layer_is_within_its_grid_error_of_the_float64_adder(seed):
+    # With the grid over every value (no clipping), each of u and w is rounded by at most
+    # scale / 2, so each |u - w| moves by at most scale: |sum| error <= D_in * scale.
+    layer, x = _adder_layer(seed, 57, 23, norm="none")
+    q = layers.Int8AdderDense.calibrate(layer, x, clip_fractions=(0.0,))
+    scale = float(q.scale[...])
+    u = np.asarray(x, np.float64) * np.asarray(layer.stretch[...], np.float64)
+    w = np.asarray(layer.kernel[...], np.float64)
+    similarity = ref.adder(u, w)
+    got = (np.asarray(q(x), np.float64) - np.asarray(layer.bias[...])) / np.asarray(layer.mask[...])
+    assert np.max(np.abs(got - similarity)) <= 57 * scale * (1 + 1e-5)
+    # the grid spans the values: the lowest at code 0, the highest at code 255
+    lo, hi = min(u.min(), w.min()), max(u.max(), w.max())
+    assert float(q.low[...]) == pytest.approx(lo, rel=1e-6, abs=1e-6)
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert q.kernel[...].dtype == jnp.uint8
+
+
+def test_calibration_picks_the_grid_with_the_smallest_output_error():
+    layer, x = _adder_layer(2, 64, 32)
+    reference = np.asarray(layer(x))
+    errors = {
+        f: float(
+            np.mean(
+                (
+                    np.asarray(layers.Int8AdderDense.calibrate(layer, x, clip_fractions=(f,))(x))
+                    - reference
+                )
+                ** 2
+            )
+        )
+        for f in layers.Int8AdderDense.CLIP_FRACTIONS
+    }
+    best = layers.Int8AdderDense.calibrate(layer, x)
+    assert float(np.mean((np.asarray(best(x)) - reference) ** 2)) == pytest.approx(
+        min(errors.values())
+    )
+    # normalised outputs (unit variance before F, b) move by little: about 1e-2 rms
+    assert min(errors.values()) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("variant", "overrides", "sites"),
+    [
+        ("qkv_2ffn", {}, 10),  # 2 blocks x (q, k, v, fc1, fc2)
+        ("all_adder", {"attn": "l1_identity"}, 14),  # + embed, 2 proj, head
+        ("adder", {}, 10),  # AdderNet's layer (adder_orig)
+    ],
+)
+def test_quantize_replaces_every_adder_site_and_stays_close(variant, overrides, sites):
+    model = models.build(
+        variant, rngs=nnx.Rngs(0), dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64, **overrides
+    )
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(4, 32, 32, 3)).astype(np.float32) for _ in range(2)]
+    before = nnx.state(model)
+    quantized = models.quantize(model, batches)
+    kinds = [type(m).__name__ for _, m in nnx.iter_modules(quantized)]
+    assert kinds.count("Int8AdderDense") == sites and "AdderDense" not in kinds
+    # the float model is untouched
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), before, nnx.state(model)))
+    images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    floats, ints = np.asarray(model(images)), np.asarray(quantized(images))
+    assert np.sqrt(np.mean((floats - ints) ** 2)) < 0.05 * np.std(floats)
+    # it jits and splits like any NNX model; the codes are not parameters
+    graphdef, params, rest = nnx.split(quantized, nnx.Param, ...)
+    assert not any(v.dtype == jnp.uint8 for v in jax.tree.leaves(params))
+    jitted = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))(params, rest, images)
+    # (XLA may fuse (u - low) / scale differently under jit, moving a value across a rounding
+    # boundary: a code one step away changes a term by one grid step)
+    np.testing.assert_allclose(np.asarray(jitted), ints, atol=2e-3)
+
+
+def test_quantize_refuses_models_without_adder_sites_and_empty_batches():
+    small = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "mlp_dim": 64}
+    with pytest.raises(ValueError, match="no adder sites"):
+        models.quantize(models.build("multi", rngs=nnx.Rngs(0), **small), [])
+    with pytest.raises(ValueError, match="batches is empty"):
+        models.quantize(models.build("qkv_2ffn", rngs=nnx.Rngs(0), **small), [])
