@@ -171,11 +171,12 @@ class Int8Codes(nnx.Variable):
     """The 8-bit codes of an :class:`Int8AdderDense`'s weight (not trained)."""
 
 
-class Int8AdderDense(_DistanceDense):
-    """``y = F * N(scale * adder_int8(codes(E * x), codes(W))) + b``: an :class:`AdderDense` for
-    inference, its similarity summed in int32 on 8-bit codes of ``u = E * x`` and ``W`` on one
-    grid (``low``, ``scale``; :mod:`addervit_jax.adder.quantized`). ``E``, ``F``, ``b`` and the
-    normalisation stay float. Make one with :meth:`calibrate`."""
+class Int8AdderDense(nnx.Module):
+    """An :class:`AdderDense` for inference on 8-bit integers: ``ops.adder_int8_layer`` (the
+    formula is there), ``y = F * N(scale * adder_int8(codes(E * x), codes(W))) + b``, the
+    similarity summed in int32 on codes of ``u = E * x`` and ``W`` on one grid (``low``,
+    ``scale``; :mod:`addervit_jax.adder.quantized`). ``E``, ``F``, ``b`` and the normalisation
+    stay float. Make one with :meth:`calibrate`."""
 
     kind = "adder"
 
@@ -191,11 +192,20 @@ class Int8AdderDense(_DistanceDense):
         self.kernel = Int8Codes(ops.int8_codes(layer.kernel[...], low, scale))
         self.stretch, self.mask, self.bias = layer.stretch, layer.mask, layer.bias
 
-    def _similarity(self, x, codes, stretch):
-        u = x if stretch is None else x * stretch
-        qu = ops.int8_codes(u, self.low[...], self.scale[...])
-        y = ops.adder_int8(qu, codes, backend=self.backend)
-        return self.scale[...] * y.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value = lambda v: None if v is None else v[...]  # noqa: E731
+        with similarity_scope(self.kind):
+            return ops.adder_int8_layer(
+                x,
+                self.kernel[...],
+                low=self.low[...],
+                scale=self.scale[...],
+                stretch=value(self.stretch),
+                mask=value(self.mask),
+                bias=value(self.bias),
+                norm=self.norm == "layer",
+                backend=self.backend,
+            )
 
     # The fractions of the values of u and of W left outside the grid, one candidate grid each.
     CLIP_FRACTIONS = (0.0, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2)

@@ -10,7 +10,8 @@
   two activations (L1 attention logits).
 * ``adder_int8``: ``y[..., d] = -sum_i |qx[..., i] - qw[i, d]|`` on 8-bit codes, in int32 (the int8
   adder layer's inference; codes from ``int8_codes``, the grid explained in
-  :mod:`addervit_jax.adder.quantized`).
+  :mod:`addervit_jax.adder.quantized`), and ``adder_int8_layer``, the int8 layer's whole forward
+  in one kernel pass.
 * ``euclid``: ``y[..., d] = -sum_i (x[..., i] - w[i, d])^2`` (EuclidNet's squared L2 similarity;
   Li et al., "EuclidNets: An alternative operation for efficient inference of deep learning
   models", 2022), exact gradients by autodiff.
@@ -31,6 +32,7 @@ from addervit_jax.adder import (
     AdderOptions,
     adder,
     adder_int8,
+    adder_int8_layer,
     adder_scores,
     check_operands,
     int8_codes,
@@ -45,6 +47,7 @@ __all__ = [
     "GRAD_RULES",
     "adder",
     "adder_int8",
+    "adder_int8_layer",
     "adder_scores",
     "dense",
     "euclid",

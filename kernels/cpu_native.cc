@@ -31,6 +31,7 @@
 // GCC vector extensions that the compiler maps to their SIMD registers.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -724,15 +725,98 @@ ADDERVIT_INLINE uint64_t sad_row_step(const uint8_t* row, long K, long step) {
   return v;
 }
 
-ffi::Error sad_u8(ffi::ThreadPool& pool, const uint8_t* a, const uint8_t* b, long L, long K,
-                  long N, int32_t* out) {
+// Where the rows of a come from. Codes: uint8 a (L, K) as given. Quantised: the int8 adder
+// layer's input, coded here (one pass, no (L, K) code array): code = clamp(rint((x * e - low) /
+// scale), 0, 255), in float32 as ops.int8_codes writes it (rint: half to even, like jnp.round);
+// NaN gives code 0.
+struct CodeRows {
+  const uint8_t* a;
+  long K;
+  void operator()(long p, uint8_t* dst) const { std::memcpy(dst, a + p * K, K); }
+};
+
+struct QuantizedRows {
+  const float *x, *e;
+  float low, scale;
+  long K;
+  ADDERVIT_INLINE static uint8_t code(float v, float low, float scale) {
+    float q = std::nearbyint((v - low) / scale);
+    q = q >= 0.0f ? q : 0.0f;  // also NaN -> 0
+    return static_cast<uint8_t>(std::min(q, 255.0f));
+  }
+  void operator()(long p, uint8_t* dst) const {
+    const float* row = x + p * K;
+    long k = 0;
+#if ADDERVIT_AVX512
+    // the same float32 operations, 16 at a time (VRNDSCALEPS: to nearest even, no exception)
+    const __m512 vlow = _mm512_set1_ps(low), vscale = _mm512_set1_ps(scale);
+    const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(255.0f);
+    for (; k + kLanes <= K; k += kLanes) {
+      const __m512 u = _mm512_mul_ps(_mm512_loadu_ps(row + k), _mm512_loadu_ps(e + k));
+      __m512 q = _mm512_div_ps(_mm512_sub_ps(u, vlow), vscale);
+      q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_min_ps(_mm512_max_ps(q, zero), top);  // VMAXPS(NaN, 0) = 0
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
+                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+#endif
+    for (; k < K; ++k) dst[k] = code(row[k] * e[k], low, scale);
+  }
+};
+
+// Where finished rows of sums go. Sums: int32 out[l, n]. Layer: the int8 adder layer's output
+// mask * N(-scale * sums) + bias in float32, N a LayerNorm over the row without affine
+// parameters (mean and variance in double) or the identity, as layers.Int8AdderDense computes it
+// in XLA; each call gets whole rows.
+struct SumsOut {
+  int32_t* out;
+  long N;
+  void operator()(long p, long n0, long width, const int32_t* sums) const {
+    std::memcpy(out + p * N + n0, sums, width * sizeof(int32_t));
+  }
+};
+
+struct LayerOut {
+  float* out;
+  long N;
+  float scale;
+  const float *mask, *bias;
+  bool norm;
+  float epsilon;
+  void operator()(long p, long, long, const int32_t* sums) const {  // whole rows
+    // y = -scale * s: its mean and variance from the exact integer moments of s
+    float shift = 0.0f, factor = 1.0f;
+    if (norm) {
+      int64_t s1 = 0, s2 = 0;
+      for (long n = 0; n < N; ++n) {
+        s1 += sums[n];
+        s2 += static_cast<int64_t>(sums[n]) * sums[n];
+      }
+      const double mean = static_cast<double>(s1) / N;
+      const double variance = std::max(0.0, static_cast<double>(s2) / N - mean * mean);
+      factor = static_cast<float>(1.0 / std::sqrt(double(scale) * scale * variance + epsilon));
+      shift = static_cast<float>(-double(scale) * mean);
+    }
+    float* y = out + p * N;
+    for (long n = 0; n < N; ++n) {
+      y[n] = (-scale * static_cast<float>(sums[n]) - shift) * factor * mask[n] + bias[n];
+    }
+  }
+};
+
+// out rows = epilogue(sum_k |a[l, k] - b[k, n]|) with the rows of a from `rows`. Jobs are
+// chunks of PC rows x groups of panels; `whole_rows` puts every panel in one group, so the
+// epilogue sees whole rows (a LayerNorm needs them).
+template <class Rows, class Epilogue>
+ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_t* b, long L,
+                      long K, long N, const Epilogue& epilogue, bool whole_rows) {
   constexpr long R = kSadR, W = kSadC * kGroup, KS = kSadKS, PC = kSadPC, kMinJobs = 16;
   const long steps = ceil_div(K, 8), panels = ceil_div(N, W), chunks = ceil_div(L, PC);
   // B[j][k][c][g][s] = b[8 k + s, j * W + c * kGroup + g], zero past K and N
   std::unique_ptr<uint8_t, decltype(&std::free)> packed(
       static_cast<uint8_t*>(std::aligned_alloc(64, ((panels * steps * W * 8 + 63) / 64) * 64)),
       &std::free);
-  if (!packed) return out_of_memory("adder sad_u8");
+  if (!packed) return out_of_memory("adder int8");
   uint8_t* B = packed.get();
   parallel_for(pool, panels, [&](long j) {
     uint8_t* dst = B + j * steps * W * 8;
@@ -744,24 +828,28 @@ ffi::Error sad_u8(ffi::ThreadPool& pool, const uint8_t* a, const uint8_t* b, lon
       for (long n = 0; n < width; ++n) d[n * 8] = row[n];
     }
   });
-  const long per_group = std::max<long>(1, ceil_div(panels, ceil_div(kMinJobs, chunks)));
+  const long per_group =
+      whole_rows ? panels : std::max<long>(1, ceil_div(panels, ceil_div(kMinJobs, chunks)));
   const long groups = ceil_div(panels, per_group);
   parallel_for(pool, chunks * groups, [&](long job) {
     const long p0 = (job / groups) * PC, p1 = std::min(L, p0 + PC);
     const long rows = ceil_div(p1 - p0, R) * R;
     const long j0 = (job % groups) * per_group, j1 = std::min(panels, j0 + per_group);
-    thread_local std::vector<int32_t> sums;
+    thread_local std::vector<int32_t> sums, row_sums;
     thread_local std::vector<uint64_t> apack;
+    thread_local std::vector<uint8_t> codes;
     sums.resize(PC * W * per_group);
     apack.resize(PC * KS);
+    codes.assign(rows * steps * 8, 0);  // rows past L and k past K stay 0 (|0 - 0| = 0)
+    for (long p = p0; p < p1; ++p) rows_of_a(p, codes.data() + (p - p0) * steps * 8);
     for (long k0 = 0; k0 < steps; k0 += KS) {
       const long ks = std::min(KS, steps - k0);
-      // A[t][k][r]: rows of the chunk as register tiles, 8 bytes per entry, zero past L
+      // A[t][k][r]: the chunk's rows as register tiles, 8 codes per entry
       for (long t = 0; t < rows; t += R) {
         uint64_t* d = apack.data() + t * ks;
         for (long r = 0; r < R; ++r) {
-          const long p = p0 + t + r;
-          for (long k = 0; k < ks; ++k) d[k * R + r] = p < L ? sad_row_step(a + p * K, K, k0 + k) : 0;
+          const uint8_t* src = codes.data() + ((t + r) * steps + k0) * 8;
+          for (long k = 0; k < ks; ++k) std::memcpy(d + k * R + r, src + k * 8, 8);
         }
       }
       for (long j = j0; j < j1; ++j) {
@@ -772,12 +860,16 @@ ffi::Error sad_u8(ffi::ThreadPool& pool, const uint8_t* a, const uint8_t* b, lon
         }
       }
     }
-    for (long j = j0; j < j1; ++j) {
-      const long n0 = j * W, width = std::min(W, N - n0);
-      const int32_t* Tj = sums.data() + (j - j0) * PC * W;
-      for (long p = p0; p < p1; ++p) {
-        std::memcpy(out + p * N + n0, Tj + (p - p0) * W, width * sizeof(int32_t));
+    // the group's columns of each row, gathered from the panels, to the epilogue
+    const long n0 = j0 * W, width = std::min(N, j1 * W) - n0;
+    row_sums.resize(width);
+    for (long p = p0; p < p1; ++p) {
+      for (long j = j0; j < j1; ++j) {
+        const long w = std::min(W, N - j * W);
+        std::memcpy(row_sums.data() + (j - j0) * W, sums.data() + ((j - j0) * PC + p - p0) * W,
+                    w * sizeof(int32_t));
       }
+      epilogue(p, n0, width, row_sums.data());
     }
   });
   return ffi::Error::Success();
@@ -802,7 +894,34 @@ ffi::Error SadU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> a, ffi::Buffer<f
     std::fill(o, o + L * N, 0);
     return ffi::Error::Success();
   }
-  return sad_u8(pool, a.typed_data(), b.typed_data(), L, K, N, o);
+  return sad_driver(pool, CodeRows{a.typed_data(), K}, b.typed_data(), L, K, N, SumsOut{o, N},
+                    false);
+}
+
+// The int8 adder layer: y = mask * N(-scale * sum_k |code(x * e)[l, k] - w[k, n]|) + bias, with
+// grid = (low, scale) and norm 1 (LayerNorm) or 0 (none).
+ffi::Error AdderInt8LayerImpl(ffi::ThreadPool pool, F32 x, F32 e, ffi::Buffer<ffi::U8> w, F32 grid,
+                              F32 mask, F32 bias, ffi::ResultBuffer<ffi::F32> y, int32_t norm,
+                              float epsilon) {
+  auto dx = x.dimensions(), dw = w.dimensions();
+  const bool ok = dx.size() == 2 && dw.size() == 2 && dx[1] == dw[0] &&
+                  e.dimensions().size() == 1 && e.dimensions()[0] == dx[1] &&
+                  grid.dimensions().size() == 1 && grid.dimensions()[0] == 2 &&
+                  mask.dimensions().size() == 1 && mask.dimensions()[0] == dw[1] &&
+                  bias.dimensions().size() == 1 && bias.dimensions()[0] == dw[1];
+  if (!ok || (norm != 0 && norm != 1)) {
+    return ffi::Error::InvalidArgument(
+        "adder int8 layer: expected x (L, K), e (K,), w (K, N), grid (2,), mask (N,), bias (N,) "
+        "and norm 0 or 1, got x " + shape_of(x) + ", e " + shape_of(e) + ", grid " +
+        shape_of(grid) + ", mask " + shape_of(mask) + ", bias " + shape_of(bias));
+  }
+  const long L = dx[0], K = dx[1], N = dw[1];
+  float* out = y->typed_data();
+  if (L * N == 0) return ffi::Error::Success();
+  const float low = grid.typed_data()[0], scale = grid.typed_data()[1];
+  const QuantizedRows rows{x.typed_data(), e.typed_data(), low, scale, K};
+  const LayerOut epilogue{out, N, scale, mask.typed_data(), bias.typed_data(), norm == 1, epsilon};
+  return sad_driver(pool, rows, w.typed_data(), L, K, N, epilogue, true);
 }
 
 }  // namespace
@@ -844,6 +963,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitSadU8, SadU8Impl,
                                   .Arg<ffi::Buffer<ffi::U8>>()  // b (K, N)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // out (L, N)
 );
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitAdderInt8Layer, AdderInt8LayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()                    // x (L, K)
+                                  .Arg<F32>()                    // e (K,)
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // w codes (K, N)
+                                  .Arg<F32>()                    // grid (low, scale)
+                                  .Arg<F32>()                    // mask (N,)
+                                  .Arg<F32>()                    // bias (N,)
+                                  .Ret<F32>()                    // y (L, N)
+                                  .Attr<int32_t>("norm")
+                                  .Attr<float>("epsilon"));
 
 // Which SAD path this library was built with ("avx512bw", "avx2" or "portable").
 extern "C" const char* AddervitSadPath() { return ADDERVIT_SAD_PATH; }

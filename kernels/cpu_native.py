@@ -11,8 +11,9 @@ kernel               out[p, q] = sum over r of                       out        
 :func:`w_grad_exact` ``g[l, d] * sign(u[l, i] - w[i, d])``            (i, d)           l
 ==================== ============================================== ================ ==========
 
-and one integer kernel for int8 inference, :func:`sad` (``out[l, n] = sum_k |a[l, k] - b[k, n]|``
-for uint8 codes, int32; x86 PSADBW with AVX-512BW or AVX2, portable C++ elsewhere: :func:`sad_path`).
+and two integer kernels for int8 inference: :func:`sad` (``out[l, n] = sum_k |a[l, k] - b[k, n]|``
+for uint8 codes, in int32; x86 PSADBW with AVX-512BW or AVX2, portable C++ elsewhere:
+:func:`sad_path`) and :func:`adder_int8_layer`, the same sum inside a whole int8 adder layer.
 
 The C++ source (``cpu_native.cc`` beside this file) is compiled on first use, not at import, with
 the system compiler (``$CXX`` or ``g++``) and ``-O3 -march=native`` (plus ``$ADDERVIT_CXXFLAGS``):
@@ -68,6 +69,7 @@ from jax import lax
 
 __all__ = [
     "CXXFLAGS",
+    "adder_int8_layer",
     "available",
     "build",
     "cache_dir",
@@ -88,6 +90,7 @@ _TARGETS = {
     "addervit_adder_x_grad": "AddervitXGrad",
     "addervit_adder_w_grad_exact": "AddervitWGradExact",
     "addervit_sad_u8": "AddervitSadU8",
+    "addervit_adder_int8_layer": "AddervitAdderInt8Layer",
 }
 _X_GRAD_RULES = {"exact": 0, "addernet": 1, "clipped": 1}
 
@@ -407,6 +410,56 @@ def sad(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.zeros((length, n), jnp.int32)
     _require()
     return _sad_rows(a, b)
+
+
+@functools.cache
+def _int8_layer_rows(norm: bool, epsilon: float):
+    def call(x, e, w, grid, mask, bias):
+        return _ffi(
+            "addervit_adder_int8_layer",
+            (x.shape[0], w.shape[1]),
+            x,
+            e,
+            w,
+            grid,
+            mask,
+            bias,
+            norm=np.int32(norm),
+            epsilon=np.float32(epsilon),
+        )
+
+    return _rowwise(call, rows_args=1)
+
+
+@functools.partial(jax.jit, static_argnames=("norm", "epsilon"))
+def adder_int8_layer(
+    x: jax.Array,
+    e: jax.Array,
+    w: jax.Array,
+    grid: jax.Array,
+    mask: jax.Array,
+    bias: jax.Array,
+    *,
+    norm: bool,
+    epsilon: float = 1e-5,
+) -> jax.Array:
+    """The int8 adder layer in one pass: ``mask * N(-scale * sad(codes(x * e), w)) + bias``.
+
+    ``x`` (L, K) and ``e`` (K,) float32; ``w`` (K, N) uint8 codes; ``grid`` = ``(low, scale)``;
+    ``codes(v) = clip(rint((v - low) / scale), 0, 255)`` formed while the rows are packed;
+    ``N`` a LayerNorm over each row without affine parameters (``norm``, with ``epsilon``) or the
+    identity; ``mask``, ``bias`` (N,). Returns float32 (L, N).
+    """
+    (length, k), n = x.shape, w.shape[1]
+    if w.dtype != jnp.uint8 or w.shape[0] != k:
+        raise TypeError(f"adder_int8_layer: w must be uint8 ({k}, N), got {w.dtype}{list(w.shape)}")
+    if k > SAD_MAX_TERMS:
+        raise ValueError(f"adder_int8_layer: K={k} terms could overflow int32")
+    if length * n == 0:
+        return jnp.zeros((length, n), jnp.float32)
+    _require()
+    args = _f32(x, e, grid, mask, bias)
+    return _int8_layer_rows(bool(norm), float(epsilon))(args[0], args[1], w, *args[2:])
 
 
 def sad_reference(a, b) -> np.ndarray:

@@ -280,3 +280,46 @@ def test_quantize_refuses_models_without_adder_sites_and_empty_batches():
         models.quantize(models.build("multi", rngs=nnx.Rngs(0), **small), [])
     with pytest.raises(ValueError, match="batches is empty"):
         models.quantize(models.build("qkv_2ffn", rngs=nnx.Rngs(0), **small), [])
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 29, 45), (300, 130, 70), (200, 1100, 33)])
+def test_fused_int8_layer_kernel_matches_its_composition(native, shape, norm):
+    # Inputs a safe distance from rounding ties (code k +- 0.4 steps), so the kernel and XLA
+    # code every value alike and the integer sums are equal: only float rounding differs.
+    length, d_in, d_out = shape
+    rng = np.random.default_rng(d_in)
+    low, scale = -2.0, 4.0 / 255
+    steps = rng.integers(0, 256, (length, d_in)) + rng.uniform(-0.4, 0.4, (length, d_in))
+    x = jnp.asarray(low + scale * steps, jnp.float32)
+    codes_w = jnp.asarray(rng.integers(0, 256, (d_in, d_out), np.uint8))
+    mask = jnp.asarray(rng.uniform(0.5, 1.5, d_out), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=d_out), jnp.float32)
+    kw = dict(low=low, scale=scale, mask=mask, bias=bias, norm=norm)
+    fused = ops.adder_int8_layer(x, codes_w, backend="cpu_native", **kw)
+    composed = ops.adder_int8_layer(x, codes_w, backend="xla", **kw)
+    # float64 of the same integer sums
+    sums = N.sad_reference(np.asarray(ops.int8_codes(x, low, scale)), np.asarray(codes_w))
+    y = -scale * sums.astype(np.float64)
+    if norm and d_out > 1:
+        y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
+    elif norm:
+        y = np.zeros_like(y)
+    want = y * np.asarray(mask, np.float64) + np.asarray(bias, np.float64)
+    # the kernel normalises in double, two passes; jax.nn.standardize in float32 as
+    # E[y^2] - E[y]^2, which loses digits when the mean is large against the spread
+    for got, tol in ((fused, 2e-5), (composed, 1e-3)):
+        assert got.dtype == jnp.float32 and got.shape == (length, d_out)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+
+
+def test_fused_int8_layer_with_stretch_under_jit_and_vmap(native):
+    layer, x = _adder_layer(4, 48, 40)
+    q = layers.Int8AdderDense.calibrate(layer, x)
+    xs = x.reshape(3, 100, 48)
+    fused = jax.jit(jax.vmap(q))(xs)
+    q.backend = "xla"
+    composed = q(xs)
+    # random inputs: a rare value codes one step apart in the two (a rounding tie)
+    assert np.mean(np.abs(np.asarray(fused) - np.asarray(composed)) > 1e-4) < 1e-3
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(composed), atol=5e-2)

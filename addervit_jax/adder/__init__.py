@@ -19,7 +19,7 @@ from addervit_jax.adder.op import (
     shard_rows,
 )
 from addervit_jax.adder.options import BACKENDS, AdderOptions
-from addervit_jax.adder.quantized import adder_int8, int8_codes
+from addervit_jax.adder.quantized import adder_int8, adder_int8_layer, int8_codes
 from addervit_jax.adder.rules import GRAD_RULES
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "GRAD_RULES",
     "adder",
     "adder_int8",
+    "adder_int8_layer",
     "adder_scores",
     "check_operands",
     "int8_codes",

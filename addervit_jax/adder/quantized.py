@@ -13,9 +13,11 @@ cancel: ``|u / s_u - w / s_d|`` needs a product per term. Coding ``u`` costs one
 input element (as in every int8 network); the ``D_in x D_out`` terms of each token are integer
 subtractions, absolute values and additions.
 
-:func:`adder_int8` runs on the native CPU kernel (``kernels/cpu_native.py``'s ``sad``: x86
-PSADBW, 64 terms per instruction with AVX-512BW) where it builds, and on an exact XLA loop of
-integer updates elsewhere. :class:`addervit_jax.layers.Int8AdderDense` is the layer and
+:func:`adder_int8_layer` is an int8 adder layer's whole forward, the similarity with the layer's
+normalisation, gain and bias, in one pass of the native kernel (no array of codes, no array of
+integer sums). :func:`adder_int8` runs on the native CPU kernel (``kernels/cpu_native.py``'s
+``sad``: x86 PSADBW, 64 terms per instruction with AVX-512BW) where it builds, and on an exact
+XLA loop of integer updates elsewhere. :class:`addervit_jax.layers.Int8AdderDense` is the layer and
 :func:`addervit_jax.models.quantize` the calibration of a whole model.
 """
 
@@ -28,7 +30,7 @@ from jax import lax
 from addervit_jax.adder import backends
 from addervit_jax.adder.op import resolve_backend, shard_rows
 
-__all__ = ["LEVELS", "adder_int8", "int8_codes"]
+__all__ = ["LEVELS", "adder_int8", "adder_int8_layer", "int8_codes"]
 
 #: the number of code values (uint8)
 LEVELS = 256
@@ -86,3 +88,65 @@ def adder_int8(qx: jax.Array, qw: jax.Array, *, backend: str = "auto") -> jax.Ar
     else:
         distance = module.sad(rows, _unsigned(qw))
     return (-distance).reshape(*lead, d_out)
+
+
+def adder_int8_layer(
+    x: jax.Array,
+    codes_w: jax.Array,
+    *,
+    low: jax.Array | float,
+    scale: jax.Array | float,
+    stretch: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    norm: bool = True,
+    epsilon: float = 1e-5,
+    backend: str = "auto",
+) -> jax.Array:
+    """The int8 adder layer (``layers.Int8AdderDense``):
+
+        y = mask * N(scale * adder_int8(int8_codes(stretch * x, low, scale), codes_w)) + bias
+
+    with ``N`` the layers' LayerNorm without affine parameters over the output features
+    (``jax.nn.standardize``, as ``layers.AdderDense`` applies it; ``norm=False``: the identity).
+    ``x`` is ``(..., D_in)`` float, ``codes_w`` ``(D_in, D_out)`` uint8 codes of the weight on
+    the grid ``(low, scale)``; ``stretch`` ``(D_in,)``, ``mask`` and ``bias`` ``(D_out,)`` are
+    optional (None: ones, ones, zeros). Returns float32 ``(..., D_out)``.
+
+    On the native CPU kernel this is one pass: rows of ``x`` are coded while they are packed and
+    each finished row of sums is normalised while it is still in cache. Elsewhere it is the
+    composition above in XLA. The two agree up to codes that land on a rounding tie differently
+    (one grid step on one term) and float32 rounding of the normalisation.
+    """
+    x, codes_w = jnp.asarray(x, jnp.float32), jnp.asarray(codes_w)
+    if codes_w.dtype != jnp.uint8 or codes_w.ndim != 2 or x.shape[-1:] != codes_w.shape[:1]:
+        raise ValueError(
+            f"adder_int8_layer: expected x (..., D_in) float and codes_w (D_in, D_out) uint8, got "
+            f"x.shape={tuple(x.shape)}, codes_w {codes_w.dtype}{list(codes_w.shape)}"
+        )
+    (d_in, d_out), lead = codes_w.shape, x.shape[:-1]
+    module = backends.get(resolve_backend(backend))
+    if not hasattr(module, "adder_int8_layer"):
+        u = x if stretch is None else x * stretch
+        y = scale * adder_int8(int8_codes(u, low, scale), codes_w, backend=backend).astype(
+            jnp.float32
+        )
+        if norm:
+            y = jax.nn.standardize(y, axis=-1, epsilon=epsilon)
+        if mask is not None:
+            y = y * mask
+        return y if bias is None else y + bias
+    ones = jnp.ones((d_out,), jnp.float32)
+    shared = (
+        jnp.ones((d_in,), jnp.float32) if stretch is None else stretch,
+        codes_w,
+        jnp.stack([jnp.asarray(low, jnp.float32), jnp.asarray(scale, jnp.float32)]),
+        ones if mask is None else mask,
+        jnp.zeros((d_out,), jnp.float32) if bias is None else bias,
+    )
+
+    def kernel(rows, e, w, grid, m, b):
+        return module.adder_int8_layer(rows, e, w, grid, m, b, norm=norm, epsilon=epsilon)
+
+    y = shard_rows(kernel, (x.reshape(-1, d_in),), shared)
+    return y.reshape(*lead, d_out)

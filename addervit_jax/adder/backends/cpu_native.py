@@ -31,3 +31,7 @@ def w_grad_exact(x, w, g, e=None, *, interpret: bool = False):
 
 def sad(a, b):
     return _kernels.sad(a, b)
+
+
+def adder_int8_layer(x, e, w, grid, mask, bias, *, norm: bool, epsilon: float):
+    return _kernels.adder_int8_layer(x, e, w, grid, mask, bias, norm=norm, epsilon=epsilon)
