@@ -251,8 +251,16 @@ struct Jobs {
 // Runs body(0..count-1). The caller works too and only waits for jobs that another thread has
 // claimed (and is running), so a pool that runs tasks late, or never, cannot stall it; a task
 // that starts after the end finds no job left and returns (it owns a reference to `jobs`).
+// Set on a thread that runs one problem of a batch (BatchedForwardImpl): the batch is what the
+// threads share, so each problem's own jobs run inline.
+thread_local bool tl_serial = false;
+
 void parallel_for(ffi::ThreadPool& pool, long count, std::function<void(long)> body) {
   if (count <= 0) return;
+  if (tl_serial) {
+    for (long i = 0; i < count; ++i) body(i);
+    return;
+  }
   long threads = pool.num_threads();
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
   if (int cap = max_threads_from_env()) threads = std::min<long>(threads, cap);
@@ -499,6 +507,45 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, F32 x, F32 w, F32 e, ffi::ResultBuf
              out};
   pseudo_matmul<ForwardTerm>(pool, pr);
   return ffi::Error::Success();
+}
+
+// A batch of forwards, y[b] = -sum_i |x[b, l, i] * e[b, i] - w[b, i, d]|, each problem on one
+// thread and the batch spread over the pool: for many small problems (the L1 attention scores of
+// every example and head) one call instead of one per problem, whose own jobs would be too small
+// to share.
+ffi::Error BatchedForwardImpl(ffi::ThreadPool pool, F32 x, F32 w, F32 e,
+                              ffi::ResultBuffer<ffi::F32> y) {
+  auto dx = x.dimensions(), dw = w.dimensions(), de = e.dimensions();
+  if (dx.size() != 3 || dw.size() != 3 || de.size() != 2 || dw[0] != dx[0] || de[0] != dx[0] ||
+      dw[1] != dx[2] || de[1] != dx[2]) {
+    return ffi::Error::InvalidArgument(
+        "adder batched forward: expected x (B, L, D_in), w (B, D_in, D_out), e (B, D_in), got x " +
+        shape_of(x) + ", w " + shape_of(w) + ", e " + shape_of(e));
+  }
+  const long batch = dx[0], L = dx[1], Din = dx[2], Dout = dw[2];
+  float* out = y->typed_data();
+  if (batch * L * Dout == 0) return ffi::Error::Success();
+  if (Din == 0) {
+    std::fill(out, out + batch * L * Dout, 0.0f);
+    return ffi::Error::Success();
+  }
+  constexpr long W = Tiling<ForwardTerm>::C * kLanes;
+  std::atomic<bool> failed{false};
+  parallel_for(pool, batch, [&](long b) {
+    tl_serial = true;
+    Scratch B(ceil_div(Dout, W) * W * Din);
+    if (!B.data) {
+      failed = true;
+    } else {
+      const float* xb = x.typed_data() + b * L * Din;
+      const float* eb = e.typed_data() + b * Din;
+      pack_panels(pool, w.typed_data() + b * Din * Dout, Din, Dout, Dout, 1.0f, W, B.data);
+      Problem pr{L, Dout, Din, {xb, Din, 1, nullptr, eb}, B.data, nullptr, 0, out + b * L * Dout};
+      pseudo_matmul<ForwardTerm>(pool, pr);
+    }
+    tl_serial = false;
+  });
+  return failed ? out_of_memory("adder batched forward") : ffi::Error::Success();
 }
 
 // Whether every value of p[0 : n] is finite.
@@ -933,6 +980,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitForward, ForwardImpl,
                                   .Arg<F32>()  // w (D_in, D_out)
                                   .Arg<F32>()  // e (D_in,)
                                   .Ret<F32>()  // y (L, D_out)
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitBatchedForward, BatchedForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()  // x (B, L, D_in)
+                                  .Arg<F32>()  // w (B, D_in, D_out)
+                                  .Arg<F32>()  // e (B, D_in)
+                                  .Ret<F32>()  // y (B, L, D_out)
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitXGrad, XGradImpl,

@@ -87,6 +87,7 @@ CXXFLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-pthrea
 # FFI target name -> exported C symbol of cpu_native.cc
 _TARGETS = {
     "addervit_adder_forward": "AddervitForward",
+    "addervit_adder_batched_forward": "AddervitBatchedForward",
     "addervit_adder_x_grad": "AddervitXGrad",
     "addervit_adder_w_grad_exact": "AddervitWGradExact",
     "addervit_sad_u8": "AddervitSadU8",
@@ -242,11 +243,12 @@ def _ffi(target: str, shape: tuple[int, ...], *args, dtype=jnp.float32, **attrs)
     return jax.ffi.ffi_call(target, result, vmap_method="sequential")(*args, **attrs)
 
 
-def _rowwise(call, rows_args: int):
+def _rowwise(call, rows_args: int, batched=None):
     """``call(*args)`` whose first ``rows_args`` operands split by rows (and its result too).
 
     Under ``vmap`` with only those operands batched, the batch folds into the rows: one kernel
-    call on ``(B * L, ...)`` operands. Any other batching maps the kernel over the batch.
+    call on ``(B * L, ...)`` operands. Any other batching calls ``batched`` on every operand
+    broadcast to the batch, where given, and maps the kernel over the batch otherwise.
     """
     fn = jax.custom_batching.custom_vmap(call)
 
@@ -260,17 +262,36 @@ def _rowwise(call, rows_args: int):
             length = rows[0].shape[1]
             out = fn(*(a.reshape(axis_size * length, a.shape[2]) for a in rows), *args[rows_args:])
             return out.reshape(axis_size, length, out.shape[1]), True
+        if batched is not None:
+            return batched(*_broadcast(axis_size, in_batched, args)), True
         return _mapped(fn, axis_size, in_batched, args), True
 
     return fn
 
 
-def _mapped(fn, axis_size, in_batched, args):
-    batched = [
+def _broadcast(axis_size, in_batched, args):
+    return [
         a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
         for a, b in zip(args, in_batched, strict=True)
     ]
-    return lax.map(lambda xs: fn(*xs), tuple(batched))
+
+
+def _folded(call):
+    """``call`` on operands with one leading batch axis, under ``vmap`` too: further batch axes
+    fold into that one (one kernel call for a ``vmap`` of a ``vmap``)."""
+    fn = jax.custom_batching.custom_vmap(call)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [a.reshape(-1, *a.shape[2:]) for a in _broadcast(axis_size, in_batched, args)]
+        out = fn(*args)
+        return out.reshape(axis_size, -1, *out.shape[1:]), True
+
+    return fn
+
+
+def _mapped(fn, axis_size, in_batched, args):
+    return lax.map(lambda xs: fn(*xs), tuple(_broadcast(axis_size, in_batched, args)))
 
 
 def _sad_call(a, b):
@@ -284,7 +305,13 @@ def _forward_call(x, w, e):
     return _ffi("addervit_adder_forward", (x.shape[0], w.shape[1]), x, w, e)
 
 
-_forward_rows = _rowwise(_forward_call, rows_args=1)
+def _batched_forward_call(x, w, e):
+    shape = (x.shape[0], x.shape[1], w.shape[2])
+    return _ffi("addervit_adder_batched_forward", shape, x, w, e)
+
+
+# a batch of weights (the L1 scores: keys per example and head): one call, the batch over threads
+_forward_rows = _rowwise(_forward_call, rows_args=1, batched=_folded(_batched_forward_call))
 
 
 @functools.cache

@@ -168,11 +168,21 @@ def test_under_jit_and_vmap():
     for b in range(4):
         assert ref.rel_err(du[b], ref.adder_grads(u[0], w, g[b], "exact")[0]) < TOL
 
-    # a batch of weights, and dL/dw (a sum over rows), map over the batch
+    # a batch of weights: one call of the batched forward (a vmap of a vmap too), each problem
+    # summed exactly as alone
     ws = np.stack([w, -w, 2 * w])
-    ys = jax.jit(jax.vmap(N.forward, (None, 0, None)))(x[0], ws, e)
+    batched = jax.jit(jax.vmap(N.forward, (None, 0, None)))
+    ys = batched(x[0], ws, e)
+    assert "addervit_adder_batched_forward" in batched.lower(x[0], ws, e).as_text()
     for b in range(3):
         assert ref.rel_err(ys[b], ref.adder(u[0], ws[b])) < TOL
+        np.testing.assert_array_equal(ys[b], N.forward(x[0], ws[b], e))
+    xs, ws2 = x.reshape(2, 2, 6, 8), np.stack([ws[:2], ws[1:]])
+    ys = jax.vmap(jax.vmap(N.forward, (0, 0, None)), (0, 0, None))(xs, ws2, e)
+    for a in range(2):
+        for b in range(2):
+            np.testing.assert_array_equal(ys[a, b], N.forward(xs[a, b], ws2[a, b], e))
+    # dL/dw (a sum over rows) maps over the batch
     dws = jax.vmap(lambda x, g: N.w_grad_exact(x, w, g, e))(x, g)
     for b in range(4):
         assert ref.rel_err(dws[b], ref.adder_grads(u[b], w, g[b], "exact")[1]) < TOL
