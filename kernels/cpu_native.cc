@@ -663,11 +663,16 @@ ADDERVIT_INLINE vq q_broadcast(const uint64_t* p) { return _mm512_set1_epi64(*p)
 ADDERVIT_INLINE vq q_sad_add(vq acc, vq a, vq b) {
   return _mm512_add_epi64(acc, _mm512_sad_epu8(a, b));
 }
-ADDERVIT_INLINE vq q_load_sums(const int32_t* p) {
-  return _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+// A pair of vectors holds 2 kGroup columns, even ones in the first and odd ones in the second, so
+// that their 32-bit sums interleave into consecutive int32 with a shift and an or (port 0),
+// sparing port 5 (where PSADBW runs) the narrowing VPMOVQD of each vector.
+ADDERVIT_INLINE void q_load_pair(const int32_t* p, vq& even, vq& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_and_si512(v, _mm512_set1_epi64(0xffffffff));
+  odd = _mm512_srli_epi64(v, 32);
 }
-ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi64_epi32(v));
+ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd) {
+  _mm512_storeu_si512(p, _mm512_or_si512(even, _mm512_slli_epi64(odd, 32)));
 }
 #define ADDERVIT_SAD_PATH "avx512bw"
 #define ADDERVIT_SAD_TILES 6, 4
@@ -684,16 +689,17 @@ ADDERVIT_INLINE vq q_broadcast(const uint64_t* p) {
 ADDERVIT_INLINE vq q_sad_add(vq acc, vq a, vq b) {
   return _mm256_add_epi64(acc, _mm256_sad_epu8(a, b));
 }
-ADDERVIT_INLINE vq q_load_sums(const int32_t* p) {
-  return _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+ADDERVIT_INLINE void q_load_pair(const int32_t* p, vq& even, vq& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_and_si256(v, _mm256_set1_epi64x(0xffffffff));
+  odd = _mm256_srli_epi64(v, 32);
 }
-ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
-  // the low 32 bits of each 64-bit lane: lanes 0, 2, 4, 6 of the 32-bit view
-  const __m256i low = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(low));
+ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_or_si256(even, _mm256_slli_epi64(odd, 32)));
 }
 #define ADDERVIT_SAD_PATH "avx2"
-#define ADDERVIT_SAD_TILES 4, 3
+#define ADDERVIT_SAD_TILES 6, 2
 #else
 constexpr int kGroup = 8;
 struct vq {
@@ -719,13 +725,17 @@ ADDERVIT_INLINE vq q_sad_add(vq acc, vq a, vq b) {
   }
   return acc;
 }
-ADDERVIT_INLINE vq q_load_sums(const int32_t* p) {
-  vq v;
-  for (int c = 0; c < kGroup; ++c) v.lane[c] = static_cast<uint32_t>(p[c]);
-  return v;
+ADDERVIT_INLINE void q_load_pair(const int32_t* p, vq& even, vq& odd) {
+  for (int g = 0; g < kGroup; ++g) {
+    even.lane[g] = static_cast<uint32_t>(p[2 * g]);
+    odd.lane[g] = static_cast<uint32_t>(p[2 * g + 1]);
+  }
 }
-ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
-  for (int c = 0; c < kGroup; ++c) p[c] = static_cast<int32_t>(v.lane[c]);
+ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd) {
+  for (int g = 0; g < kGroup; ++g) {
+    p[2 * g] = static_cast<int32_t>(even.lane[g]);
+    p[2 * g + 1] = static_cast<int32_t>(odd.lane[g]);
+  }
 }
 #define ADDERVIT_SAD_PATH "portable"
 #define ADDERVIT_SAD_TILES 2, 2
@@ -736,16 +746,24 @@ ADDERVIT_INLINE void q_store_sums(int32_t* p, vq v) {
 constexpr int kSadTiles[] = {ADDERVIT_SAD_TILES};
 constexpr int kSadR = kSadTiles[0], kSadC = kSadTiles[1], kSadKS = 128, kSadPC = 96;
 static_assert(kSadPC % kSadR == 0, "a chunk is whole register tiles");
+static_assert(kSadC % 2 == 0, "vectors come in pairs (even and odd columns)");
 
-// T[r, :] (+)= sum over ks steps of SAD(A[k][r], B[k][:]): A packed [k][R] (8 bytes of a row per
-// entry), B packed [k][C][kGroup][8 bytes].
+// T[r * ldt + :W] (+)= sum over ks steps of SAD(A[k][r], B[k][:]): A packed [k][R] (8 bytes of
+// a row per entry), B packed [k][C][kGroup][8 bytes] with the columns of a pair of vectors
+// interleaved (q_store_pair).
 __attribute__((noinline)) void sad_tile(long ks, const uint64_t* __restrict A,
                                         const uint8_t* __restrict B, int32_t* __restrict T,
-                                        bool first) {
-  constexpr int R = kSadR, C = kSadC, W = C * kGroup, step = C * kGroup * 8;
+                                        long ldt, bool first) {
+  constexpr int R = kSadR, C = kSadC, step = C * kGroup * 8;
   vq acc[R][C];
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = first ? q_zero() : q_load_sums(T + r * W + c * kGroup);
+    for (int c = 0; c < C; c += 2) {
+      if (first) {
+        acc[r][c] = acc[r][c + 1] = q_zero();
+      } else {
+        q_load_pair(T + r * ldt + c * kGroup, acc[r][c], acc[r][c + 1]);
+      }
+    }
   }
   for (long k = 0; k < ks; ++k) {
     vq b[C];
@@ -756,7 +774,7 @@ __attribute__((noinline)) void sad_tile(long ks, const uint64_t* __restrict A,
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) q_store_sums(T + r * W + c * kGroup, acc[r][c]);
+    for (int c = 0; c < C; c += 2) q_store_pair(T + r * ldt + c * kGroup, acc[r][c], acc[r][c + 1]);
   }
 }
 
@@ -818,8 +836,14 @@ struct QuantizedRows {
 struct SumsOut {
   int32_t* out;
   long N;
+  bool negate;  // -sums: the adder's sign, without a pass of XLA over the result
   void operator()(long p, long n0, long width, const int32_t* sums) const {
-    std::memcpy(out + p * N + n0, sums, width * sizeof(int32_t));
+    int32_t* dst = out + p * N + n0;
+    if (negate) {
+      for (long n = 0; n < width; ++n) dst[n] = -sums[n];
+    } else {
+      std::memcpy(dst, sums, width * sizeof(int32_t));
+    }
   }
 };
 
@@ -859,22 +883,31 @@ ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_
                       long K, long N, const Epilogue& epilogue, bool whole_rows) {
   constexpr long R = kSadR, W = kSadC * kGroup, KS = kSadKS, PC = kSadPC, kMinJobs = 16;
   const long steps = ceil_div(K, 8), panels = ceil_div(N, W), chunks = ceil_div(L, PC);
-  // B[j][k][c][g][s] = b[8 k + s, j * W + c * kGroup + g], zero past K and N
+  // B[j][k][c][g][s] = b[8 k + s, j * W + n], n = 2 kGroup (c / 2) + 2 g + c % 2, zero past K, N
   std::unique_ptr<uint8_t, decltype(&std::free)> packed(
       static_cast<uint8_t*>(std::aligned_alloc(64, ((panels * steps * W * 8 + 63) / 64) * 64)),
       &std::free);
   if (!packed) return out_of_memory("adder int8");
   uint8_t* B = packed.get();
-  parallel_for(pool, panels, [&](long j) {
+  auto pack_panel = [&](long j) {
     uint8_t* dst = B + j * steps * W * 8;
     std::memset(dst, 0, steps * W * 8);
     const long n0 = j * W, width = std::min(W, N - n0);
     for (long k = 0; k < K; ++k) {
       const uint8_t* row = b + k * N + n0;
       uint8_t* d = dst + (k / 8) * W * 8 + (k % 8);
-      for (long n = 0; n < width; ++n) d[n * 8] = row[n];
+      for (long n = 0; n < width; ++n) {
+        // column n of the panel: pair n / (2 kGroup), even or odd vector, lane (n / 2) % kGroup
+        const long pair = n / (2 * kGroup), r = n % (2 * kGroup);
+        d[((2 * pair + r % 2) * kGroup + r / 2) * 8] = row[n];
+      }
     }
-  });
+  };
+  if (K * N <= (1 << 18)) {  // a small weight: packed by this thread, sooner than woken threads
+    for (long j = 0; j < panels; ++j) pack_panel(j);
+  } else {
+    parallel_for(pool, panels, pack_panel);
+  }
   const long per_group =
       whole_rows ? panels : std::max<long>(1, ceil_div(panels, ceil_div(kMinJobs, chunks)));
   const long groups = ceil_div(panels, per_group);
@@ -882,10 +915,11 @@ ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_
     const long p0 = (job / groups) * PC, p1 = std::min(L, p0 + PC);
     const long rows = ceil_div(p1 - p0, R) * R;
     const long j0 = (job % groups) * per_group, j1 = std::min(panels, j0 + per_group);
-    thread_local std::vector<int32_t> sums, row_sums;
+    thread_local std::vector<int32_t> sums;  // [p - p0][(j - j0) * W + column]: whole rows
     thread_local std::vector<uint64_t> apack;
     thread_local std::vector<uint8_t> codes;
-    sums.resize(PC * W * per_group);
+    const long ldt = W * per_group;
+    sums.resize(PC * ldt);
     apack.resize(PC * KS);
     codes.assign(rows * steps * 8, 0);  // rows past L and k past K stay 0 (|0 - 0| = 0)
     for (long p = p0; p < p1; ++p) rows_of_a(p, codes.data() + (p - p0) * steps * 8);
@@ -901,29 +935,20 @@ ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_
       }
       for (long j = j0; j < j1; ++j) {
         const uint8_t* Bj = B + (j * steps + k0) * W * 8;
-        int32_t* Tj = sums.data() + (j - j0) * PC * W;
+        int32_t* Tj = sums.data() + (j - j0) * W;
         for (long t = 0; t < rows; t += R) {
-          sad_tile(ks, apack.data() + t * ks, Bj, Tj + t * W, k0 == 0);
+          sad_tile(ks, apack.data() + t * ks, Bj, Tj + t * ldt, ldt, k0 == 0);
         }
       }
     }
-    // the group's columns of each row, gathered from the panels, to the epilogue
     const long n0 = j0 * W, width = std::min(N, j1 * W) - n0;
-    row_sums.resize(width);
-    for (long p = p0; p < p1; ++p) {
-      for (long j = j0; j < j1; ++j) {
-        const long w = std::min(W, N - j * W);
-        std::memcpy(row_sums.data() + (j - j0) * W, sums.data() + ((j - j0) * PC + p - p0) * W,
-                    w * sizeof(int32_t));
-      }
-      epilogue(p, n0, width, row_sums.data());
-    }
+    for (long p = p0; p < p1; ++p) epilogue(p, n0, width, sums.data() + (p - p0) * ldt);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error SadU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8> b,
-                     ffi::ResultBuffer<ffi::S32> out) {
+                     ffi::ResultBuffer<ffi::S32> out, int32_t negate) {
   auto da = a.dimensions(), db = b.dimensions();
   if (da.size() != 2 || db.size() != 2 || da[1] != db[0]) {
     auto shape = [](auto dims) {
@@ -941,8 +966,8 @@ ffi::Error SadU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> a, ffi::Buffer<f
     std::fill(o, o + L * N, 0);
     return ffi::Error::Success();
   }
-  return sad_driver(pool, CodeRows{a.typed_data(), K}, b.typed_data(), L, K, N, SumsOut{o, N},
-                    false);
+  return sad_driver(pool, CodeRows{a.typed_data(), K}, b.typed_data(), L, K, N,
+                    SumsOut{o, N, negate != 0}, false);
 }
 
 // The int8 adder layer: y = mask * N(-scale * sum_k |code(x * e)[l, k] - w[k, n]|) + bias, with
@@ -1018,7 +1043,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitSadU8, SadU8Impl,
                                   .Arg<ffi::Buffer<ffi::U8>>()  // a (L, K)
                                   .Arg<ffi::Buffer<ffi::U8>>()  // b (K, N)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // out (L, N)
-);
+                                  .Attr<int32_t>("negate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitAdderInt8Layer, AdderInt8LayerImpl,
                               ffi::Ffi::Bind()

@@ -294,11 +294,13 @@ def _mapped(fn, axis_size, in_batched, args):
     return lax.map(lambda xs: fn(*xs), tuple(_broadcast(axis_size, in_batched, args)))
 
 
-def _sad_call(a, b):
-    return _ffi("addervit_sad_u8", (a.shape[0], b.shape[1]), a, b, dtype=jnp.int32)
+@functools.cache
+def _sad_rows(negate: bool):
+    def call(a, b):
+        shape = (a.shape[0], b.shape[1])
+        return _ffi("addervit_sad_u8", shape, a, b, dtype=jnp.int32, negate=np.int32(negate))
 
-
-_sad_rows = _rowwise(_sad_call, rows_args=1)
+    return _rowwise(call, rows_args=1)
 
 
 def _forward_call(x, w, e):
@@ -412,11 +414,11 @@ def w_grad_exact(x: jax.Array, w: jax.Array, g: jax.Array, e: jax.Array | None =
 SAD_MAX_TERMS = (2**31 - 1) // 255
 
 
-@jax.jit
-def sad(a: jax.Array, b: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="negate")
+def sad(a: jax.Array, b: jax.Array, *, negate: bool = False) -> jax.Array:
     """``out[l, n] = sum_k |a[l, k] - b[k, n]|`` for uint8 ``a`` (L, K) and ``b`` (K, N), in
     int32 (exact: every term is an integer up to 255, and ``K`` is at most
-    :data:`SAD_MAX_TERMS`).
+    :data:`SAD_MAX_TERMS`); with ``negate``, ``-out`` (the adder's sign) from the kernel itself.
 
     Computed with PSADBW (``"avx512bw"`` or ``"avx2"``) or portable C++, whichever
     :func:`sad_path` says this build has; the int8 adder layer's kernel
@@ -436,7 +438,7 @@ def sad(a: jax.Array, b: jax.Array) -> jax.Array:
     if length * k * n == 0:
         return jnp.zeros((length, n), jnp.int32)
     _require()
-    return _sad_rows(a, b)
+    return _sad_rows(bool(negate))(a, b)
 
 
 @functools.cache

@@ -23,6 +23,8 @@ XLA loop of integer updates elsewhere. :class:`addervit_jax.layers.Int8AdderDens
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -83,11 +85,12 @@ def adder_int8(qx: jax.Array, qw: jax.Array, *, backend: str = "auto") -> jax.Ar
         module = backends.get("xla")
     lead, (d_in, d_out) = qx.shape[:-1], qw.shape
     rows = _unsigned(qx).reshape(-1, d_in)
+    sad = partial(module.sad, negate=True)
     if module.CUSTOM_CALL:
-        distance = shard_rows(module.sad, (rows,), (_unsigned(qw),))
+        y = shard_rows(sad, (rows,), (_unsigned(qw),))
     else:
-        distance = module.sad(rows, _unsigned(qw))
-    return (-distance).reshape(*lead, d_out)
+        y = sad(rows, _unsigned(qw))
+    return y.reshape(*lead, d_out)
 
 
 def adder_int8_layer(

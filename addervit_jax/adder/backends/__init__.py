@@ -9,8 +9,8 @@ Every backend module provides the same small protocol, for 2-D operands ``x`` ``
 ``x_grad(x, w, g, e, *, grad, clip_scale, interpret)`` dL/du of the rule ``grad``
 ``w_grad_exact(x, w, g, e, *, interpret)``           dL/dw of the ``"exact"`` rule
 ``available() -> bool``                              whether it runs here (e.g. it built)
-``sad(a, b)`` (``xla`` and ``cpu_native`` only)      ``sum_k |a[l, k] - b[k, n]|`` of uint8
-                                                     codes, int32 (:mod:`..quantized`)
+``sad(a, b, *, negate)`` (``xla``, ``cpu_native``)  ``sum_k |a[l, k] - b[k, n]|`` of uint8
+                                                     codes, int32, ``negate``: minus it
 ``ORDER``                                            its place in :data:`NAMES`
 ``CUSTOM_CALL``                                      whether it is a kernel computing in float32
 ``AUTODIFF``                                         whether its forward is differentiated by

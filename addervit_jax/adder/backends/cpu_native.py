@@ -29,8 +29,8 @@ def w_grad_exact(x, w, g, e=None, *, interpret: bool = False):
     return _kernels.w_grad_exact(x, w, g, e)
 
 
-def sad(a, b):
-    return _kernels.sad(a, b)
+def sad(a, b, *, negate: bool = False):
+    return _kernels.sad(a, b, negate=negate)
 
 
 def adder_int8_layer(x, e, w, grid, mask, bias, *, norm: bool, epsilon: float):

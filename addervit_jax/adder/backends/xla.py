@@ -105,8 +105,9 @@ def w_grad_exact(x, w, g, e=None, *, interpret: bool = False) -> jax.Array:
     return _rank1_sum(lambda gl, ul, ww: gl * jnp.sign(ul - ww), gc, u, wc.T).T
 
 
-def sad(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``out[l, n] = sum_k |a[l, k] - b[k, n]|`` for uint8 codes, in int32 (exact); zero
-    padding of K adds ``|0 - 0| = 0``."""
+def sad(a: jax.Array, b: jax.Array, *, negate: bool = False) -> jax.Array:
+    """``out[l, n] = sum_k |a[l, k] - b[k, n]|`` for uint8 codes, in int32 (exact; ``negate``:
+    ``-out``); zero padding of K adds ``|0 - 0| = 0``."""
     a, b = a.astype(jnp.int32), b.astype(jnp.int32)
-    return _rank1_sum(lambda ak, bk, _: jnp.abs(ak - bk), a.T, b)
+    out = _rank1_sum(lambda ak, bk, _: jnp.abs(ak - bk), a.T, b)
+    return -out if negate else out
