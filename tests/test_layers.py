@@ -75,6 +75,32 @@ def test_dense_matches_float64_formula():
     assert ref.rel_err(layer(x), ref.dense(x, p["kernel"]) + p["bias"]) < 1e-5
 
 
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+def test_normalisation_gradients_match_float64_autodiff(lead):
+    # The norm's backward is written out (layers._normalize_affine): against autodiff of the
+    # formula F * (y - mean) / sqrt(var + eps) + b in float64, on a multi_ln site (whose
+    # similarity, a dot product, has exact autodiff gradients).
+    layer = _randomise(layers.NormedDense(10, 6, rngs=nnx.Rngs(0)), seed=6)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(*lead, 10)).astype(np.float32)
+    r = rng.normal(size=(*lead, 6)).astype(np.float32)
+    grads, dx = nnx.grad(lambda m, x: jnp.sum(m(x) * r), argnums=(0, 1))(layer, x)
+    p = _params(layer)
+
+    def reference(x, kernel, mask, bias):
+        y = x @ kernel
+        mean = y.mean(-1, keepdims=True)
+        z = (y - mean) / jnp.sqrt(((y - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+        return jnp.sum((z * mask + bias) * r)
+
+    with jax.enable_x64():
+        args = [jnp.asarray(a, jnp.float64) for a in (x, p["kernel"], p["mask"], p["bias"])]
+        want = [np.asarray(g) for g in jax.grad(reference, argnums=(0, 1, 2, 3))(*args)]
+    got = [dx, grads.kernel[...], grads.mask[...], grads.bias[...]]
+    for name, a, b in zip(("x", "kernel", "mask", "bias"), got, want, strict=True):
+        assert ref.rel_err(a, b) < 1e-5, name
+
+
 @pytest.mark.parametrize("grad", ["clipped", "addernet", "exact"])
 def test_adder_layer_gradients_follow_the_rule(grad):
     # Without the norm, y = F * adder(E * x, W) + b, so every gradient is a rule of ops.adder

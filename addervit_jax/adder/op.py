@@ -202,10 +202,13 @@ def _adder_2d_bwd(options, residuals, g):
         )
         dw = dw.astype(dtype)
     else:
-        # sum_l g[l, d] * (u[l, i] - w[i, d]) = (u^T g)[i, d] - w[i, d] * sum_l g[l, d].
-        # HIGHEST keeps GPUs from running this float32 product in TF32.
-        u = xc if ec is None else xc * ec  # XLA fuses the product into its consumers
-        utg = jnp.matmul(u.T, gc, precision=lax.Precision.HIGHEST)
+        # sum_l g[l, d] * (u[l, i] - w[i, d]) = (u^T g)[i, d] - w[i, d] * sum_l g[l, d], and
+        # u^T g = e[i] * (x^T g)[i, d]: u = x * e is not formed (XLA:CPU computed it for every
+        # site at the start of the backward, a tensor of each site's input size kept alive at the
+        # peak). HIGHEST keeps GPUs from running this float32 product in TF32.
+        utg = jnp.matmul(xc.T, gc, precision=lax.Precision.HIGHEST)
+        if ec is not None:
+            utg = ec[:, None] * utg
         dw = utg - wc * jnp.sum(gc, axis=0)
     # u = x * e: the chain rule of the stretch
     dx = du if ec is None else du * ec
