@@ -671,8 +671,9 @@ ADDERVIT_INLINE void q_load_pair(const int32_t* p, vq& even, vq& odd) {
   even = _mm512_and_si512(v, _mm512_set1_epi64(0xffffffff));
   odd = _mm512_srli_epi64(v, 32);
 }
-ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd) {
-  _mm512_storeu_si512(p, _mm512_or_si512(even, _mm512_slli_epi64(odd, 32)));
+ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd, bool negate) {
+  const __m512i v = _mm512_or_si512(even, _mm512_slli_epi64(odd, 32));
+  _mm512_storeu_si512(p, negate ? _mm512_sub_epi32(_mm512_setzero_si512(), v) : v);
 }
 #define ADDERVIT_SAD_PATH "avx512bw"
 #define ADDERVIT_SAD_TILES 6, 4
@@ -694,9 +695,10 @@ ADDERVIT_INLINE void q_load_pair(const int32_t* p, vq& even, vq& odd) {
   even = _mm256_and_si256(v, _mm256_set1_epi64x(0xffffffff));
   odd = _mm256_srli_epi64(v, 32);
 }
-ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd) {
+ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd, bool negate) {
+  const __m256i v = _mm256_or_si256(even, _mm256_slli_epi64(odd, 32));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm256_or_si256(even, _mm256_slli_epi64(odd, 32)));
+                      negate ? _mm256_sub_epi32(_mm256_setzero_si256(), v) : v);
 }
 #define ADDERVIT_SAD_PATH "avx2"
 #define ADDERVIT_SAD_TILES 6, 2
@@ -731,10 +733,11 @@ ADDERVIT_INLINE void q_load_pair(const int32_t* p, vq& even, vq& odd) {
     odd.lane[g] = static_cast<uint32_t>(p[2 * g + 1]);
   }
 }
-ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd) {
+ADDERVIT_INLINE void q_store_pair(int32_t* p, vq even, vq odd, bool negate) {
+  const int32_t sign = negate ? -1 : 1;
   for (int g = 0; g < kGroup; ++g) {
-    p[2 * g] = static_cast<int32_t>(even.lane[g]);
-    p[2 * g + 1] = static_cast<int32_t>(odd.lane[g]);
+    p[2 * g] = sign * static_cast<int32_t>(even.lane[g]);
+    p[2 * g + 1] = sign * static_cast<int32_t>(odd.lane[g]);
   }
 }
 #define ADDERVIT_SAD_PATH "portable"
@@ -753,7 +756,7 @@ static_assert(kSadC % 2 == 0, "vectors come in pairs (even and odd columns)");
 // interleaved (q_store_pair).
 __attribute__((noinline)) void sad_tile(long ks, const uint64_t* __restrict A,
                                         const uint8_t* __restrict B, int32_t* __restrict T,
-                                        long ldt, bool first) {
+                                        long ldt, bool first, bool negate = false) {
   constexpr int R = kSadR, C = kSadC, step = C * kGroup * 8;
   vq acc[R][C];
   for (int r = 0; r < R; ++r) {
@@ -774,7 +777,9 @@ __attribute__((noinline)) void sad_tile(long ks, const uint64_t* __restrict A,
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; c += 2) q_store_pair(T + r * ldt + c * kGroup, acc[r][c], acc[r][c + 1]);
+    for (int c = 0; c < C; c += 2) {
+      q_store_pair(T + r * ldt + c * kGroup, acc[r][c], acc[r][c + 1], negate);
+    }
   }
 }
 
@@ -834,6 +839,7 @@ struct QuantizedRows {
 // parameters (mean and variance in double) or the identity, as layers.Int8AdderDense computes it
 // in XLA; each call gets whole rows.
 struct SumsOut {
+  static constexpr bool kDirect = true;  // whole tiles may be stored into out by sad_tile
   int32_t* out;
   long N;
   bool negate;  // -sums: the adder's sign, without a pass of XLA over the result
@@ -848,6 +854,7 @@ struct SumsOut {
 };
 
 struct LayerOut {
+  static constexpr bool kDirect = false;
   float* out;
   long N;
   float scale;
@@ -903,15 +910,24 @@ ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_
       }
     }
   };
-  if (K * N <= (1 << 18)) {  // a small weight: packed by this thread, sooner than woken threads
-    for (long j = 0; j < panels; ++j) pack_panel(j);
-  } else {
-    parallel_for(pool, panels, pack_panel);
-  }
+  // A small weight is packed inside the jobs' loop by the first thread to start a job (the
+  // others wait for it), so that waking the pool's threads overlaps the packing.
+  const bool small = K * N <= (1 << 18);
+  std::atomic<int> packing{0};  // 0: not started, 1: under way, 2: done
+  if (!small) parallel_for(pool, panels, pack_panel);
   const long per_group =
       whole_rows ? panels : std::max<long>(1, ceil_div(panels, ceil_div(kMinJobs, chunks)));
   const long groups = ceil_div(panels, per_group);
   parallel_for(pool, chunks * groups, [&](long job) {
+    if (small && packing.load(std::memory_order_acquire) != 2) {
+      int expected = 0;
+      if (packing.compare_exchange_strong(expected, 1)) {
+        for (long j = 0; j < panels; ++j) pack_panel(j);
+        packing.store(2, std::memory_order_release);
+      } else {
+        while (packing.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+      }
+    }
     const long p0 = (job / groups) * PC, p1 = std::min(L, p0 + PC);
     const long rows = ceil_div(p1 - p0, R) * R;
     const long j0 = (job % groups) * per_group, j1 = std::min(panels, j0 + per_group);
@@ -922,6 +938,10 @@ ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_
     sums.resize(PC * ldt);
     apack.resize(PC * KS);
     codes.assign(rows * steps * 8, 0);  // rows past L and k past K stay 0 (|0 - 0| = 0)
+    // Sums of one block of k-steps, in tiles of whole rows and panels, go straight to out
+    // (a pass over the result saved); the rest through `sums` and the epilogue.
+    const bool direct = Epilogue::kDirect && steps <= KS;
+    const long full_rows = ((p1 - p0) / R) * R;
     for (long p = p0; p < p1; ++p) rows_of_a(p, codes.data() + (p - p0) * steps * 8);
     for (long k0 = 0; k0 < steps; k0 += KS) {
       const long ks = std::min(KS, steps - k0);
@@ -937,12 +957,27 @@ ffi::Error sad_driver(ffi::ThreadPool& pool, const Rows& rows_of_a, const uint8_
         const uint8_t* Bj = B + (j * steps + k0) * W * 8;
         int32_t* Tj = sums.data() + (j - j0) * W;
         for (long t = 0; t < rows; t += R) {
+          if constexpr (Epilogue::kDirect) {
+            if (direct && t < full_rows && (j + 1) * W <= N) {
+              int32_t* o = epilogue.out + (p0 + t) * N + j * W;
+              sad_tile(ks, apack.data() + t * ks, Bj, o, N, true, epilogue.negate);
+              continue;
+            }
+          }
           sad_tile(ks, apack.data() + t * ks, Bj, Tj + t * ldt, ldt, k0 == 0);
         }
       }
     }
     const long n0 = j0 * W, width = std::min(N, j1 * W) - n0;
-    for (long p = p0; p < p1; ++p) epilogue(p, n0, width, sums.data() + (p - p0) * ldt);
+    for (long p = p0; p < p1; ++p) {
+      const int32_t* row = sums.data() + (p - p0) * ldt;
+      if (!direct || p - p0 >= full_rows) {
+        epilogue(p, n0, width, row);
+      } else if (j1 * W > N) {  // the group's last panel is cut short: not stored directly
+        const long last = (j1 - 1) * W;
+        epilogue(p, last, N - last, row + (last - n0));
+      }
+    }
   });
   return ffi::Error::Success();
 }
