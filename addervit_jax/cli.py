@@ -9,6 +9,7 @@ addervit check-kernels [--shapes LxD_INxD_OUT ...] [--dtype float32|bfloat16]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -76,13 +77,44 @@ CHECK_SHAPES_GPU = [
 CHECK_SHAPES_INTERPRET = ["130x32x48", "37x19x23"]
 
 
+def check_kernels_sass(args: argparse.Namespace) -> int:
+    """The static check of the Pallas kernels in Hopper machine code (``kernels/sass.py``): every
+    kernel, rule, dtype and shipped tile at the ViT shapes; exit 1 when one spills or misses its
+    roofline target, 2 when Triton is missing."""
+    from addervit_jax.kernels import sass
+
+    reason = sass.missing()
+    if reason:
+        print(f"addervit check-kernels --sass: {reason}", file=sys.stderr)
+        return 2
+    print("addervit check-kernels --sass: Pallas -> Triton -> sm_90a SASS, no GPU needed")
+    print("fraction: useful FP32 instructions / all instructions of the hot loop\n")
+    rows = []
+    for row in sass.sweep():
+        rows.append(row)
+        print(sass.markdown([row]).splitlines()[-1], flush=True)
+    table = sass.markdown(rows)
+    failures = sum(not sass.passes(r) for _, r in rows)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sass.md").write_text(table + "\n")
+        records = [{"entry": name, **dataclasses.asdict(r)} for name, r in rows]
+        (out / "sass.json").write_text(json.dumps(records, indent=2) + "\n")
+    print(f"\n{'all passed' if not failures else f'{failures} of {len(rows)} FAILED'}")
+    return 1 if failures else 0
+
+
 def check_kernels(args: argparse.Namespace) -> int:
     """Compare ``ops.adder(backend="pallas")`` with the XLA backend, forward and every gradient.
 
     The reference-vs-kernel check to run on one's own GPU: for each shape and rule, the relative
     Frobenius error of y, dL/dx, dL/dw and dL/dE (with a random stretch E and cotangent) between
-    the two backends. On a machine without a GPU the kernels run in interpret mode.
+    the two backends. On a machine without a GPU the kernels run in interpret mode. With
+    ``--sass``, the static check of their machine code instead (:func:`check_kernels_sass`).
     """
+    if args.sass:
+        return check_kernels_sass(args)
     device = jax.devices()[0]
     interpret = device.platform != "gpu"
     shapes = args.shapes or (CHECK_SHAPES_INTERPRET if interpret else CHECK_SHAPES_GPU)
@@ -280,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p_check.add_argument("--tol", type=float, default=None, help="default 1e-5 (bf16: 1e-2)")
     p_check.add_argument("--seed", type=int, default=0)
+    p_check.add_argument(
+        "--sass",
+        action="store_true",
+        help="instead: compile every kernel to H100/H200 machine code (needs the sass extra) and "
+        "report registers, spills and the hot loop's static roofline fraction",
+    )
+    p_check.add_argument("--out", default=None, help="with --sass: write sass.md/.json here")
     p_check.set_defaults(run=check_kernels)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,63 @@
+"""The static check of the Pallas kernels in Hopper machine code (kernels/sass.py).
+
+The SASS parsing and the capture of Pallas' Triton IR need no Triton; compiling to SASS does
+(the ``sass`` extra), and those tests run where it is installed.
+"""
+
+import importlib.util
+
+import jax.numpy as jnp
+import pytest
+
+from addervit_jax.kernels import adder_pallas, sass
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x4, PT ;
+        /*0020*/                   FADD R4, R5, -R6 ;
+        /*0030*/                   FADD R8, R8, |R4| ;
+        /*0040*/              @!P0 BRA 0x20 ;
+        /*0050*/                   SHFL.BFLY PT, R9, R8, 0x1, 0x1f ;
+        /*0060*/                   FADD R4, R5, -R6 ;
+        /*0070*/                   FFMA R8, R4, R5, R8 ;
+        /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0090*/               @P0 BRA 0x50 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+"""
+
+
+def test_hot_loop_is_the_longest_backward_branch():
+    # two loops: 0x20-0x40 (3 instructions) and 0x50-0x90 (5); the self-branch at 0xb0 is none
+    assert sass.hot_loop(SASS) == ["SHFL", "FADD", "FFMA", "BAR", "BRA"]
+    assert sass.hot_loop("EXIT ;") == []
+
+
+@pytest.mark.parametrize(("kernel", "rule"), sass.KERNELS)
+def test_triton_ir_of_every_kernel_is_captured_without_triton(kernel, rule):
+    blocks = adder_pallas.Blocks(rows=32, cols=16, reduce=4, num_warps=4, num_stages=2)
+    ir = sass.triton_ir(kernel, rule, (64, 48, 32), jnp.float32, blocks)
+    assert "tt.func public @adder_" in ir and "scf.for" in ir
+    # the table entry was restored; another tile at the same shape is a new trace, not a cached one
+    assert adder_pallas.BLOCKS[kernel]["large"].rows == 64
+    other = sass.triton_ir(kernel, rule, (64, 48, 32), jnp.float32, adder_pallas.Blocks(16, 16, 2))
+    assert other != ir
+
+
+def test_without_triton_the_check_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "pip install 'addervit-jax[sass]'" in sass.missing()
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        sass.compile_to_sass("module {}", 4, 2)
+
+
+@pytest.mark.skipif(sass.missing() is not None, reason="the sass extra (Triton) is not installed")
+def test_forward_hot_loop_counts_its_terms():
+    blocks = adder_pallas.Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2)
+    report = sass.check("forward", None, (4096, 384, 1536), jnp.float32, blocks)
+    assert report.registers > 0 and report.spill_stores == 0
+    assert report.terms_per_thread == 32 * 32 * 8 / 128
+    # every term is at least a difference and an accumulation, both FADD
+    assert report.loop_mix["FADD"] >= report.useful == 2 * report.terms_per_thread
+    assert report.roofline_fraction == report.useful / report.loop_instructions
+    assert "| forward | - | float32 | 4096x384x1536 |" in sass.markdown([("small", report)])
