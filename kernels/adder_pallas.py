@@ -17,8 +17,12 @@ kernel               out[p, q] = sum over r of                       out tile   
 the gradient with respect to ``u``; the caller (:mod:`addervit_jax.adder.op`) multiplies by ``e``
 and sums for dL/de. dL/dw of ``"addernet"``/``"clipped"`` is a matrix product and stays in XLA.
 
-A tile of the pseudo-matmul is computed as a broadcast ``(rows, reduce, cols)`` difference and
-a sum over the middle axis, which Triton keeps in registers. Triton needs power-of-two block
+A tile of the pseudo-matmul is computed as a broadcast ``(reduce, rows, cols)`` of terms summed
+over its leading axis, in registers: Triton keeps the leading axis inside each thread, so the sum
+needs no shuffles or barriers (the operand chunks come as ``(reduce, rows)`` and
+``(reduce, cols)``, from transposed copies where the reduction is the operand's last axis). The
+static check of the machine code (:mod:`kernels.sass`, ``addervit check-kernels --sass``) measures
+what each kernel's loop spends on arithmetic. Triton needs power-of-two block
 shapes and Pallas' interpret mode does not check that, so every operand is zero-padded to whole
 blocks here (a zero row or column contributes ``|0 - 0| = 0`` or a zero cotangent to every sum)
 and the tests lower every kernel for CUDA on a CPU machine. Block sizes come from one table,
@@ -135,17 +139,21 @@ def _ones_if_none(e: jax.Array | None, size: int, dtype) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(x_ref, w_ref, e_ref, y_ref, *, reduce: int):
+def _forward_kernel(xt_ref, w_ref, e_ref, y_ref, *, reduce: int):
     rows, cols = y_ref.shape
     f32 = jnp.float32
 
     def step(k, acc):
         chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
-        u = x_ref[:, chunk].astype(f32) * e_ref[chunk].astype(f32)[None, :]
-        w = w_ref[chunk, :].astype(f32)
-        return acc + jnp.sum(jnp.abs(u[:, :, None] - w[None, :, :]), axis=1)
+        ut = xt_ref[chunk, :].astype(f32) * e_ref[chunk].astype(f32)[:, None]  # (reduce, rows)
+        w = w_ref[chunk, :].astype(f32)  # (reduce, cols)
+        # The reduction axis leads the broadcast: Triton keeps it inside each thread, so the sum
+        # needs no shuffles or barriers (measured with kernels/sass.py: a (rows, reduce, cols)
+        # broadcast summed over its middle axis spent two thirds of the loop reducing across
+        # threads).
+        return acc + jnp.sum(jnp.abs(ut[:, :, None] - w[:, None, :]), axis=0)
 
-    acc = lax.fori_loop(0, x_ref.shape[1] // reduce, step, jnp.zeros((rows, cols), f32))
+    acc = lax.fori_loop(0, xt_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
     y_ref[...] = (-acc).astype(y_ref.dtype)
 
 
@@ -163,16 +171,16 @@ def forward(
         return jnp.zeros((length, d_out), jnp.result_type(x, w))
     b = blocks_for("forward", length, d_out, d_in)
     e = _ones_if_none(e, d_in, x.dtype)
-    xp = _pad_to(x, (b.rows, b.reduce))
+    xt = _pad_to(x, (b.rows, b.reduce)).T  # a chunk of x^T is contiguous along the rows
     wp = _pad_to(w, (b.reduce, b.cols))
     ep = _pad_to(e, (b.reduce,))
-    (lp, kp), dp = xp.shape, wp.shape[1]
+    (kp, lp), dp = xt.shape, wp.shape[1]
     y = pl.pallas_call(
         functools.partial(_forward_kernel, reduce=b.reduce),
         out_shape=jax.ShapeDtypeStruct((lp, dp), jnp.result_type(x, w)),
         grid=(lp // b.rows, dp // b.cols),
         in_specs=[
-            pl.BlockSpec((b.rows, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((kp, b.rows), lambda i, j: (0, i)),
             pl.BlockSpec((kp, b.cols), lambda i, j: (0, j)),
             pl.BlockSpec((kp,), lambda i, j: (0,)),
         ],
@@ -180,7 +188,7 @@ def forward(
         compiler_params=_compiler_params(b, interpret),
         interpret=interpret,
         name="adder_forward",
-    )(xp, wp, ep)
+    )(xt, wp, ep)
     return y[:length, :d_out]
 
 
@@ -195,19 +203,26 @@ def forward_reference(x: jax.Array, w: jax.Array, e: jax.Array | None = None) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _x_grad_kernel(x_ref, e_ref, w_ref, g_ref, dx_ref, *, reduce: int, s: Callable):
+def _x_grad_kernel(x_ref, e_ref, wt_ref, gt_ref, dx_ref, *, reduce: int, s: Callable, scale: float):
     rows, cols = dx_ref.shape
     f32 = jnp.float32
+    # s(c * (w - u)) as s(c w - c u): the factor of the "clipped" rule once per operand, not per
+    # term (``scale`` is c and ``s`` the unscaled clip then; 1 otherwise)
     u = x_ref[...].astype(f32) * e_ref[...].astype(f32)[None, :]  # (rows, cols): l, i
+    if scale != 1.0:
+        u = u * scale
 
     def step(k, acc):
         chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
-        g = g_ref[:, chunk].astype(f32)  # (rows, reduce): l, d
-        w = w_ref[:, chunk].astype(f32)  # (cols, reduce): i, d
-        term = g[:, None, :] * s(w[None, :, :] - u[:, :, None])
-        return acc + jnp.sum(term, axis=2)
+        gt = gt_ref[chunk, :].astype(f32)  # (reduce, rows): d, l
+        wt = wt_ref[chunk, :].astype(f32)  # (reduce, cols): d, i
+        if scale != 1.0:
+            wt = wt * scale
+        # the reduction axis leads, as in the forward (no cross-thread sum)
+        term = gt[:, :, None] * s(wt[:, None, :] - u[None, :, :])
+        return acc + jnp.sum(term, axis=0)
 
-    acc = lax.fori_loop(0, g_ref.shape[1] // reduce, step, jnp.zeros((rows, cols), f32))
+    acc = lax.fori_loop(0, gt_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
     dx_ref[...] = acc.astype(dx_ref.dtype)
 
 
@@ -234,24 +249,29 @@ def x_grad(
     e = _ones_if_none(e, d_in, x.dtype)
     xp = _pad_to(x, (b.rows, b.cols))
     ep = _pad_to(e, (b.cols,))
-    wp = _pad_to(w, (b.cols, b.reduce))
-    gp = _pad_to(g, (b.rows, b.reduce))
-    (lp, ip), dp = xp.shape, wp.shape[1]
+    wt = _pad_to(w, (b.cols, b.reduce)).T  # chunks of w^T and g^T: contiguous rows
+    gt = _pad_to(g, (b.rows, b.reduce)).T
+    (lp, ip), dp = xp.shape, wt.shape[0]
     dx = pl.pallas_call(
-        functools.partial(_x_grad_kernel, reduce=b.reduce, s=surrogate(grad, clip_scale)),
+        functools.partial(
+            _x_grad_kernel,
+            reduce=b.reduce,
+            s=surrogate("addernet" if grad == "clipped" else grad, clip_scale),
+            scale=float(clip_scale) if grad == "clipped" else 1.0,
+        ),
         out_shape=jax.ShapeDtypeStruct((lp, ip), jnp.float32),
         grid=(lp // b.rows, ip // b.cols),
         in_specs=[
             pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
             pl.BlockSpec((b.cols,), lambda i, j: (j,)),
-            pl.BlockSpec((b.cols, dp), lambda i, j: (j, 0)),
-            pl.BlockSpec((b.rows, dp), lambda i, j: (i, 0)),
+            pl.BlockSpec((dp, b.cols), lambda i, j: (0, j)),
+            pl.BlockSpec((dp, b.rows), lambda i, j: (0, i)),
         ],
         out_specs=pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)),
         compiler_params=_compiler_params(b, interpret),
         interpret=interpret,
         name=f"adder_x_grad_{grad}",
-    )(xp, ep, wp, gp)
+    )(xp, ep, wt, gt)
     return dx[:length, :d_in]
 
 
