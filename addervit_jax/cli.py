@@ -9,7 +9,6 @@ addervit check-kernels [--shapes LxD_INxD_OUT ...] [--dtype float32|bfloat16]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -93,14 +92,9 @@ def check_kernels_sass(args: argparse.Namespace) -> int:
     for row in sass.sweep():
         rows.append(row)
         print(sass.markdown([row]).splitlines()[-1], flush=True)
-    table = sass.markdown(rows)
     failures = sum(not sass.passes(r) for _, r in rows)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sass.md").write_text(table + "\n")
-        records = [{"entry": name, **dataclasses.asdict(r)} for name, r in rows]
-        (out / "sass.json").write_text(json.dumps(records, indent=2) + "\n")
+        sass.write(rows, args.out, "sass")
     print(f"\n{'all passed' if not failures else f'{failures} of {len(rows)} FAILED'}")
     return 1 if failures else 0
 

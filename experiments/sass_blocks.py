@@ -11,9 +11,6 @@ roofline fraction (``kernels/sass.py``). Writes ``candidates.md`` and ``candidat
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import pathlib
 
 import jax.numpy as jnp
 
@@ -45,13 +42,8 @@ def main(argv=None) -> None:
             name = f"{blocks.rows}x{blocks.cols}x{blocks.reduce}"
             rows.append((name, report))
             print(sass.markdown([(name, report)]).splitlines()[-1], flush=True)
-    table = sass.markdown(rows)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "candidates.md").write_text(table + "\n")
-        records = [{"entry": name, **dataclasses.asdict(r)} for name, r in rows]
-        (out / "candidates.json").write_text(json.dumps(records, indent=2) + "\n")
+        sass.write(rows, args.out, "candidates")
 
 
 if __name__ == "__main__":

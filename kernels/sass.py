@@ -62,6 +62,7 @@ __all__ = [
     "missing",
     "passes",
     "sweep",
+    "write",
 ]
 
 #: (L, D_in, D_out) of a ViT-S block on 4,096 tokens: MLP up, MLP down, qkv
@@ -354,3 +355,12 @@ def markdown(rows) -> str:
             f"{'pass' if passes(r) else 'FAIL'} (>= {TARGETS[r.kernel]:.2f}) |"
         )
     return "\n".join(lines)
+
+
+def write(rows, out: str | os.PathLike, name: str) -> None:
+    """``rows`` (``(entry name, Report)``) as ``out/NAME.md`` (:func:`markdown`) and ``.json``."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown(rows) + "\n")
+    records = [{"entry": entry, **dataclasses.asdict(r)} for entry, r in rows]
+    (out / f"{name}.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -4,7 +4,9 @@ The SASS parsing and the capture of Pallas' Triton IR need no Triton; compiling 
 (the ``sass`` extra), and those tests run where it is installed.
 """
 
+import dataclasses
 import importlib.util
+import json
 
 import jax.numpy as jnp
 import pytest
@@ -61,3 +63,26 @@ def test_forward_hot_loop_counts_its_terms():
     assert report.loop_mix["FADD"] >= report.useful == 2 * report.terms_per_thread
     assert report.roofline_fraction == report.useful / report.loop_instructions
     assert "| forward | - | float32 | 4096x384x1536 |" in sass.markdown([("small", report)])
+
+
+def test_write_puts_the_table_and_the_records_side_by_side(tmp_path):
+    report = sass.Report(
+        kernel="forward",
+        rule=None,
+        dtype="float32",
+        shape=(8, 4, 4),
+        blocks={"rows": 8, "cols": 4, "reduce": 4, "num_warps": 4, "num_stages": 2},
+        registers=32,
+        spill_stores=0,
+        spill_loads=0,
+        shared_bytes=0,
+        loop_instructions=10,
+        loop_mix={"FADD": 8, "BRA": 1, "BAR": 1},
+        terms_per_thread=4.0,
+        useful=8.0,
+        roofline_fraction=0.8,
+    )
+    sass.write([("small", report)], tmp_path / "out", "sass")
+    assert (tmp_path / "out" / "sass.md").read_text() == sass.markdown([("small", report)]) + "\n"
+    record = json.loads((tmp_path / "out" / "sass.json").read_text())
+    assert record == [{"entry": "small", **dataclasses.asdict(report), "shape": [8, 4, 4]}]
