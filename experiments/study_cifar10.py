@@ -1,0 +1,78 @@
+"""Adder vs multiplication on CIFAR-10 at a real budget: 30 epochs, seeds 0 and 1, three arms.
+
+    TFDS_DATA_DIR=../shared/datasets/tfds python experiments/study_cifar10.py \\
+        --out experiments/results/study_cifar10
+
+Arms (labels of the table), every one the ``cifar10`` config with ``--set`` applied (default:
+30 epochs, 3 warm-up epochs: the screen's 10% warm-up), ``train[:45000]`` to fit and
+``train[45000:]`` (5,000 images) to validate:
+
+* ``multi``: the multiplication baseline; its seed-0 run is the teacher of the distilled arm;
+* ``qkv_2ffn``: the original study's method (adder q/k/v and FFN, no distillation);
+* ``qkv_2ffn + distill``: the same, distilled from ``multi`` seed 0 (``config.distill``): the
+  best adder arm of the screen (``experiments/results/screen_cifar10``, 62.7% against 61.2% for
+  ``qkv_2ffn`` and 56.2% for the best all-adder arm at 10 epochs).
+
+Runs go seed by seed (``multi`` seed 0 first: the teacher), each in ``OUT/runs/<arm>_seed<s>``;
+rerunning the command reads back finished runs and resumes an unfinished one from its
+checkpoints. ``--arms`` trains and reports a subset. A 3-epoch smoke run of the same arms:
+``--set num_epochs=3 warmup_epochs=0.3 --out experiments/results/study_cifar10/smoke``.
+Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import study
+
+DEFAULT_SET = ["num_epochs=30", "warmup_epochs=3"]
+TEACHER = ("multi", 0)
+
+
+def arms(out: pathlib.Path) -> dict[str, dict]:
+    teacher = str(out / "runs" / f"{TEACHER[0]}_seed{TEACHER[1]}")
+    return {
+        "multi": {"variant": "multi"},
+        "qkv_2ffn": {"variant": "qkv_2ffn"},
+        "qkv_2ffn + distill": {"variant": "qkv_2ffn", "distill.teacher": teacher},
+    }
+
+
+def order(runs: list[study.Run]) -> list[study.Run]:
+    """Seed by seed, the teacher's run first: the first seed's comparison is whole early."""
+    first = [r for r in runs if (r.label, r.seed) == TEACHER]
+    return first + sorted((r for r in runs if r not in first), key=lambda r: r.seed)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    study.add_recipe_flags(parser, default_config="cifar10")
+    parser.set_defaults(set=DEFAULT_SET, seeds=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms, by label")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    table = arms(out)
+    unknown = sorted(set(args.arms or ()) - set(table))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; arms: {list(table)}")
+    chosen = [(label, fields) for label, fields in table.items() if label in (args.arms or table)]
+    distilled = any("distill.teacher" in fields for _, fields in chosen)
+    teacher_runs = TEACHER[0] in dict(chosen) and TEACHER[1] in args.seeds
+    if distilled and not teacher_runs and not (out / "runs" / "multi_seed0").exists():
+        parser.error("the distilled arm learns from the multi arm's seed-0 run: train it too")
+    recipe = study.load_recipe(args.config, args.set)
+    study.run_and_report(
+        order(study.make_runs(recipe, chosen, args.seeds)),
+        out,
+        name="study_cifar10",
+        title=f"Adder vs multiplication on {recipe.dataset}",
+        label_header="arm",
+        recipe=recipe,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
