@@ -19,6 +19,9 @@ from addervit_jax.kernels.adder_pallas import Blocks
 
 CANDIDATES = [
     Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2),
+    Blocks(rows=32, cols=64, reduce=8, num_warps=4, num_stages=2),
+    Blocks(rows=32, cols=32, reduce=16, num_warps=4, num_stages=2),
+    Blocks(rows=128, cols=64, reduce=4, num_warps=8, num_stages=3),
     Blocks(rows=64, cols=64, reduce=4, num_warps=4, num_stages=2),
     Blocks(rows=64, cols=64, reduce=4, num_warps=8, num_stages=3),
     Blocks(rows=64, cols=64, reduce=8, num_warps=8, num_stages=2),

@@ -17,15 +17,19 @@ kernel               out[p, q] = sum over r of                       out tile   
 the gradient with respect to ``u``; the caller (:mod:`addervit_jax.adder.op`) multiplies by ``e``
 and sums for dL/de. dL/dw of ``"addernet"``/``"clipped"`` is a matrix product and stays in XLA.
 
-A tile of the pseudo-matmul is computed as a broadcast ``(reduce, rows, cols)`` of terms summed
-over its leading axis, in registers: Triton keeps the leading axis inside each thread, so the sum
-needs no shuffles or barriers (the operand chunks come as ``(reduce, rows)`` and
-``(reduce, cols)``, from transposed copies where the reduction is the operand's last axis). The
-static check of the machine code (:mod:`kernels.sass`, ``addervit check-kernels --sass``) measures
-what each kernel's loop spends on arithmetic. Triton needs power-of-two block
-shapes and Pallas' interpret mode does not check that, so every operand is zero-padded to whole
-blocks here (a zero row or column contributes ``|0 - 0| = 0`` or a zero cotangent to every sum)
-and the tests lower every kernel for CUDA on a CPU machine. Block sizes come from one table,
+A loop step computes a broadcast ``(reduce, rows, cols)`` of terms in registers, the reduction
+axis leading: Triton keeps that axis inside each thread, so nothing is summed across threads (the
+operand chunks come as ``(reduce, rows)`` and ``(reduce, cols)``, from float32 transposed copies
+where the reduction is the operand's last axis). The forward sums the step's terms into a
+``(rows, cols)`` accumulator, each ``|.|`` folded into its FADD (:func:`_abs`); the backward
+kernels keep a ``(reduce, rows, cols)`` accumulator, so that every term is one FFMA into it, and
+sum its leading axis after the loop. The exact rule's sign is two comparisons a term
+(:func:`_add_sign_terms`). The static check of the machine code (:mod:`kernels.sass`,
+``addervit check-kernels --sass``) measures what each loop spends on arithmetic: every shipped
+tile spends at least 80% of its loop's instructions on the terms' own. Triton needs power-of-two
+block shapes and Pallas' interpret mode does not check that, so every operand is zero-padded to
+whole blocks here (a zero row or column contributes ``|0 - 0| = 0`` or a zero cotangent to every
+sum) and the tests lower every kernel for CUDA on a CPU machine. Block sizes come from one table,
 :data:`BLOCKS`, by shape class.
 
 Each kernel has a plain ``jnp`` ``*_reference`` beside it (the broadcast formula, which does
@@ -70,14 +74,18 @@ class Blocks:
     num_stages: int = 2
 
 
-# The (rows, reduce, cols) broadcast holds rows*reduce*cols float32 values per program; at 4 warps
-# (128 threads) 8,192 of them are 64 registers a thread, which leaves room for the accumulator
-# and the loads of the next step. Large outputs use 8 warps and a deeper software pipeline.
-# Chosen from the register budget; GPU timing (experiments/bench_kernels.py) is to refine them.
+# Chosen with the static check of the Hopper machine code (kernels/sass.py; every candidate's
+# numbers in experiments/results/sass/candidates.md): per thread and loop step 128 terms in the
+# forward (2 instructions a term) and 64 in the backward kernels (4 a term, and a (reduce, rows,
+# cols) accumulator), so that a step's fixed cost (shared-memory loads, barrier, loop control) is
+# under a fifth of it, without spills. Large outputs use bigger tiles (more terms per loaded
+# operand) with 8 warps and a deeper software pipeline; small ones more, smaller programs.
+# Registers: forward 167 (small, 3 programs an SM) and 186 (large, 1), x_grad 161 and 236 (1),
+# w_grad_exact 120 and 123 (2). GPU timing (experiments/bench_kernels.py) is to refine them.
 BLOCKS: dict[str, dict[str, Blocks]] = {
     "forward": {
-        "small": Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2),
-        "large": Blocks(rows=64, cols=64, reduce=4, num_warps=8, num_stages=3),
+        "small": Blocks(rows=32, cols=64, reduce=8, num_warps=4, num_stages=2),
+        "large": Blocks(rows=128, cols=64, reduce=4, num_warps=8, num_stages=3),
     },
     "x_grad": {
         "small": Blocks(rows=32, cols=32, reduce=8, num_warps=4, num_stages=2),
@@ -118,6 +126,10 @@ def blocks_for(kernel: str, rows: int, cols: int, reduce: int) -> Blocks:
 
 
 def _pad_to(a: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
+    """``a`` in float32, zero-padded to whole blocks. The kernels sum in float32 anyway, and a
+    float32 operand spares the loop a conversion per loaded element (bfloat16's shifts and
+    permutes: 3% of the forward's loop); the copy is O(operand), the kernel O(L D_in D_out)."""
+    a = a.astype(jnp.float32)
     pads = [(0, -s % m) for s, m in zip(a.shape, multiples, strict=True)]
     return jnp.pad(a, pads) if any(p for _, p in pads) else a
 
@@ -134,12 +146,54 @@ def _ones_if_none(e: jax.Array | None, size: int, dtype) -> jax.Array:
     return jnp.ones((size,), dtype) if e is None else e
 
 
+def _zeros(reduce: int, rows: int, cols: int) -> jax.Array:
+    """A kernel's accumulator: one float32 partial sum per term of a loop step, ``(reduce, rows,
+    cols)``, summed over its leading axis once, after the loop. Every term then adds into its own
+    accumulator (one FADD or FFMA): no sum across the step's terms inside the loop, and Triton
+    keeps the leading axis inside each thread, so nothing crosses threads either."""
+    return jnp.zeros((reduce, rows, cols), jnp.float32)
+
+
+def _abs(v: jax.Array, interpret: bool) -> jax.Array:
+    """``|v|`` as PTX ``abs.f32`` on the GPU, which ptxas folds into the FADD that consumes it
+    (an operand modifier, no instruction of its own). ``jnp.abs`` lowers to libdevice's
+    ``__nv_fabsf``, which Triton builds with flush-to-zero: ``abs.ftz.f32`` does not fold into a
+    non-ftz add and costs an FADD per term. Interpret mode (no GPU backend) takes ``jnp.abs``."""
+    if interpret:
+        return jnp.abs(v)
+    [result] = compat.pallas_triton().elementwise_inline_asm(
+        "abs.f32 $0, $1;",
+        args=[v],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    )
+    return result
+
+
+def _add_sign_terms(acc: jax.Array, g: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``acc + g * ([a > b] + [a >= b])``, i.e. ``acc + g * (sign(a - b) + 1)`` for ordered
+    ``a``, ``b``: two comparisons (FSET, 1.0 or 0.0) and two FFMA into ``acc`` a term. There is
+    no one-instruction sign with ``sign(0) = 0`` on the GPU (``copysign`` is a bit operation that
+    makes it +-1); the ``- g`` is summed once per output by :func:`_sign_fixup`."""
+    f32 = jnp.float32
+    acc = acc + g * (a > b).astype(f32)
+    return acc + g * (a >= b).astype(f32)
+
+
+def _sign_fixup(acc: jax.Array, g_sum: jax.Array, nan: jax.Array) -> jax.Array:
+    """The sums of :func:`_add_sign_terms` less ``g`` summed over the reduction (``g_sum``,
+    broadcast), and NaN where an operand of some term was NaN (``nan``, broadcast), which the
+    comparisons drop and ``sign`` propagates."""
+    return jnp.where(nan, jnp.nan, acc - g_sum)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward: y[l, d] = -sum_i |x[l, i] * e[i] - w[i, d]|
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(xt_ref, w_ref, e_ref, y_ref, *, reduce: int):
+def _forward_kernel(xt_ref, w_ref, e_ref, y_ref, *, reduce: int, interpret: bool):
     rows, cols = y_ref.shape
     f32 = jnp.float32
 
@@ -148,10 +202,10 @@ def _forward_kernel(xt_ref, w_ref, e_ref, y_ref, *, reduce: int):
         ut = xt_ref[chunk, :].astype(f32) * e_ref[chunk].astype(f32)[:, None]  # (reduce, rows)
         w = w_ref[chunk, :].astype(f32)  # (reduce, cols)
         # The reduction axis leads the broadcast: Triton keeps it inside each thread, so the sum
-        # needs no shuffles or barriers (measured with kernels/sass.py: a (rows, reduce, cols)
-        # broadcast summed over its middle axis spent two thirds of the loop reducing across
-        # threads).
-        return acc + jnp.sum(jnp.abs(ut[:, :, None] - w[:, None, :]), axis=0)
+        # needs no shuffles or barriers. Each |.| folds into the FADD of the sum (a (reduce,
+        # rows, cols) accumulator, as in the backward kernels, adds the same FADDs and costs
+        # reduce times the registers).
+        return acc + jnp.sum(_abs(ut[:, :, None] - w[:, None, :], interpret), axis=0)
 
     acc = lax.fori_loop(0, xt_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
     y_ref[...] = (-acc).astype(y_ref.dtype)
@@ -176,7 +230,7 @@ def forward(
     ep = _pad_to(e, (b.reduce,))
     (kp, lp), dp = xt.shape, wp.shape[1]
     y = pl.pallas_call(
-        functools.partial(_forward_kernel, reduce=b.reduce),
+        functools.partial(_forward_kernel, reduce=b.reduce, interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((lp, dp), jnp.result_type(x, w)),
         grid=(lp // b.rows, dp // b.cols),
         in_specs=[
@@ -203,7 +257,9 @@ def forward_reference(x: jax.Array, w: jax.Array, e: jax.Array | None = None) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _x_grad_kernel(x_ref, e_ref, wt_ref, gt_ref, dx_ref, *, reduce: int, s: Callable, scale: float):
+def _x_grad_kernel(
+    x_ref, e_ref, wt_ref, gt_ref, dx_ref, *, reduce: int, s: Callable | None, scale: float
+):
     rows, cols = dx_ref.shape
     f32 = jnp.float32
     # s(c * (w - u)) as s(c w - c u): the factor of the "clipped" rule once per operand, not per
@@ -218,12 +274,12 @@ def _x_grad_kernel(x_ref, e_ref, wt_ref, gt_ref, dx_ref, *, reduce: int, s: Call
         wt = wt_ref[chunk, :].astype(f32)  # (reduce, cols): d, i
         if scale != 1.0:
             wt = wt * scale
-        # the reduction axis leads, as in the forward (no cross-thread sum)
-        term = gt[:, :, None] * s(wt[:, None, :] - u[None, :, :])
-        return acc + jnp.sum(term, axis=0)
+        if s is None:  # "exact": g * (sign(w - u) + 1), the - g after the kernel
+            return _add_sign_terms(acc, gt[:, :, None], wt[:, None, :], u[None, :, :])
+        return acc + gt[:, :, None] * s(wt[:, None, :] - u[None, :, :])
 
-    acc = lax.fori_loop(0, gt_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
-    dx_ref[...] = acc.astype(dx_ref.dtype)
+    acc = lax.fori_loop(0, gt_ref.shape[0] // reduce, step, _zeros(reduce, rows, cols))
+    dx_ref[...] = jnp.sum(acc, axis=0).astype(dx_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("grad", "clip_scale", "interpret"))
@@ -256,7 +312,7 @@ def x_grad(
         functools.partial(
             _x_grad_kernel,
             reduce=b.reduce,
-            s=surrogate("addernet" if grad == "clipped" else grad, clip_scale),
+            s=None if grad == "exact" else surrogate("addernet", clip_scale),
             scale=float(clip_scale) if grad == "clipped" else 1.0,
         ),
         out_shape=jax.ShapeDtypeStruct((lp, ip), jnp.float32),
@@ -272,7 +328,12 @@ def x_grad(
         interpret=interpret,
         name=f"adder_x_grad_{grad}",
     )(xp, ep, wt, gt)
-    return dx[:length, :d_in]
+    dx = dx[:length, :d_in]
+    if grad == "exact":
+        u = x.astype(jnp.float32) * e.astype(jnp.float32)
+        nan = jnp.isnan(u) | jnp.isnan(w).any(axis=1)[None, :]
+        dx = _sign_fixup(dx, g.astype(jnp.float32).sum(axis=1, keepdims=True), nan)
+    return dx
 
 
 def x_grad_reference(x, w, g, e=None, *, grad: str, clip_scale: float = 4.0) -> jax.Array:
@@ -297,11 +358,11 @@ def _w_grad_exact_kernel(x_ref, e_ref, w_ref, g_ref, dw_ref, *, reduce: int):
         chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
         u = x_ref[chunk, :].astype(f32) * e[None, :]  # (reduce, rows): l, i
         g = g_ref[chunk, :].astype(f32)  # (reduce, cols): l, d
-        term = g[:, None, :] * jnp.sign(u[:, :, None] - w[None, :, :])
-        return acc + jnp.sum(term, axis=0)
+        # g * (sign(u - w) + 1); the - g after the kernel
+        return _add_sign_terms(acc, g[:, None, :], u[:, :, None], w[None, :, :])
 
-    acc = lax.fori_loop(0, x_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
-    dw_ref[...] = acc.astype(dw_ref.dtype)
+    acc = lax.fori_loop(0, x_ref.shape[0] // reduce, step, _zeros(reduce, rows, cols))
+    dw_ref[...] = jnp.sum(acc, axis=0).astype(dw_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -339,7 +400,9 @@ def w_grad_exact(
         interpret=interpret,
         name="adder_w_grad_exact",
     )(xp, ep, wp, gp)
-    return dw[:d_in, :d_out]
+    u = x.astype(jnp.float32) * e.astype(jnp.float32)
+    nan = jnp.isnan(u).any(axis=0)[:, None] | jnp.isnan(w)
+    return _sign_fixup(dw[:d_in, :d_out], g.astype(jnp.float32).sum(axis=0), nan)
 
 
 def w_grad_exact_reference(x, w, g, e=None) -> jax.Array:

@@ -16,10 +16,15 @@ where one loop iteration is one step of the kernel's reduction loop, covering
 term                          FP32  instructions
 ============================ ===== =========================================================
 forward ``-|u - w|``           2     FADD (the difference), FADD with the |.| operand modifier
-x_grad / w_grad, ``"exact"``   3     FADD, a sign (one FSEL-class instruction), FFMA
+x_grad / w_grad, ``"exact"``   4     FSET, FSET, FFMA, FFMA: ``g [a > b] + g [a >= b]``
 x_grad ``"addernet"``          4     FADD, FMNMX, FMNMX (the clip), FFMA
 x_grad ``"clipped"``           4     as addernet, with ``c`` folded into the operands once
 ============================ ===== =========================================================
+
+The exact rule's ``g * sign(a - b)`` needs two comparisons: sm_90 has no one-instruction sign
+with ``sign(0) = 0`` (``copysign`` is a LOP3 that makes it +-1, which would be three instructions
+a term, FADD, LOP3, FADD, with ties counted as +-g instead of 0). The kernels sum
+``g * (sign + 1) = g [a > b] + g [a >= b]`` and subtract ``g``'s sum once per output.
 
 The hot loop is the longest backward branch of the SASS (``BRA`` to a lower address). The
 fraction is an upper bound on the share of the FP32 SIMT peak the loop can reach: it ignores
@@ -71,10 +76,10 @@ SHAPES = ((4096, 384, 1536), (4096, 1536, 384), (4096, 384, 1152))
 #: minimal FP32 instructions per term, by (kernel, rule); see the module docstring
 TERM_FP32 = {
     ("forward", None): 2,
-    ("x_grad", "exact"): 3,
+    ("x_grad", "exact"): 4,
     ("x_grad", "addernet"): 4,
     ("x_grad", "clipped"): 4,
-    ("w_grad_exact", None): 3,
+    ("w_grad_exact", None): 4,
 }
 
 FP32_OPCODES = ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSET", "FSETP", "FCHK", "FSWZADD")

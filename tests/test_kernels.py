@@ -59,6 +59,28 @@ def test_kernels_match_their_references_and_float64(shape, dtype):
     assert ref.rel_err(dw, ref.adder_grads(uf, wf, gf, "exact")[1]) < TOL
 
 
+def test_exact_rule_gives_sign_zero_at_ties_and_propagates_nan():
+    # The kernels sum g [a > b] + g [a >= b] and subtract g's sum after the loop (two
+    # comparisons, no sign instruction); ties must still count 0 and a NaN operand NaN, as sign.
+    x, w, g, e = (np.asarray(a, np.float32) for a in ref.operands(11, 9, 7, 6))
+    e = np.ones_like(e)
+    w[2, :] = x[4, 2]  # ties: u[4, 2] == w[2, d] for every d
+    w[5, 3] = x[1, 5]
+    x_nan, w_nan = x.copy(), w.copy()
+    x_nan[3, 1] = np.nan  # dL/du: row 3, column 1; dL/dw: row 1
+    w_nan[6, 4] = np.nan  # dL/du: column 6; dL/dw: entry (6, 4)
+    for xs, ws in [(x, w), (x_nan, w), (x, w_nan)]:
+        du = np.asarray(K.x_grad(xs, ws, g, e, grad="exact", interpret=True))
+        dw = np.asarray(K.w_grad_exact(xs, ws, g, e, interpret=True))
+        want_du, want_dw = ref.adder_grads(*ref.float64(xs, ws, g), "exact")
+        np.testing.assert_array_equal(np.isnan(du), np.isnan(want_du))
+        np.testing.assert_array_equal(np.isnan(dw), np.isnan(want_dw))
+        finite_du, finite_dw = ~np.isnan(want_du), ~np.isnan(want_dw)
+        assert ref.rel_err(du[finite_du], want_du[finite_du]) < TOL
+        assert ref.rel_err(dw[finite_dw], want_dw[finite_dw]) < TOL
+    assert np.isnan(want_dw[6, 4]) and np.isnan(want_du[:, 6]).all()  # the last case has NaNs
+
+
 def test_kernels_without_stretch_and_clip_scale_reach_the_kernel():
     x, w, g, _ = (jnp.asarray(a) for a in ref.operands(3, 13, 6, 9))
     assert ref.rel_err(K.forward(x, w, interpret=True), ref.adder(x, w)) < TOL
