@@ -18,6 +18,7 @@ import grad_rules  # noqa: E402
 import op_counts  # noqa: E402
 import screen  # noqa: E402
 import speed_table  # noqa: E402
+import study_cifar10  # noqa: E402
 import variants  # noqa: E402
 
 # a model and budget that train in seconds: these tests check the study machinery, not accuracy
@@ -190,3 +191,25 @@ def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
         assert (tmp_path / "runs" / name / "params.msgpack").stat().st_size > 1000
     with pytest.raises(SystemExit):
         screen.main([*args, "--arms", "multi", "qkv_2ffn + distill", "--seeds", "1"])
+
+
+def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0(tmp_path):
+    args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
+    study_cifar10.main([*args, "--arms", "multi", "qkv_2ffn + distill"])
+    record = json.loads((tmp_path / "study_cifar10.json").read_text())
+    # the teacher first, then seed by seed: each seed's comparison is whole before the next begins
+    assert [(r["label"], r["seed"]) for r in record] == [
+        ("multi", 0),
+        ("qkv_2ffn + distill", 0),
+        ("multi", 1),
+        ("qkv_2ffn + distill", 1),
+    ]
+    teacher = str(tmp_path / "runs" / "multi_seed0")
+    assert all(r["teacher"]["workdir"] == teacher for r in record if "distill" in r["label"])
+    table = (tmp_path / "study_cifar10.md").read_text()
+    assert "| multi | 2 |" in table and "±" in table  # mean ± spread over the two seeds
+    # a distilled arm without its teacher, neither trained nor among the runs, is refused
+    with pytest.raises(SystemExit):
+        study_cifar10.main(
+            ["--out", str(tmp_path / "other"), "--arms", "qkv_2ffn + distill", "--seeds", "1"]
+        )
