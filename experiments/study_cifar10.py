@@ -32,7 +32,7 @@ TEACHER = ("multi", 0)
 
 
 def arms(out: pathlib.Path) -> dict[str, dict]:
-    teacher = str(out / "runs" / f"{TEACHER[0]}_seed{TEACHER[1]}")
+    teacher = str(out / "runs" / study.Run(*TEACHER, config=None).name)
     return {
         "multi": {"variant": "multi"},
         "qkv_2ffn": {"variant": "qkv_2ffn"},
@@ -60,7 +60,8 @@ def main(argv=None) -> None:
     chosen = [(label, fields) for label, fields in table.items() if label in (args.arms or table)]
     distilled = any("distill.teacher" in fields for _, fields in chosen)
     teacher_runs = TEACHER[0] in dict(chosen) and TEACHER[1] in args.seeds
-    if distilled and not teacher_runs and not (out / "runs" / "multi_seed0").exists():
+    teacher_dir = out / "runs" / study.Run(*TEACHER, config=None).name
+    if distilled and not teacher_runs and not teacher_dir.exists():
         parser.error("the distilled arm learns from the multi arm's seed-0 run: train it too")
     recipe = study.load_recipe(args.config, args.set)
     study.run_and_report(

@@ -1,9 +1,10 @@
 """Fused Pallas GPU kernels (Triton backend) for the adder similarity and its backward rules.
 
 Three "pseudo-matmuls" (the rules of :mod:`addervit_jax.adder.rules`), each tiled like a matmul:
-the grid runs over output tiles, one program loops over the reduction dimension in chunks, and a
-float32 accumulator the size of the tile lives in registers. ``u = x * e`` is the input after the
-stretch E of the *Exploration of AdderViT* study, applied as ``x`` is loaded (no ``u`` in memory):
+the grid runs over output tiles, one program loops over the reduction dimension in chunks, and
+float32 accumulators (the size of the tile, or ``reduce`` times that) live in registers.
+``u = x * e`` is the input after the stretch E of the *Exploration of AdderViT* study, applied as
+``x`` is loaded (no ``u`` in memory):
 
 ==================== ============================================== ================ ==========
 kernel               out[p, q] = sum over r of                       out tile         reduction
@@ -17,19 +18,19 @@ kernel               out[p, q] = sum over r of                       out tile   
 the gradient with respect to ``u``; the caller (:mod:`addervit_jax.adder.op`) multiplies by ``e``
 and sums for dL/de. dL/dw of ``"addernet"``/``"clipped"`` is a matrix product and stays in XLA.
 
-A loop step computes a broadcast ``(reduce, rows, cols)`` of terms in registers, the reduction
-axis leading: Triton keeps that axis inside each thread, so nothing is summed across threads (the
+A loop step computes a broadcast ``(reduce, rows, cols)`` of terms in registers, the reduction axis
+leading: Triton keeps that axis inside each thread, so nothing is summed across threads (the
 operand chunks come as ``(reduce, rows)`` and ``(reduce, cols)``, from float32 transposed copies
-where the reduction is the operand's last axis). The forward sums the step's terms into a
-``(rows, cols)`` accumulator, each ``|.|`` folded into its FADD (:func:`_abs`); the backward
-kernels keep a ``(reduce, rows, cols)`` accumulator, so that every term is one FFMA into it, and
-sum its leading axis after the loop. The exact rule's sign is two comparisons a term
-(:func:`_add_sign_terms`). The static check of the machine code (:mod:`kernels.sass`,
-``addervit check-kernels --sass``) measures what each loop spends on arithmetic: every shipped
-tile spends at least 80% of its loop's instructions on the terms' own. Triton needs power-of-two
-block shapes and Pallas' interpret mode does not check that, so every operand is zero-padded to
-whole blocks here (a zero row or column contributes ``|0 - 0| = 0`` or a zero cotangent to every
-sum) and the tests lower every kernel for CUDA on a CPU machine. Block sizes come from one table,
+where the reduction is the operand's last axis). The forward sums the step's terms into a ``(rows,
+cols)`` accumulator, each ``|.|`` folded into its FADD (:func:`_abs`); the backward kernels keep a
+``(reduce, rows, cols)`` accumulator, so that every term ends in FFMA into it (one, two for the
+exact rule), and sum its leading axis after the loop. The exact rule's sign is two comparisons a
+term (:func:`_add_sign_terms`). The static check of the machine code (:mod:`kernels.sass`,
+``addervit check-kernels --sass``) measures what each loop spends on arithmetic: every shipped tile
+spends at least 80% of its loop's instructions on the terms' own. Triton needs power-of-two block
+shapes and Pallas' interpret mode does not check that, so every operand is zero-padded to whole
+blocks here (a zero row or column contributes ``|0 - 0| = 0`` or a zero cotangent to every sum) and
+the tests lower every kernel for CUDA on a CPU machine. Block sizes come from one table,
 :data:`BLOCKS`, by shape class.
 
 Each kernel has a plain ``jnp`` ``*_reference`` beside it (the broadcast formula, which does
@@ -76,12 +77,13 @@ class Blocks:
 
 # Chosen with the static check of the Hopper machine code (kernels/sass.py; every candidate's
 # numbers in experiments/results/sass/candidates.md): per thread and loop step 128 terms in the
-# forward (2 instructions a term) and 64 in the backward kernels (4 a term, and a (reduce, rows,
-# cols) accumulator), so that a step's fixed cost (shared-memory loads, barrier, loop control) is
-# under a fifth of it, without spills. Large outputs use bigger tiles (more terms per loaded
-# operand) with 8 warps and a deeper software pipeline; small ones more, smaller programs.
-# Registers: forward 167 (small, 3 programs an SM) and 186 (large, 1), x_grad 161 and 236 (1),
-# w_grad_exact 120 and 123 (2). GPU timing (experiments/bench_kernels.py) is to refine them.
+# forward (2 instructions a term; 64 leave the loop's fixed cost, shared-memory loads, barrier and
+# loop control, at a quarter) and 64 in the backward kernels (4 a term, and a (reduce, rows, cols)
+# accumulator: 128 spill in dL/dx, and in dL/dW reach 0.90 instead of 0.84-0.88 with 190-243
+# registers). Large outputs use bigger tiles (more terms per loaded operand) with 8 warps and a
+# deeper software pipeline; small ones more, smaller programs. Registers, about: forward 167
+# (small: 3 programs an SM) and 188 (large: 1), x_grad 160 and 175-236 (1), w_grad_exact 120 and
+# 124 (2). GPU timing (experiments/bench_kernels.py) is to refine them.
 BLOCKS: dict[str, dict[str, Blocks]] = {
     "forward": {
         "small": Blocks(rows=32, cols=64, reduce=8, num_warps=4, num_stages=2),
@@ -149,7 +151,7 @@ def _ones_if_none(e: jax.Array | None, size: int, dtype) -> jax.Array:
 def _zeros(reduce: int, rows: int, cols: int) -> jax.Array:
     """A kernel's accumulator: one float32 partial sum per term of a loop step, ``(reduce, rows,
     cols)``, summed over its leading axis once, after the loop. Every term then adds into its own
-    accumulator (one FADD or FFMA): no sum across the step's terms inside the loop, and Triton
+    accumulator (FFMA): no sum across the step's terms inside the loop, and Triton
     keeps the leading axis inside each thread, so nothing crosses threads either."""
     return jnp.zeros((reduce, rows, cols), jnp.float32)
 
@@ -183,9 +185,32 @@ def _add_sign_terms(acc: jax.Array, g: jax.Array, a: jax.Array, b: jax.Array) ->
 
 def _sign_fixup(acc: jax.Array, g_sum: jax.Array, nan: jax.Array) -> jax.Array:
     """The sums of :func:`_add_sign_terms` less ``g`` summed over the reduction (``g_sum``,
-    broadcast), and NaN where an operand of some term was NaN (``nan``, broadcast), which the
-    comparisons drop and ``sign`` propagates."""
+    broadcast), and NaN where ``sign`` has a NaN term and the comparisons do not see it (``nan``,
+    broadcast: a NaN operand, or equal infinities, whose difference is NaN). A NaN in ``g``
+    propagates by itself; an infinite ``g`` gives NaN where ``sign`` would give +-inf (its
+    ``inf - inf`` in the subtraction), which only a step that is lost anyway sees."""
     return jnp.where(nan, jnp.nan, acc - g_sum)
+
+
+def _sign_nan(u: jax.Array, w: jax.Array, axis: int) -> jax.Array:
+    """Where ``sign(u[l, i] - w[i, d])`` is NaN for some term of an output, by ``u``'s and
+    ``w``'s own elements: ``u`` (L, D_in) and, reduced over ``axis`` (the kernel's reduction),
+    ``w`` (D_in, D_out), each broadcast to the output of the kernel (``axis=1``: dL/du, (L, D_in);
+    ``axis=0``: dL/dw, (D_in, D_out))."""
+    if axis == 1:  # dL/du[l, i]: every d, one u
+        return (
+            jnp.isnan(u)
+            | jnp.isnan(w).any(axis=1)[None, :]
+            | (jnp.isposinf(u) & jnp.isposinf(w).any(axis=1)[None, :])
+            | (jnp.isneginf(u) & jnp.isneginf(w).any(axis=1)[None, :])
+        )
+    # dL/dw[i, d]: every l, one w
+    return (
+        jnp.isnan(u).any(axis=0)[:, None]
+        | jnp.isnan(w)
+        | (jnp.isposinf(u).any(axis=0)[:, None] & jnp.isposinf(w))
+        | (jnp.isneginf(u).any(axis=0)[:, None] & jnp.isneginf(w))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +323,7 @@ def x_grad(
     ``s`` is ``grad``'s surrogate (:func:`surrogate`). Returns float32 (L, D_in); the caller
     casts after applying the stretch's chain rule.
     """
+    surrogate(grad, clip_scale)  # an unknown rule raises, naming the rules
     (length, d_in), d_out = x.shape, w.shape[1]
     if length * d_in * d_out == 0:
         return jnp.zeros((length, d_in), jnp.float32)
@@ -330,9 +356,9 @@ def x_grad(
     )(xp, ep, wt, gt)
     dx = dx[:length, :d_in]
     if grad == "exact":
-        u = x.astype(jnp.float32) * e.astype(jnp.float32)
-        nan = jnp.isnan(u) | jnp.isnan(w).any(axis=1)[None, :]
-        dx = _sign_fixup(dx, g.astype(jnp.float32).sum(axis=1, keepdims=True), nan)
+        u, wf = x.astype(jnp.float32) * e.astype(jnp.float32), w.astype(jnp.float32)
+        g_sum = g.astype(jnp.float32).sum(axis=1, keepdims=True)
+        dx = _sign_fixup(dx, g_sum, _sign_nan(u, wf, axis=1))
     return dx
 
 
@@ -400,9 +426,9 @@ def w_grad_exact(
         interpret=interpret,
         name="adder_w_grad_exact",
     )(xp, ep, wp, gp)
-    u = x.astype(jnp.float32) * e.astype(jnp.float32)
-    nan = jnp.isnan(u).any(axis=0)[:, None] | jnp.isnan(w)
-    return _sign_fixup(dw[:d_in, :d_out], g.astype(jnp.float32).sum(axis=0), nan)
+    u, wf = x.astype(jnp.float32) * e.astype(jnp.float32), w.astype(jnp.float32)
+    g_sum = g.astype(jnp.float32).sum(axis=0)
+    return _sign_fixup(dw[:d_in, :d_out], g_sum, _sign_nan(u, wf, axis=0))
 
 
 def w_grad_exact_reference(x, w, g, e=None) -> jax.Array:

@@ -66,19 +66,25 @@ def test_exact_rule_gives_sign_zero_at_ties_and_propagates_nan():
     e = np.ones_like(e)
     w[2, :] = x[4, 2]  # ties: u[4, 2] == w[2, d] for every d
     w[5, 3] = x[1, 5]
-    x_nan, w_nan = x.copy(), w.copy()
+    x_nan, w_nan, g_nan, x_inf, w_inf = x.copy(), w.copy(), g.copy(), x.copy(), w.copy()
     x_nan[3, 1] = np.nan  # dL/du: row 3, column 1; dL/dw: row 1
     w_nan[6, 4] = np.nan  # dL/du: column 6; dL/dw: entry (6, 4)
-    for xs, ws in [(x, w), (x_nan, w), (x, w_nan)]:
-        du = np.asarray(K.x_grad(xs, ws, g, e, grad="exact", interpret=True))
-        dw = np.asarray(K.w_grad_exact(xs, ws, g, e, interpret=True))
-        want_du, want_dw = ref.adder_grads(*ref.float64(xs, ws, g), "exact")
+    g_nan[5, 2] = np.nan  # dL/du: row 5; dL/dw: column 2
+    x_inf[0, 3], w_inf[3, 1], w_inf[4, 2] = np.inf, np.inf, -np.inf  # inf - inf: one NaN term
+    cases = [(x, w, g), (x_nan, w, g), (x, w_nan, g), (x, w, g_nan), (x_inf, w_inf, g)]
+    for xs, ws, gs in cases:
+        du = np.asarray(K.x_grad(xs, ws, gs, e, grad="exact", interpret=True))
+        dw = np.asarray(K.w_grad_exact(xs, ws, gs, e, interpret=True))
+        with np.errstate(invalid="ignore"):
+            want_du, want_dw = ref.adder_grads(*ref.float64(xs, ws, gs), "exact")
         np.testing.assert_array_equal(np.isnan(du), np.isnan(want_du))
         np.testing.assert_array_equal(np.isnan(dw), np.isnan(want_dw))
         finite_du, finite_dw = ~np.isnan(want_du), ~np.isnan(want_dw)
         assert ref.rel_err(du[finite_du], want_du[finite_du]) < TOL
         assert ref.rel_err(dw[finite_dw], want_dw[finite_dw]) < TOL
-    assert np.isnan(want_dw[6, 4]) and np.isnan(want_du[:, 6]).all()  # the last case has NaNs
+    assert np.isnan(want_dw[3, 1]) and np.isnan(want_du[0, 3])  # the infinities made NaNs
+    with pytest.raises(ValueError, match="unknown grad='sign'"):
+        K.x_grad(x, w, g, e, grad="sign", interpret=True)
 
 
 def test_kernels_without_stretch_and_clip_scale_reach_the_kernel():
