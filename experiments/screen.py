@@ -52,14 +52,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     study.add_recipe_flags(parser, default_config="cifar10")
     parser.set_defaults(set=DEFAULT_SET)
-    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms, by label")
+    study.add_arms_flag(parser)
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
-    table = arms(out)
-    unknown = sorted(set(args.arms or ()) - set(table))
-    if unknown:
-        parser.error(f"unknown arm(s) {unknown}; arms: {list(table)}")
-    chosen = [(label, fields) for label, fields in table.items() if label in (args.arms or table)]
+    chosen = study.choose_arms(parser, arms(out), args.arms)
     if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
         parser.error("the distillation arms learn from the multi arm's seed-0 run: use --seeds 0")
     recipe = study.load_recipe(args.config, args.set)

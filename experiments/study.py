@@ -56,6 +56,21 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) ->
     parser.add_argument("--out", required=True, help="results directory")
 
 
+def add_arms_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms, by label")
+
+
+def choose_arms(
+    parser: argparse.ArgumentParser, table: dict[str, dict], selected: list[str] | None
+) -> list[tuple[str, dict]]:
+    """The arms of ``table`` named by ``--arms`` (all when None), in the table's order; an unknown
+    label is a usage error that lists the arms."""
+    unknown = sorted(set(selected or ()) - set(table))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; arms: {list(table)}")
+    return [(label, fields) for label, fields in table.items() if label in (selected or table)]
+
+
 def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest;
     ``configs.override``)."""

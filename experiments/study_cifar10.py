@@ -50,14 +50,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     study.add_recipe_flags(parser, default_config="cifar10")
     parser.set_defaults(set=DEFAULT_SET, seeds=[0, 1])
-    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms, by label")
+    study.add_arms_flag(parser)
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
-    table = arms(out)
-    unknown = sorted(set(args.arms or ()) - set(table))
-    if unknown:
-        parser.error(f"unknown arm(s) {unknown}; arms: {list(table)}")
-    chosen = [(label, fields) for label, fields in table.items() if label in (args.arms or table)]
+    chosen = study.choose_arms(parser, arms(out), args.arms)
     distilled = any("distill.teacher" in fields for _, fields in chosen)
     teacher_runs = TEACHER[0] in dict(chosen) and TEACHER[1] in args.seeds
     teacher_dir = out / "runs" / study.Run(*TEACHER, config=None).name

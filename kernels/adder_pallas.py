@@ -128,8 +128,9 @@ def blocks_for(kernel: str, rows: int, cols: int, reduce: int) -> Blocks:
 
 
 def _pad_to(a: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
-    """``a`` in float32, zero-padded to whole blocks. The kernels sum in float32 anyway, and a
-    float32 operand spares the loop a conversion per loaded element (bfloat16's shifts and
+    """``a`` in float32, zero-padded to whole blocks: every kernel operand comes through here, so
+    the kernels read float32 only. They sum in float32 anyway, and a float32 operand spares the
+    loop a conversion per loaded element (bfloat16's shifts and
     permutes: 3% of the forward's loop); the copy is O(operand), the kernel O(L D_in D_out)."""
     a = a.astype(jnp.float32)
     pads = [(0, -s % m) for s, m in zip(a.shape, multiples, strict=True)]
@@ -183,20 +184,23 @@ def _add_sign_terms(acc: jax.Array, g: jax.Array, a: jax.Array, b: jax.Array) ->
     return acc + g * (a >= b).astype(f32)
 
 
-def _sign_fixup(acc: jax.Array, g_sum: jax.Array, nan: jax.Array) -> jax.Array:
-    """The sums of :func:`_add_sign_terms` less ``g`` summed over the reduction (``g_sum``,
-    broadcast), and NaN where ``sign`` has a NaN term and the comparisons do not see it (``nan``,
-    broadcast: a NaN operand, or equal infinities, whose difference is NaN). A NaN in ``g``
-    propagates by itself; an infinite ``g`` gives NaN where ``sign`` would give +-inf (its
+def _sign_fixup(acc: jax.Array, x, w, g, e, *, axis: int) -> jax.Array:
+    """An exact-rule kernel's sums (of :func:`_add_sign_terms`, sliced to the output) less ``g``
+    summed over the reduction, ``g``'s ``axis`` (1: dL/du, over d; 0: dL/dw, over l), and NaN
+    where ``sign`` has a NaN term that the comparisons do not see (:func:`_sign_nan`). A NaN in
+    ``g`` propagates by itself; an infinite ``g`` gives NaN where ``sign`` would give +-inf (its
     ``inf - inf`` in the subtraction), which only a step that is lost anyway sees."""
+    f32 = jnp.float32
+    g_sum = g.astype(f32).sum(axis=axis, keepdims=True)
+    nan = _sign_nan(x.astype(f32) * e.astype(f32), w.astype(f32), axis)
     return jnp.where(nan, jnp.nan, acc - g_sum)
 
 
 def _sign_nan(u: jax.Array, w: jax.Array, axis: int) -> jax.Array:
-    """Where ``sign(u[l, i] - w[i, d])`` is NaN for some term of an output, by ``u``'s and
-    ``w``'s own elements: ``u`` (L, D_in) and, reduced over ``axis`` (the kernel's reduction),
-    ``w`` (D_in, D_out), each broadcast to the output of the kernel (``axis=1``: dL/du, (L, D_in);
-    ``axis=0``: dL/dw, (D_in, D_out))."""
+    """Where ``sign(u[l, i] - w[i, d])`` is NaN for some term of an output (a NaN operand, or
+    equal infinities), by ``u``'s and ``w``'s own elements: ``u`` (L, D_in) and, reduced over
+    ``axis`` (the kernel's reduction), ``w`` (D_in, D_out), each broadcast to the output of the
+    kernel (``axis=1``: dL/du, (L, D_in); ``axis=0``: dL/dw, (D_in, D_out))."""
     if axis == 1:  # dL/du[l, i]: every d, one u
         return (
             jnp.isnan(u)
@@ -220,19 +224,18 @@ def _sign_nan(u: jax.Array, w: jax.Array, axis: int) -> jax.Array:
 
 def _forward_kernel(xt_ref, w_ref, e_ref, y_ref, *, reduce: int, interpret: bool):
     rows, cols = y_ref.shape
-    f32 = jnp.float32
 
     def step(k, acc):
         chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
-        ut = xt_ref[chunk, :].astype(f32) * e_ref[chunk].astype(f32)[:, None]  # (reduce, rows)
-        w = w_ref[chunk, :].astype(f32)  # (reduce, cols)
+        ut = xt_ref[chunk, :] * e_ref[chunk][:, None]  # (reduce, rows)
+        w = w_ref[chunk, :]  # (reduce, cols)
         # The reduction axis leads the broadcast: Triton keeps it inside each thread, so the sum
         # needs no shuffles or barriers. Each |.| folds into the FADD of the sum (a (reduce,
         # rows, cols) accumulator, as in the backward kernels, adds the same FADDs and costs
         # reduce times the registers).
         return acc + jnp.sum(_abs(ut[:, :, None] - w[:, None, :], interpret), axis=0)
 
-    acc = lax.fori_loop(0, xt_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), f32))
+    acc = lax.fori_loop(0, xt_ref.shape[0] // reduce, step, jnp.zeros((rows, cols), jnp.float32))
     y_ref[...] = (-acc).astype(y_ref.dtype)
 
 
@@ -286,17 +289,16 @@ def _x_grad_kernel(
     x_ref, e_ref, wt_ref, gt_ref, dx_ref, *, reduce: int, s: Callable | None, scale: float
 ):
     rows, cols = dx_ref.shape
-    f32 = jnp.float32
     # s(c * (w - u)) as s(c w - c u): the factor of the "clipped" rule once per operand, not per
     # term (``scale`` is c and ``s`` the unscaled clip then; 1 otherwise)
-    u = x_ref[...].astype(f32) * e_ref[...].astype(f32)[None, :]  # (rows, cols): l, i
+    u = x_ref[...] * e_ref[...][None, :]  # (rows, cols): l, i
     if scale != 1.0:
         u = u * scale
 
     def step(k, acc):
         chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
-        gt = gt_ref[chunk, :].astype(f32)  # (reduce, rows): d, l
-        wt = wt_ref[chunk, :].astype(f32)  # (reduce, cols): d, i
+        gt = gt_ref[chunk, :]  # (reduce, rows): d, l
+        wt = wt_ref[chunk, :]  # (reduce, cols): d, i
         if scale != 1.0:
             wt = wt * scale
         if s is None:  # "exact": g * (sign(w - u) + 1), the - g after the kernel
@@ -355,11 +357,7 @@ def x_grad(
         name=f"adder_x_grad_{grad}",
     )(xp, ep, wt, gt)
     dx = dx[:length, :d_in]
-    if grad == "exact":
-        u, wf = x.astype(jnp.float32) * e.astype(jnp.float32), w.astype(jnp.float32)
-        g_sum = g.astype(jnp.float32).sum(axis=1, keepdims=True)
-        dx = _sign_fixup(dx, g_sum, _sign_nan(u, wf, axis=1))
-    return dx
+    return _sign_fixup(dx, x, w, g, e, axis=1) if grad == "exact" else dx
 
 
 def x_grad_reference(x, w, g, e=None, *, grad: str, clip_scale: float = 4.0) -> jax.Array:
@@ -376,14 +374,13 @@ def x_grad_reference(x, w, g, e=None, *, grad: str, clip_scale: float = 4.0) -> 
 
 def _w_grad_exact_kernel(x_ref, e_ref, w_ref, g_ref, dw_ref, *, reduce: int):
     rows, cols = dw_ref.shape
-    f32 = jnp.float32
-    w = w_ref[...].astype(f32)  # (rows, cols): i, d
-    e = e_ref[...].astype(f32)
+    w = w_ref[...]  # (rows, cols): i, d
+    e = e_ref[...]
 
     def step(k, acc):
         chunk = pl.ds(pl.multiple_of(k * reduce, reduce), reduce)
-        u = x_ref[chunk, :].astype(f32) * e[None, :]  # (reduce, rows): l, i
-        g = g_ref[chunk, :].astype(f32)  # (reduce, cols): l, d
+        u = x_ref[chunk, :] * e[None, :]  # (reduce, rows): l, i
+        g = g_ref[chunk, :]  # (reduce, cols): l, d
         # g * (sign(u - w) + 1); the - g after the kernel
         return _add_sign_terms(acc, g[:, None, :], u[:, :, None], w[None, :, :])
 
@@ -426,9 +423,7 @@ def w_grad_exact(
         interpret=interpret,
         name="adder_w_grad_exact",
     )(xp, ep, wp, gp)
-    u, wf = x.astype(jnp.float32) * e.astype(jnp.float32), w.astype(jnp.float32)
-    g_sum = g.astype(jnp.float32).sum(axis=0)
-    return _sign_fixup(dw[:d_in, :d_out], g_sum, _sign_nan(u, wf, axis=0))
+    return _sign_fixup(dw[:d_in, :d_out], x, w, g, e, axis=0)
 
 
 def w_grad_exact_reference(x, w, g, e=None) -> jax.Array:
