@@ -200,6 +200,46 @@ def markdown_table(rows: list[dict], *, label_header: str, eval_split: str = "va
     return "\n".join(lines)
 
 
+def gap_table(results: list[dict], *, reference: str, eval_split: str = "validation") -> str:
+    """Each other label's final accuracy minus ``reference``'s, in points, paired by seed.
+
+    Columns: the mean difference over the seeds both labels ran, each seed's difference, and one
+    standard error of that mean from the finite evaluation set alone: a proportion ``p`` measured
+    on ``n`` images has variance ``p (1 - p) / n``, the two accuracies of a pair are independent
+    given the models, and the mean over ``k`` pairs divides the variance by ``k``. The spread of
+    the per-seed differences is the other source of noise, which that error does not contain.
+    """
+    final = {(r["run"].label, r["run"].seed): r["summary"] for r in results}
+    labels = list(dict.fromkeys(label for label, _ in final))
+    if reference not in labels:
+        raise ValueError(f"reference {reference!r} is not among the labels {labels}")
+    name = "test" if is_test_split(eval_split) else "val"
+    lines = [
+        f"| arm | final {name} acc minus {reference} (points) | per seed | one SE from the "
+        f"{name} images |",
+        "|---|---:|---:|---:|",
+    ]
+    for label in labels:
+        seeds = [s for (lb, s) in final if lb == label and (reference, s) in final]
+        if label == reference or not seeds:
+            continue
+        diffs, variance = [], 0.0
+        for seed in seeds:
+            arm, ref = final[label, seed], final[reference, seed]
+            diffs.append(arm["eval_accuracy"] - ref["eval_accuracy"])
+            for summary in (arm, ref):
+                p = summary["eval_accuracy"]
+                variance += p * (1 - p) / summary["eval_examples"]
+        se = variance**0.5 / len(seeds)
+        per_seed = ", ".join(
+            f"{100 * d:+.1f} (seed {s})" for d, s in zip(diffs, seeds, strict=True)
+        )
+        lines.append(
+            f"| {label} | {100 * statistics.fmean(diffs):+.1f} | {per_seed} | {100 * se:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_validation(
     results: list[dict],
     path: pathlib.Path,
@@ -254,8 +294,12 @@ def write_report(
     recipe: ml_collections.ConfigDict,
     steps_per_epoch: int,
     command: str,
+    reference: str | None = None,
 ) -> str:
-    """Write ``OUT/<name>.md``, ``OUT/<name>.png`` and ``OUT/<name>.json``; return the table."""
+    """Write ``OUT/<name>.md``, ``OUT/<name>.png`` and ``OUT/<name>.json``; return the table.
+
+    With a ``reference`` label the report adds each arm's difference to it (:func:`gap_table`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results, steps_per_epoch=steps_per_epoch)
     table = markdown_table(rows, label_header=label_header, eval_split=recipe.eval_split)
@@ -285,9 +329,18 @@ def write_report(
             else "- final/best: validation accuracy at the end and its best over the run's "
             "evaluations; mean ± sample standard deviation over seeds"
         ),
+        f"- training time: {sum(r['summary']['train_seconds'] for r in results) / 3600:.1f} h "
+        f"for {len(results)} runs",
         "",
         table,
         "",
+    ]
+    if reference is not None:
+        header += [
+            gap_table(results, reference=reference, eval_split=recipe.eval_split),
+            "",
+        ]
+    header += [
         f"![validation curves]({name}.png)",
         "",
     ]
@@ -306,6 +359,7 @@ def run_and_report(
     label_header: str,
     recipe: ml_collections.ConfigDict,
     argv: list[str] | None,
+    reference: str | None = None,
 ) -> str:
     """Train ``runs`` (:func:`run_all`), write the report (:func:`write_report`), print the table.
 
@@ -321,6 +375,7 @@ def run_and_report(
         recipe=recipe,
         steps_per_epoch=steps_per_epoch(recipe),
         command=command_line(f"{name}.py", argv),
+        reference=reference,
     )
     print(table)
     return table

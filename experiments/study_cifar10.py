@@ -17,7 +17,8 @@ Runs go seed by seed (``multi`` seed 0 first: the teacher), each in ``OUT/runs/<
 rerunning the command reads back finished runs and resumes an unfinished one from its
 checkpoints. ``--arms`` trains and reports a subset. A 3-epoch smoke run of the same arms:
 ``--set num_epochs=3 warmup_epochs=0.3 --out experiments/results/study_cifar10/smoke``.
-Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``.
+Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``; the report adds each arm's
+difference to ``multi``, paired by seed (``study.gap_table``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
         label_header="arm",
         recipe=recipe,
         argv=argv,
+        reference=TEACHER[0] if TEACHER[0] in dict(chosen) else None,
     )
 
 

@@ -208,6 +208,16 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
     assert all(r["teacher"]["workdir"] == teacher for r in record if "distill" in r["label"])
     table = (tmp_path / "study_cifar10.md").read_text()
     assert "| multi | 2 |" in table and "±" in table  # mean ± spread over the two seeds
+    # the gap to multi, paired by seed, with the standard error of the evaluation set alone
+    acc = {(r["label"], r["seed"]): r["eval_accuracy"] for r in record}
+    n = record[0]["eval_examples"]
+    diffs = [acc["qkv_2ffn + distill", s] - acc["multi", s] for s in (0, 1)]
+    var = sum(acc[k] * (1 - acc[k]) / n for k in acc)
+    gap = (
+        f"| qkv_2ffn + distill | {50 * sum(diffs):+.1f} | {100 * diffs[0]:+.1f} (seed 0), "
+        f"{100 * diffs[1]:+.1f} (seed 1) | {100 * var**0.5 / 2:.1f} |"
+    )
+    assert gap in table, table
     # a distilled arm without its teacher, neither trained nor among the runs, is refused
     with pytest.raises(SystemExit):
         study_cifar10.main(
