@@ -36,7 +36,7 @@ from flax import nnx, serialization, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from addervit_jax import data, models, optim
+from addervit_jax import data, models, optim, timing
 
 __all__ = [
     "RunDirectoryBusy",
@@ -785,10 +785,8 @@ def params_checksum(params) -> float:
 
 
 def _device_description() -> str:
-    d = jax.devices()[0]
-    return (
-        f"{jax.device_count()} x {d.platform} ({d.device_kind}), {jax.process_count()} process(es)"
-    )
+    """The devices (with the CPU model on CPU), JAX version and process count, for summaries."""
+    return f"{timing.describe_device()}, {jax.process_count()} process(es)"
 
 
 def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:

@@ -7,7 +7,7 @@ config built from one recipe. Each run trains in ``OUT/runs/<label>_seed<seed>``
 interrupted one resumes from its checkpoints, so a study stopped half-way loses nothing when the
 same command is started again. Results aggregate over seeds (mean and sample standard deviation)
 into a Markdown table and a figure of validation curves, both headed with the command and the
-hardware that made them.
+hardware that made them (each run records its own in ``summary.json``).
 """
 
 from __future__ import annotations
@@ -311,11 +311,12 @@ def write_report(
         split_name="test" if is_test_split(recipe.eval_split) else "validation",
     )
     epochs = results[0]["summary"]["total_steps"] / steps_per_epoch
+    run_devices = "; ".join(sorted({r["summary"]["device"] for r in results}))
     header = [
         f"# {title}",
         "",
         f"- command: `{command}`",
-        f"- hardware: {timing.describe_device()}",
+        f"- hardware of the runs: {run_devices}; report written on {timing.describe_device()}",
         f"- date: {datetime.date.today().isoformat()}",
         f"- recipe: dataset {recipe.dataset} ({recipe.train_split} / {recipe.eval_split}), "
         f"{epochs:g} epochs ({results[0]['summary']['total_steps']} steps of "

@@ -121,7 +121,10 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     variants.main([*args, "--set", *TINY_RECIPE])
     out = capsys.readouterr().out
     report = (tmp_path / "variants.md").read_text()
-    assert "hardware: cpu" in report and "variants.py --variants multi qkv_2ffn" in report
+    assert "variants.py --variants multi qkv_2ffn" in report
+    device = json.loads((tmp_path / "runs" / "multi_seed0" / "summary.json").read_text())["device"]
+    assert device.startswith("cpu (") and "cores), jax " in device and "1 process(es)" in device
+    assert f"hardware of the runs: {device}; report written on cpu (" in report
     rows = [line for line in report.splitlines() if line.startswith(("| multi |", "| qkv_2ffn |"))]
     assert len(rows) == 2 and all("| 2 |" in row and "±" in row for row in rows)
     assert (tmp_path / "variants.png").stat().st_size > 0

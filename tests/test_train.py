@@ -28,7 +28,7 @@ def _config(**overrides):
 def test_eight_devices_match_one_device(tmp_path):
     one = run_worker(tmp_path / "one", {"config.total_steps": 6})
     eight = run_worker(tmp_path / "eight", {"config.total_steps": 6}, devices=8)
-    assert "8 x cpu" in eight["device"] and "1 x cpu" in one["device"]
+    assert eight["device"].startswith("8 x cpu (") and one["device"].startswith("cpu (")
     # data parallel over 8 devices is the same arithmetic up to the order of the reductions
     np.testing.assert_allclose(
         train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"), rtol=2e-5
