@@ -130,8 +130,8 @@ def blocks_for(kernel: str, rows: int, cols: int, reduce: int) -> Blocks:
 def _pad_to(a: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
     """``a`` in float32, zero-padded to whole blocks: every kernel operand comes through here, so
     the kernels read float32 only. They sum in float32 anyway, and a float32 operand spares the
-    loop a conversion per loaded element (bfloat16's shifts and
-    permutes: 3% of the forward's loop); the copy is O(operand), the kernel O(L D_in D_out)."""
+    loop a conversion per loaded element (bfloat16's shifts and permutes: 3% of the forward's
+    loop); the copy is O(operand), the kernel O(L D_in D_out)."""
     a = a.astype(jnp.float32)
     pads = [(0, -s % m) for s, m in zip(a.shape, multiples, strict=True)]
     return jnp.pad(a, pads) if any(p for _, p in pads) else a
