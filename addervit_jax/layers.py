@@ -10,8 +10,8 @@ mask, so that ``F = 0, b = 0`` makes ``x + layer(x)`` exactly the identity (its 
 ``N`` a LayerNorm without affine parameters over the output features (``norm="layer"``) or the
 identity (``norm="none"``). ``W`` starts from N(0, 1), as in AdderNet.
 
-``Int8AdderDense`` is a trained ``AdderDense`` for inference on 8-bit integers (``ops.adder_int8``),
-made by ``Int8AdderDense.calibrate``.
+The int8 form of a trained ``AdderDense`` for inference (``Int8AdderDense``) lives with the rest of
+a model's int8 path in ``addervit_jax.models.int8``.
 
 ``EuclidDense`` is the same layer around ``ops.euclid``; ``Dense`` is the multiplication baseline,
 with no extra normalisation, and ``NormedDense`` (kind ``multi_ln``) the multiplication with the
@@ -40,8 +40,6 @@ __all__ = [
     "AdderWeight",
     "Dense",
     "EuclidDense",
-    "Int8AdderDense",
-    "Int8Codes",
     "NormedDense",
     "SITE_OPTIONS",
     "make_linear",
@@ -142,8 +140,8 @@ _EPSILON = 1e-5
 
 
 def _moments(y):
-    """The mean and ``1 / sqrt(variance + eps)`` over the last axis, as ``jax.nn.standardize``
-    computes them (its default "fast" variance, ``mean(y^2) - mean^2`` clipped at 0)."""
+    """The mean and the variance over the last axis, as ``jax.nn.standardize`` computes them (its
+    default "fast" variance, ``mean(y^2) - mean^2`` clipped at 0)."""
     mean = jnp.mean(y, axis=-1, keepdims=True)
     variance = jnp.clip(jnp.mean(jnp.square(y), axis=-1, keepdims=True) - jnp.square(mean), 0)
     return mean, variance
@@ -215,88 +213,6 @@ class AdderDense(_DistanceDense):
     def _similarity(self, x, w, stretch):
         # E goes into the op, whose kernels fuse it into their loads
         return ops.adder(x, w, stretch=stretch, options=self.options)
-
-
-class Int8Codes(nnx.Variable):
-    """The 8-bit codes of an :class:`Int8AdderDense`'s weight (not trained)."""
-
-
-class Int8AdderDense(nnx.Module):
-    """An :class:`AdderDense` for inference on 8-bit integers: ``ops.adder_int8_layer`` (the
-    formula is there), ``y = F * N(scale * adder_int8(codes(E * x), codes(W))) + b``, the
-    similarity summed in int32 on codes of ``u = E * x`` and ``W`` on one grid (``low``,
-    ``scale``; :mod:`addervit_jax.adder.quantized`). ``E``, ``F``, ``b`` and the normalisation
-    stay float. Make one with :meth:`calibrate`."""
-
-    kind = "adder"
-
-    def __init__(self, layer: AdderDense, low: float, scale: float, *, backend: str = "auto"):
-        if not isinstance(layer, AdderDense):
-            raise TypeError(f"Int8AdderDense: expected an AdderDense, got {type(layer).__name__}")
-        if not scale > 0:
-            raise ValueError(f"Int8AdderDense: scale must be positive, got {scale}")
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.norm, self.backend = layer.norm, backend
-        self.low = nnx.Variable(jnp.asarray(low, jnp.float32))
-        self.scale = nnx.Variable(jnp.asarray(scale, jnp.float32))
-        self.kernel = Int8Codes(ops.int8_codes(layer.kernel[...], low, scale))
-        self.stretch, self.mask, self.bias = layer.stretch, layer.mask, layer.bias
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        value = lambda v: None if v is None else v[...]  # noqa: E731
-        with similarity_scope(self.kind):
-            return ops.adder_int8_layer(
-                x,
-                self.kernel[...],
-                low=self.low[...],
-                scale=self.scale[...],
-                stretch=value(self.stretch),
-                mask=value(self.mask),
-                bias=value(self.bias),
-                norm=self.norm == "layer",
-                backend=self.backend,
-            )
-
-    # The fractions of the values of u and of W left outside the grid, one candidate grid each.
-    CLIP_FRACTIONS = (0.0, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2)
-
-    @classmethod
-    def calibrate(
-        cls,
-        layer: AdderDense,
-        x: jax.Array,
-        *,
-        clip_fractions: tuple[float, ...] = CLIP_FRACTIONS,
-        backend: str = "auto",
-    ) -> Int8AdderDense:
-        """The int8 form of ``layer`` whose grid makes its output on ``x`` (``(N, D_in)``
-        inputs, e.g. tokens of a few training batches) closest to the float layer's.
-
-        Each candidate grid spans ``[min(q_u(f), q_w(f)), max(q_u(1 - f), q_w(1 - f))]``, with
-        ``q_u``, ``q_w`` the quantiles of ``u = E * x`` and of ``W`` and ``f`` one of
-        ``clip_fractions``; the chosen one has the smallest mean squared error of the layer's
-        output (after the normalisation, the mask and the bias: what the next layer sees). Minimum
-        error on the output, rather than a fixed percentile, because clipping trades rounding
-        error on every term against a large error on a few, and which wins depends on the layer:
-        an outlier of ``W`` is used by every token, one of ``u`` by one token.
-        """
-        x = jnp.asarray(x, jnp.float32).reshape(-1, layer.in_features)
-        if x.shape[0] == 0:
-            raise ValueError("Int8AdderDense.calibrate: x has no rows to calibrate on")
-        stretch = None if layer.stretch is None else layer.stretch[...]
-        u = x if stretch is None else x * stretch
-        w = jnp.asarray(layer.kernel[...], jnp.float32)
-        reference = layer(x)
-        best = None
-        for f in clip_fractions:
-            low = min(jnp.quantile(u, f), jnp.quantile(w, f))
-            high = max(jnp.quantile(u, 1.0 - f), jnp.quantile(w, 1.0 - f))
-            scale = max(float(high - low), 1e-12) / 255  # 256 codes
-            candidate = cls(layer, float(low), scale, backend=backend)
-            error = float(jnp.mean((candidate(x) - reference) ** 2))
-            if best is None or error < best[0]:
-                best = (error, candidate)
-        return best[1]
 
 
 class EuclidDense(_DistanceDense):

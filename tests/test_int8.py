@@ -1,5 +1,5 @@
 """int8 inference of adder layers: the SAD kernel (kernels/cpu_native.cc, every instruction path),
-``ops.adder_int8`` and ``ops.int8_codes``, ``layers.Int8AdderDense``, ``models.quantize`` and
+``ops.adder_int8`` and ``ops.int8_codes``, ``models.Int8AdderDense``, ``models.quantize`` and
 ``addervit eval --int8``.
 
 Integer results are compared for equality with a NumPy integer reference; the quantised layer
@@ -207,7 +207,7 @@ def test_int8_layer_is_within_its_grid_error_of_the_float64_adder(seed):
     # With the grid over every value (no clipping), each of u and w is rounded by at most
     # scale / 2, so each |u - w| moves by at most scale: |sum| error <= D_in * scale.
     layer, x = _adder_layer(seed, 57, 23, norm="none")
-    q = layers.Int8AdderDense.calibrate(layer, x, clip_fractions=(0.0,))
+    q = models.Int8AdderDense.calibrate(layer, x, clip_fractions=(0.0,))
     scale = float(q.scale[...])
     u = np.asarray(x, np.float64) * np.asarray(layer.stretch[...], np.float64)
     w = np.asarray(layer.kernel[...], np.float64)
@@ -228,15 +228,15 @@ def test_calibration_picks_the_grid_with_the_smallest_output_error():
         f: float(
             np.mean(
                 (
-                    np.asarray(layers.Int8AdderDense.calibrate(layer, x, clip_fractions=(f,))(x))
+                    np.asarray(models.Int8AdderDense.calibrate(layer, x, clip_fractions=(f,))(x))
                     - reference
                 )
                 ** 2
             )
         )
-        for f in layers.Int8AdderDense.CLIP_FRACTIONS
+        for f in models.Int8AdderDense.CLIP_FRACTIONS
     }
-    best = layers.Int8AdderDense.calibrate(layer, x)
+    best = models.Int8AdderDense.calibrate(layer, x)
     assert float(np.mean((np.asarray(best(x)) - reference) ** 2)) == pytest.approx(
         min(errors.values())
     )
@@ -317,7 +317,7 @@ def test_fused_int8_layer_kernel_matches_its_composition(native, shape, norm):
 
 def test_fused_int8_layer_with_stretch_under_jit_and_vmap(native):
     layer, x = _adder_layer(4, 48, 40)
-    q = layers.Int8AdderDense.calibrate(layer, x)
+    q = models.Int8AdderDense.calibrate(layer, x)
     xs = x.reshape(3, 100, 48)
     fused = jax.jit(jax.vmap(q))(xs)
     q.backend = "xla"

@@ -17,8 +17,8 @@ subtractions, absolute values and additions.
 normalisation, gain and bias, in one pass of the native kernel (no array of codes, no array of
 integer sums). :func:`adder_int8` runs on the native CPU kernel (``kernels/cpu_native.py``'s
 ``sad``: x86 PSADBW, 64 terms per instruction with AVX-512BW) where it builds, and on an exact
-XLA loop of integer updates elsewhere. :class:`addervit_jax.layers.Int8AdderDense` is the layer and
-:func:`addervit_jax.models.quantize` the calibration of a whole model.
+XLA loop of integer updates elsewhere. :class:`addervit_jax.models.int8.Int8AdderDense` is the layer
+and :func:`addervit_jax.models.int8.quantize` the calibration of a whole model.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def adder_int8_layer(
     epsilon: float = 1e-5,
     backend: str = "auto",
 ) -> jax.Array:
-    """The int8 adder layer (``layers.Int8AdderDense``):
+    """The int8 adder layer (``models.int8.Int8AdderDense``):
 
         y = mask * N(scale * adder_int8(int8_codes(stretch * x, low, scale), codes_w)) + bias
 
