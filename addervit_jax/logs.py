@@ -43,15 +43,23 @@ class RunLog:
         self, workdir: pathlib.Path, *, total_steps: int, start_step: int, enabled: bool = True
     ):
         self.workdir, self.enabled = pathlib.Path(workdir), enabled
-        self._best = None
         self._step = start_step
         self._bar = (
             tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
             if enabled
             else None
         )
+        self._best = None
         if enabled:
             _drop_partial_last_line(self.workdir / "metrics.jsonl")
+            # a resumed run's best evaluation so far: the sessions before this one, up to the
+            # step it resumes from (a killed session may have logged later steps, run again now)
+            earlier = [
+                r["accuracy"]
+                for r in read_metrics(self.workdir)
+                if r["split"] == "eval" and r["step"] <= start_step
+            ]
+            self._best = max(earlier, default=None)
         self._file = open(self.workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self._events = tensorboard_writer(self.workdir, start_step) if enabled else None
 

@@ -59,5 +59,7 @@ def test_wheel_ships_the_configs_and_the_kernel_sources(tmp_path):
         "addervit_jax/kernels/adder_pallas.py",
         "addervit_jax/kernels/cpu_native.py",
         "addervit_jax/kernels/cpu_native.cc",
+        "addervit_jax/models/int8.py",
+        "addervit_jax/train/loop.py",
     ):
         assert name in names, name

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from train_worker import TINY, run_worker, summary_of, train_losses
 
-from addervit_jax import cli, configs, train
+from addervit_jax import cli, configs, logs, train
 from addervit_jax.configs import digits
 
 
@@ -144,13 +144,79 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     assert images["resumed"] == pytest.approx(images["straight"], rel=1e-9), images
 
 
-def test_time_of_a_checkpoint_without_it_comes_from_the_interrupted_summary(tmp_path):
-    summary = {"status": "interrupted by SIGTERM", "steps": 40, "train_seconds": 10.0}
-    (tmp_path / "summary.json").write_text(json.dumps({**summary, "images_per_second": 256.0}))
-    assert train._time_so_far(tmp_path, {"step": 40}) == (10.0, 2560)
-    assert train._time_so_far(tmp_path, {"step": 30}) == (0.0, 0)  # another segment's summary
-    meta = {"step": 30, "train_seconds": 5.0, "images_seen": 640}
-    assert train._time_so_far(tmp_path, meta) == (5.0, 640)  # checkpoints record it
+def _interrupt(workdir, overrides, *, after_lines):
+    """Train in the background and send SIGTERM once ``metrics.jsonl`` has ``after_lines``."""
+    proc = run_worker(workdir, overrides, background=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= after_lines
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = summary_of(out)
+    assert summary["status"] == "interrupted by SIGTERM", summary
+    return summary
+
+
+def test_a_run_interrupted_twice_reports_what_an_uninterrupted_run_does(tmp_path):
+    steps = {
+        "config.total_steps": 300,
+        "config.checkpoint_every_steps": 100,
+        "config.eval_every_steps": 20,
+        "resume": "auto",
+    }
+    run = tmp_path / "interrupted"
+    first = _interrupt(run, steps, after_lines=60)
+    second = _interrupt(run, steps, after_lines=len(train_losses(run)) + 60)
+    assert first["steps"] < second["steps"] < 300
+    resumed = run_worker(run, steps)
+    straight = run_worker(tmp_path / "straight", steps)
+    evals = [
+        r["accuracy"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "eval"
+    ]
+    assert len(evals) == 300 // 20  # 14 periodic evaluations and the final one
+    for field in ("steps", "total_steps", "steps_per_epoch", "images_seen", "eval_accuracy"):
+        assert resumed[field] == straight[field], field
+    assert resumed["best_eval_accuracy"] == straight["best_eval_accuracy"] == max(evals)
+    assert resumed["images_seen"] == 300 * 32
+    assert resumed["train_seconds"] > second["train_seconds"] > first["train_seconds"]
+    # "auto" on the finished run reads it back: nothing trained, nothing written
+    before = (run / "metrics.jsonl").read_bytes()
+    again = run_worker(run, steps)
+    assert again == resumed and (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_the_best_evaluation_of_earlier_sessions_is_remembered(tmp_path):
+    records = [(10, 0.9), (20, 0.5), (40, 0.95)]  # step 40 after the checkpoint at 30: redone
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step, accuracy in records:
+            f.write(json.dumps({"step": step, "split": "eval", "accuracy": accuracy}) + "\n")
+    log = logs.RunLog(tmp_path, total_steps=50, start_step=30)
+    assert log.best_eval_accuracy() == 0.9
+    log.eval(40, {"accuracy": 0.6, "loss": 1.0, "count": 10})
+    assert log.best_eval_accuracy() == 0.9
+    log.close()
+    assert logs.RunLog(tmp_path, total_steps=50, start_step=0).best_eval_accuracy() is None
+
+
+def test_resume_auto_starts_resumes_reads_back_and_refuses_another_config(tmp_path):
+    config = _config(**{"config.total_steps": 2})
+    fresh = train.train(config, tmp_path / "run", resume="auto")
+    steps_per_epoch = train.make_inputs(config).steps_per_epoch
+    assert fresh["status"] == "finished" and fresh["steps_per_epoch"] == steps_per_epoch
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    assert train.train(config, tmp_path / "run", resume="auto") == json.loads(
+        (tmp_path / "run" / "summary.json").read_text()
+    )
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    other = _config(**{"config.total_steps": 2, "config.seed": 1})
+    with pytest.raises(ValueError, match=r"holds a run of another config: seed: 0 \(run\) != 1"):
+        train.train(other, tmp_path / "run", resume="auto")
+    with pytest.raises(ValueError, match="resume='yes'"):
+        train.train(config, tmp_path / "new", resume="yes")
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):

@@ -54,7 +54,8 @@ def train_losses(workdir):
 
 def main():
     workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
-    resume = bool(overrides.pop("resume", False))
+    resume = overrides.pop("resume", False)
+    resume = resume if resume == "auto" else bool(resume)
     config = digits.get_config()
     config.update_from_flattened_dict(overrides, strip_prefix="config.")
     summary = train.train(config, workdir, resume=resume)

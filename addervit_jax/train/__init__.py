@@ -1,0 +1,88 @@
+"""The one trainer, a package of one job per module; every public name is re-exported here.
+
+``train(config, workdir, resume=False | True | "auto")`` trains any named variant on any dataset
+of ``addervit_jax.data`` on one CPU, one GPU, or many devices and hosts.
+
+==================  =============================================================================
+module              its one job
+==================  =============================================================================
+``config``          what the trainer reads from a config, ``validate_config``, resume rule
+``state``           ``TrainState``, its creation, its placement on the ``data`` mesh
+``step``            the losses, ``train_step`` / ``eval_step`` (pure), the jitted step
+``checkpoints``     Orbax checkpoints with checksums, ``params.msgpack``, ``restore``, run lock
+``evaluation``      ``evaluate``, ``evaluate_workdir`` (``addervit eval``), ``load_teacher``
+``loop``            ``train``: a run to its end, resumable at any step
+==================  =============================================================================
+
+Dependencies point one way: ``config`` <- ``state`` <- {``step``, ``checkpoints``} <-
+``evaluation`` <- ``loop``; ``addervit eval`` needs nothing of the loop.
+"""
+
+from addervit_jax.train.checkpoints import (
+    PARAMS_FILE,
+    Checkpoints,
+    RunDirectoryBusy,
+    RunLock,
+    load_params,
+    restore,
+    save_params,
+)
+from addervit_jax.train.config import (
+    RESUMABLE_CHANGES,
+    config_differences,
+    make_inputs,
+    model_overrides,
+    uses_adaptive_lr,
+    validate_config,
+)
+from addervit_jax.train.evaluation import evaluate, evaluate_workdir, load_teacher
+from addervit_jax.train.loop import RESUME_MODES, TrainingDiverged, params_checksum, train
+from addervit_jax.train.state import (
+    TrainState,
+    create_train_state,
+    global_batch,
+    make_mesh,
+    shard_state,
+)
+from addervit_jax.train.step import (
+    StepRecipe,
+    Teacher,
+    distill_loss,
+    eval_step,
+    jit_train_step,
+    train_step,
+)
+
+__all__ = [
+    "PARAMS_FILE",
+    "RESUMABLE_CHANGES",
+    "RESUME_MODES",
+    "Checkpoints",
+    "RunDirectoryBusy",
+    "RunLock",
+    "StepRecipe",
+    "Teacher",
+    "TrainState",
+    "TrainingDiverged",
+    "config_differences",
+    "create_train_state",
+    "distill_loss",
+    "eval_step",
+    "evaluate",
+    "evaluate_workdir",
+    "global_batch",
+    "jit_train_step",
+    "load_params",
+    "load_teacher",
+    "make_inputs",
+    "make_mesh",
+    "model_overrides",
+    "params_checksum",
+    "restore",
+    "save_params",
+    "shard_state",
+    "train",
+    "train_step",
+    "uses_adaptive_lr",
+    "validate_config",
+]

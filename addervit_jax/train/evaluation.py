@@ -1,0 +1,129 @@
+"""Evaluation of a model, and of a finished run read back from its directory: :func:`evaluate`
+over a split's batches, :func:`evaluate_workdir` (``addervit eval``, float and int8), and
+:func:`load_teacher`, a finished run's model as the teacher of a distilled run.
+
+Imports nothing of the training loop: ``addervit eval`` reads a run without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pathlib
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from addervit_jax import data, models
+from addervit_jax.train.checkpoints import restore
+from addervit_jax.train.config import make_inputs, model_overrides
+from addervit_jax.train.state import TrainState, global_batch, make_mesh
+from addervit_jax.train.step import Teacher, eval_step
+
+__all__ = ["evaluate", "evaluate_workdir", "load_teacher"]
+
+
+def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:
+    """Accuracy and mean loss over ``batches`` (every example once, with a padding mask)."""
+    fn = jitted or jax.jit(lambda s, b: eval_step(s, b, info=info))
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in batches:
+        out = jax.device_get(fn(state, global_batch(batch, mesh)))
+        for k in totals:
+            totals[k] += float(out[k])
+    return {
+        "accuracy": totals["correct"] / totals["count"],
+        "loss": totals["loss"] / totals["count"],
+        "count": int(totals["count"]),
+    }
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
+    """The model of the finished run ``config.distill.teacher`` and a description of it.
+
+    Checked before any training: the run finished, and it was trained on the same dataset (so the
+    same image shape and number of classes) as ``config``.
+    """
+    workdir = pathlib.Path(config.distill.teacher)
+    summary_path = workdir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(
+            f"distill.teacher={str(workdir)!r} is not a finished training run: no summary.json"
+        )
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "finished":
+        raise ValueError(
+            f"distill.teacher={str(workdir)!r} did not finish (status "
+            f"{summary.get('status')!r}); resume it first"
+        )
+    teacher_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    mine, theirs = model_overrides(config), model_overrides(teacher_config)
+    for field in ("image_size", "channels", "num_classes"):
+        if config.dataset != teacher_config.dataset or mine[field] != theirs[field]:
+            raise ValueError(
+                f"distill.teacher={str(workdir)!r} was trained on {teacher_config.dataset!r} "
+                f"({theirs['num_classes']} classes, {theirs['image_size']} px, "
+                f"{theirs['channels']} channels); this run is on {config.dataset!r} "
+                f"({mine['num_classes']} classes, {mine['image_size']} px, "
+                f"{mine['channels']} channels)"
+            )
+    state, meta, _ = restore(workdir)
+    replicated = NamedSharding(make_mesh(), P())
+    teacher = Teacher(
+        params=jax.device_put(state.params, replicated),
+        rest=jax.device_put(state.rest, replicated),
+        graphdef=state.graphdef,
+    )
+    described = {
+        "workdir": str(workdir),
+        "variant": teacher_config.variant,
+        "step": meta["step"],
+        "eval_accuracy": summary.get("eval_accuracy"),
+        "params_checksum": summary.get("params_checksum"),
+    }
+    return teacher, described
+
+
+def evaluate_workdir(
+    workdir: str | os.PathLike,
+    *,
+    split: str | None = None,
+    batch_size: int | None = None,
+    int8: bool = False,
+    calibration_batches: int = 4,
+) -> dict:
+    """Evaluate the latest checkpoint of a training run on its eval split (or ``split``).
+
+    With ``int8``, also its int8 form (``models.quantize``), calibrated on the first
+    ``calibration_batches`` batches of the run's training split without augmentation: the result
+    then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of each) and the calibration.
+    """
+    state, meta, config = restore(workdir)
+    split = split or config.eval_split
+    inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
+    mesh = make_mesh()
+    head = {"workdir": str(workdir), "step": meta["step"], "split": split}
+    with jax.set_mesh(mesh):
+        result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
+        if not int8:
+            return {**head, **result}
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be positive, got {calibration_batches}")
+        images = [
+            data.preprocess(None, batch["image"], inputs.info, train=False)
+            for _, batch in itertools.islice(inputs.train_batches(0), calibration_batches)
+        ]
+        model = nnx.merge(state.graphdef, state.params, state.rest)
+        graphdef, params, rest = nnx.split(models.quantize(model, images), nnx.Param, ...)
+        int8_state = state.replace(graphdef=graphdef, params=params, rest=rest)
+        quantized = evaluate(int8_state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
+    calibration = {
+        "split": config.train_split,
+        "images": sum(len(x) for x in images),
+        "augmentation": False,
+    }
+    return {**head, "float": result, "int8": quantized, "calibration": calibration}

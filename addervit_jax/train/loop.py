@@ -1,0 +1,379 @@
+"""The one training loop: :func:`train` runs a config in a run directory to its end, on one CPU,
+one GPU, or many devices and hosts, and leaves ``config.json``, ``metrics.jsonl``, checkpoints,
+``params.msgpack`` and ``summary.json`` there.
+
+A run is resumable at any step: the data order is a function of ``(seed, step)`` and the
+augmentation key of ``fold_in(rng, step)``, so a run resumed from a checkpoint at step ``k``
+computes exactly what the uninterrupted run computes from step ``k`` on (bit for bit on CPU),
+and its summary counts the time, the images and the best evaluation of every session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from addervit_jax import timing
+from addervit_jax.train.checkpoints import PARAMS_FILE, Checkpoints, RunLock, save_params
+from addervit_jax.train.config import (
+    config_differences,
+    make_inputs,
+    uses_adaptive_lr,
+    validate_config,
+)
+from addervit_jax.train.evaluation import evaluate, load_teacher
+from addervit_jax.train.state import create_train_state, global_batch, make_mesh, shard_state
+from addervit_jax.train.step import eval_step, jit_train_step
+
+__all__ = ["RESUME_MODES", "TrainingDiverged", "params_checksum", "train"]
+
+RESUME_MODES = (False, True, "auto")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _StopSignals:
+    """Turn SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits).
+
+    Only in a single-process run: an Orbax save needs every process, so a multi-process run
+    learns of a preemption from JAX's preemption service instead, at a step every process
+    reaches (:meth:`Checkpoints.should_save`).
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name
+
+    def __enter__(self):
+        if jax.process_count() > 1:
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Clock:
+    """The training time and images of every segment of a run, and the metrics of the steps since
+    the last look (kept on the device until then: one host copy per look)."""
+
+    def __init__(self, seconds: float = 0.0, images: int = 0):
+        self.seconds, self.images = seconds, images
+        self._pending: list[dict] = []
+        self._since = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+
+    def lap(self, batch_size: int) -> tuple[dict, float, float | None]:
+        """The mean metrics of the steps since the last lap (so logged train accuracy is not one
+        batch's), their images per second, and the last loss if any of them is not finite."""
+        host = jax.device_get(self._pending)
+        self._pending = []
+        elapsed = time.perf_counter() - self._since
+        self.seconds += elapsed
+        self.images += len(host) * batch_size
+        losses = [float(m["loss"]) for m in host]
+        bad = losses[-1] if not all(math.isfinite(loss) for loss in losses) else None
+        window = {k: np.mean([m[k] for m in host]) for k in host[-1]}
+        return window, len(host) * batch_size / max(elapsed, 1e-9), bad
+
+    def restart(self) -> None:
+        """Start timing again (evaluations and checkpoints are not training time)."""
+        self._since = time.perf_counter()
+
+    def totals(self) -> dict:
+        """What a checkpoint records, so that a resumed run's summary times the whole run."""
+        return {"train_seconds": self.seconds, "images_seen": self.images}
+
+    def summary(self) -> dict:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return {**self.totals(), "images_per_second": rate}
+
+
+def params_checksum(params) -> float:
+    """Sum of |p| over all parameters (float64 on the host): equal runs give equal checksums."""
+    total = jax.jit(
+        lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(p)),
+        out_shardings=NamedSharding(make_mesh(), P()),
+    )(params)
+    return float(np.asarray(total.addressable_data(0)))
+
+
+def _device_description() -> str:
+    """The devices (with the CPU model on CPU), JAX version and process count, for summaries."""
+    return f"{timing.describe_device()}, {jax.process_count()} process(es)"
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    resume: bool | str = False,
+) -> dict:
+    """Train ``config`` in ``workdir``; returns the summary (also written to summary.json).
+
+    ``resume``: ``False`` starts a new run (and refuses a directory that holds checkpoints);
+    ``True`` continues the run in ``workdir`` from its newest checkpoint that restores (the config
+    may differ from the run's only in :data:`~addervit_jax.train.config.RESUMABLE_CHANGES`);
+    ``"auto"`` takes the run to its end whatever state it is in: a finished run is read back
+    (its summary returned, nothing trained), a run with checkpoints resumes, and a directory
+    without either starts; a directory that holds a run of another config is refused, naming the
+    fields that differ.
+    """
+    from addervit_jax import logs  # matplotlib and tqdm only when training
+
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume={resume!r}; expected one of {RESUME_MODES}")
+    if config.get("distributed"):
+        # None/unset values are auto-detected by JAX on SLURM, Kubernetes, Cloud TPU, ...
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes or None,
+            process_id=None if config.process_id < 0 else config.process_id,
+        )
+    # Everything that can be checked is checked before the run directory is created.
+    validate_config(config)
+    workdir = pathlib.Path(workdir)
+    if resume == "auto":
+        finished = _finished_summary(config, workdir)
+        if finished is not None:
+            print(f"{workdir}: finished before, read back", flush=True)
+            return finished
+        resume = _has_checkpoints(workdir)
+    _check_workdir(config, workdir, resume)
+    teacher, teacher_info = None, None
+    if config.get("distill") is not None and config.distill.teacher is not None:
+        teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
+    inputs = make_inputs(config)
+    if inputs.steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
+            f"examples of {config.dataset} {config.train_split}"
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create --workdir {workdir}: {err.strerror or err}") from err
+    is_main = jax.process_index() == 0
+    if is_main:
+        try:  # a read-only or foreign directory fails here, not at the first checkpoint
+            probe = workdir / f".write_test_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(
+                f"cannot write into --workdir {workdir}: {err.strerror or err}"
+            ) from err
+    with RunLock(workdir) if is_main else contextlib.nullcontext():
+        _check_workdir(config, workdir, resume)  # again: it may have changed before the lock
+        if is_main:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        return _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs)
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def _finished_summary(config, workdir: pathlib.Path) -> dict | None:
+    """For ``resume="auto"``: the summary of the finished run in ``workdir``, None where there is
+    none; refuses a directory that holds a run of another config."""
+    saved = workdir / "config.json"
+    if not saved.is_file():
+        return None
+    differences = config_differences(json.loads(saved.read_text()), config)
+    if differences:
+        raise ValueError(
+            f"{workdir} holds a run of another config: {'; '.join(differences)}. Use another "
+            "--workdir, or delete that run to train this config there"
+        )
+    summary_path = workdir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return summary if summary is not None and summary.get("status") == "finished" else None
+
+
+def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
+    """Refuse a run directory that this run cannot use, naming why and what to do instead."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
+    if not resume:
+        if _has_checkpoints(workdir):
+            raise FileExistsError(
+                f"{workdir} already holds checkpoints; pass --resume to continue that run or "
+                "choose another --workdir"
+            )
+        return
+    saved = workdir / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"--resume: {workdir} holds no run to resume (no config.json); drop --resume to start "
+            "a new run there"
+        )
+    differences = config_differences(json.loads(saved.read_text()), config)
+    if differences:
+        raise ValueError(
+            f"--resume: the config differs from that of the run in {workdir}: "
+            f"{'; '.join(differences)}. Resume with the run's config (its config.json), or start "
+            "a new run in another --workdir"
+        )
+
+
+def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
+    steps_per_epoch = inputs.steps_per_epoch
+    total_steps = config.get("total_steps") or int(math.ceil(config.num_epochs * steps_per_epoch))
+    eval_every = config.eval_every_steps or steps_per_epoch
+    mesh = make_mesh()
+    # the mesh in context lets ops run the Pallas kernels per device (jax.shard_map)
+    with jax.set_mesh(mesh):
+        checkpoints = Checkpoints(
+            workdir / "checkpoints",
+            keep=config.keep_checkpoints,
+            every=config.checkpoint_every_steps or steps_per_epoch,
+        )
+        state, clock = _start(config, resume, checkpoints, mesh, total_steps, inputs)
+        step_fn = jit_train_step(config, state, mesh, inputs.info)
+        eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=inputs.info))
+
+        def evaluate_all(s):
+            return evaluate(s, inputs.eval_batches(), mesh=mesh, info=inputs.info, jitted=eval_fn)
+
+        log = logs.RunLog(
+            workdir, total_steps=total_steps, start_step=int(state.step), enabled=_is_main()
+        )
+        log.header(
+            f"{config.variant} on {config.dataset} ({inputs.num_train} train / "
+            f"{inputs.num_eval} eval images), {total_steps} steps of {config.batch_size}, "
+            f"{_device_description()}"
+        )
+        status = "finished"
+        with _StopSignals() as stop:
+            for step, batch in inputs.train_batches(int(state.step)):
+                if step >= total_steps:
+                    break
+                state, metrics = step_fn(state, global_batch(batch, mesh), teacher)
+                clock.add(metrics)
+                done = step + 1
+                save = checkpoints.should_save(done) or stop.received is not None
+                preempted = save and checkpoints.reached_preemption(done)
+                evaluate_now = done % eval_every == 0 and done < total_steps and not preempted
+                log_now = done % config.log_every_steps == 0 or done == total_steps
+                if save or evaluate_now or log_now:
+                    window, rate, bad_loss = clock.lap(config.batch_size)
+                    if bad_loss is not None:
+                        _diverged(bad_loss, done, config, checkpoints, log)
+                    log.train(done, window, images_per_second=rate)
+                    if save:
+                        checkpoints.save(state, **clock.totals())
+                    if evaluate_now:
+                        log.eval(done, evaluate_all(state))
+                    clock.restart()
+                if stop.received is not None or preempted:
+                    status = f"interrupted by {stop.name}" if stop.received else "preempted"
+                    break
+
+        checkpoints.save(state, **clock.totals())
+        checkpoints.wait()
+        save_params(state, workdir / PARAMS_FILE)
+        result = evaluate_all(state)
+        if status == "finished":
+            log.eval(int(state.step), result)
+        summary = {
+            "variant": config.variant,
+            "dataset": config.dataset,
+            "steps": int(state.step),
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "status": status,
+            "eval_accuracy": result["accuracy"],
+            "eval_loss": result["loss"],
+            "eval_examples": result["count"],
+            "best_eval_accuracy": log.best_eval_accuracy(),
+            **clock.summary(),
+            "device": _device_description(),
+            "adaptive_lr": uses_adaptive_lr(config),
+            "params_checksum": params_checksum(state.params),
+            "workdir": str(workdir),
+        }
+        if teacher_info is not None:
+            summary["teacher"] = teacher_info
+    log.finish(summary)
+    checkpoints.close()
+    if stop.received:
+        summary["signal"] = stop.received
+    return summary
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _start(config, resume, checkpoints, mesh, total_steps, inputs):
+    """The state to train from (the newest checkpoint that restores, when resuming) and the
+    clock of the run so far; refuses to resume when no checkpoint restores."""
+    state = create_train_state(
+        config, total_steps=total_steps, steps_per_epoch=inputs.steps_per_epoch
+    )
+    state = shard_state(state, mesh, config.fsdp)
+    directory = checkpoints.directory
+    restored = checkpoints.restore_latest(state) if resume else None
+    if restored is not None:
+        state, meta = restored
+        checkpoints.set_aside_broken()  # so that the run writes those steps again
+        print(f"resumed from step {meta['step']} in {directory}", flush=True)
+        clock = _Clock(float(meta["train_seconds"]), int(meta["images_seen"]))
+        return shard_state(state, mesh, config.fsdp), clock
+    if checkpoints.broken:
+        checkpoints.close()
+        raise ValueError(
+            f"--resume: no checkpoint in {directory} restores (steps {checkpoints.broken} are "
+            f"damaged); delete {directory} to train again from step 0, or train into another "
+            "--workdir"
+        )
+    if resume:
+        print(f"no checkpoint in {directory} yet: starting from step 0", flush=True)
+    return state, _Clock()
+
+
+def _diverged(loss: float, step: int, config, checkpoints: Checkpoints, log) -> None:
+    """Stop a run whose loss is no longer finite, naming the last good checkpoint."""
+    checkpoints.wait()
+    log.close()
+    saved = checkpoints.manager.latest_step()
+    kept = (
+        f"the last good checkpoint, step {saved}, is kept in {checkpoints.directory}"
+        if saved is not None
+        else "no checkpoint had been written yet"
+    )
+    raise TrainingDiverged(
+        f"loss became {loss} by step {step} (variant {config.variant}, learning_rate "
+        f"{config.learning_rate}); {kept}"
+    )
