@@ -1,9 +1,13 @@
 """The ``addervit`` command.
 
 addervit train [--config NAME_OR_PATH] [--config.key=value ...] [--workdir DIR] [--resume]
-addervit eval --checkpoint WORKDIR [--split SPLIT]
-addervit demo     # the similarity operations and the adder backward rules on toy tensors
-addervit check-kernels [--shapes LxD_INxD_OUT ...] [--dtype float32|bfloat16]
+addervit eval --checkpoint WORKDIR [--split SPLIT] [--batch-size N] [--int8]
+              [--calibration-batches N]
+addervit demo [--tokens L] [--features D_IN] [--seed S]
+              # the similarity operations and the adder backward rules on toy tensors
+addervit check-kernels [--shapes LxD_INxD_OUT ...] [--dtype float32|bfloat16] [--tol TOL]
+                       [--seed S]
+addervit check-kernels --sass [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from addervit_jax import configs, ops, timing
+from addervit_jax.shapes import parse_shape
 
 DEFAULT_CONFIG = "digits"
 
@@ -44,12 +49,13 @@ def demo(args: argparse.Namespace) -> int:
         dx = jax.grad(lambda x, grad=grad: ops.adder(x, w, grad=grad).sum())(x)
         print(f"  grad={grad!r:11s}\n{np.asarray(dx)}")
 
-    # Check the bounded-memory implementation against the broadcast formula on random data.
+    # Check the bounded-memory implementation against the broadcast formula (the "naive" backend)
+    # on random data.
     kx, kw = jax.random.split(jax.random.key(args.seed))
     length, d_in, d_out = args.tokens, args.features, 2 * args.features
     xr = jax.random.normal(kx, (length, d_in))
     wr = jax.random.normal(kw, (d_in, d_out))
-    broadcast = -jnp.sum(jnp.abs(xr[:, :, None] - wr[None]), axis=1)
+    broadcast = ops.adder(xr, wr, backend="naive")
     err = float(jnp.linalg.norm(ops.adder(xr, wr) - broadcast) / jnp.linalg.norm(broadcast))
     print(f"\nadder vs broadcast formula at L={length}, {d_in}->{d_out}: relative error {err:.1e}")
 
@@ -111,7 +117,7 @@ def check_kernels(args: argparse.Namespace) -> int:
         return check_kernels_sass(args)
     device = jax.devices()[0]
     interpret = device.platform != "gpu"
-    shapes = args.shapes or (CHECK_SHAPES_INTERPRET if interpret else CHECK_SHAPES_GPU)
+    specs = args.shapes or (CHECK_SHAPES_INTERPRET if interpret else CHECK_SHAPES_GPU)
     dtype = jnp.dtype(args.dtype)
     tol = args.tol if args.tol is not None else (1e-5 if dtype == jnp.float32 else 1e-2)
     mode = " (interpret mode: no GPU)" if interpret else ""
@@ -120,8 +126,8 @@ def check_kernels(args: argparse.Namespace) -> int:
     print("| shape (L x D_in x D_out) | rule | y | dL/dx | dL/dw | dL/dE | result |")
     print("|---|---|---:|---:|---:|---:|---|")
     failures = 0
-    for spec in shapes:
-        length, d_in, d_out = (int(v) for v in spec.lower().split("x"))
+    for spec in specs:
+        length, d_in, d_out = parse_shape(spec)
         kx, kw, ke, kg = jax.random.split(jax.random.key(args.seed), 4)
         x = jax.random.normal(kx, (length, d_in), dtype)
         w = jax.random.normal(kw, (d_in, d_out), dtype)
@@ -301,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes",
         nargs="+",
         default=None,
+        metavar="LxD_INxD_OUT",
         help="LxD_INxD_OUT (default: realistic shapes on a GPU, small ones in interpret mode)",
     )
     p_check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -315,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--out", default=None, help="with --sass: write sass.md/.json here")
     p_check.set_defaults(run=check_kernels)
     args = parser.parse_args(argv)
+    if args.command == "check-kernels":
+        for spec in args.shapes or ():
+            try:
+                parse_shape(spec)
+            except ValueError as err:
+                p_check.error(f"--shapes: {err}")
     return args.run(args)
 
 

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from addervit_jax import models, ops, timing
+from addervit_jax import models, ops, reports, timing
+from addervit_jax.shapes import parse_shape
 
 # (L, D_in, D_out): a ViT-S MLP on 4,096 tokens (the shape) and the sites of the CIFAR
 # SimpleViT (dim 128, MLP 256) on a batch of 256 images of 64 patches.
@@ -39,7 +40,7 @@ def bench_ops(shapes, repeats) -> list[dict]:
     f32 = jax.jit(lambda qx, qw, x, w, xi, wi: ops.dense(x, w))
     i8 = jax.jit(lambda qx, qw, x, w, xi, wi: jnp.matmul(xi, wi, preferred_element_type=jnp.int32))
     for spec in shapes:
-        length, d_in, d_out = (int(v) for v in spec.lower().split("x"))
+        length, d_in, d_out = parse_shape(spec)
         rng = np.random.default_rng(0)
         args = (
             rng.integers(0, 256, (length, d_in), np.uint8),
@@ -107,14 +108,22 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--out", default=None, help="directory for results.json and table.md")
     args = parser.parse_args(argv)
+    for spec in args.shapes:
+        try:
+            parse_shape(spec)
+        except ValueError as err:
+            parser.error(f"--shapes: {err}")
 
-    device = timing.describe_device()
+    command = reports.command_line("bench_int8.py", argv)
+    device, date = timing.describe_device(), reports.today()
     print(f"device: {device}; SAD path: {_sad_path()}")
     op_rows = bench_ops(args.shapes, args.repeats)
     model_rows = [] if args.skip_models else bench_models(args.batch, args.repeats)
     lines = [
-        f"Device: {device}; SAD kernel path: {_sad_path()}. Medians of {args.repeats} "
-        "alternating pairs after warm-up, one process (`python experiments/bench_int8.py`).",
+        "# int8 adder inference against float",
+        "",
+        *reports.header_lines(command, f"{device}; SAD kernel path: {_sad_path()}", date=date),
+        f"- timing: medians of {args.repeats} alternating pairs after warm-up, one process",
         "",
         "| shape (L x D_in x D_out) | int8 SAD (ms) | f32 matmul (ms) | int8 matmul (ms) "
         "| SAD / f32 | SAD / int8 | SAD terms per ns |",
@@ -144,7 +153,14 @@ def main(argv=None) -> None:
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"device": device, "sad_path": _sad_path(), "ops": op_rows, "models": model_rows}
+        payload = {
+            "command": command,
+            "device": device,
+            "date": date,
+            "sad_path": _sad_path(),
+            "ops": op_rows,
+            "models": model_rows,
+        }
         (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         (out / "table.md").write_text(table + "\n")
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from addervit_jax import ops, timing
 from addervit_jax.kernels import adder_pallas
+from addervit_jax.shapes import parse_shape
 
 DEFAULT_SHAPES = ["4096x384x1536", "4096x1536x384", "4096x384x1152", "4160x128x256"]
 
@@ -82,6 +83,10 @@ def main(argv=None) -> None:
     parser.add_argument("--cores", type=int, default=None, help="FP32 cores, if not listed")
     parser.add_argument("--clock-ghz", type=float, default=None)
     args = parser.parse_args(argv)
+    try:
+        shapes = [(spec, parse_shape(spec)) for spec in args.shapes]
+    except ValueError as err:
+        parser.error(f"--shapes: {err}")
 
     device = jax.devices()[0]
     if device.platform != "gpu" and not args.interpret:
@@ -101,8 +106,7 @@ def main(argv=None) -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     kernel_args = {"interpret": args.interpret}
-    for spec in args.shapes:
-        length, d_in, d_out = (int(v) for v in spec.lower().split("x"))
+    for spec, (length, d_in, d_out) in shapes:
         inputs = []
         for r in range(args.rotate):
             kx, kw, ke, kg = jax.random.split(jax.random.key(r), 4)

@@ -7,7 +7,7 @@
 Single timings on shared machines swing by 2x, so each adder run is paired with a dense run of
 the same shape right after it, in one process and after warm-up, and the table reports the median
 of the per-pair ratios (plus the median absolute times). ``--naive`` adds the obvious broadcast
-formula ``-sum(|x[:, :, None] - w|, axis=1)`` (forward only: its backward needs the whole
+formula, ``ops.adder``'s ``"naive"`` backend (forward only: its backward needs the whole
 (L, D_in, D_out) tensor).
 """
 
@@ -19,14 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from addervit_jax import ops, timing
+from addervit_jax.shapes import parse_shape
 
 # (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down) and the CIFAR-sized
 # SimpleViT MLP on a batch of 64 images of 64 patches.
 DEFAULT_SHAPES = ["4096x384x1536", "4096x1536x384", "4096x384x1152", "4096x128x256"]
-
-
-def naive_adder(x, w):
-    return -jnp.sum(jnp.abs(x[:, :, None] - w[None]), axis=1)
 
 
 def forward_and_backward(op):
@@ -46,6 +43,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--naive", action="store_true", help="also time the broadcast formula")
     args = parser.parse_args(argv)
+    try:
+        shapes = [(spec, parse_shape(spec)) for spec in args.shapes]
+    except ValueError as err:
+        parser.error(f"--shapes: {err}")
 
     backends = [ops.resolve_backend(b) for b in args.backend]
     print(f"device: {timing.describe_device()}; adder backends: {', '.join(backends)}")
@@ -54,8 +55,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---:|---:|---:|")
     dense_fwd = jax.jit(lambda x, w, r: ops.dense(x, w))
     dense_fb = forward_and_backward(ops.dense)
-    for spec in args.shapes:
-        length, d_in, d_out = (int(v) for v in spec.lower().split("x"))
+    for spec, (length, d_in, d_out) in shapes:
         kx, kw, kr = jax.random.split(jax.random.key(0), 3)
         inputs = (
             jax.random.normal(kx, (length, d_in)),
@@ -64,7 +64,8 @@ def main(argv=None) -> None:
         )
         rows = []
         if args.naive:
-            rows.append(("naive adder", "forward", jax.jit(lambda x, w, r: naive_adder(x, w))))
+            naive = jax.jit(lambda x, w, r: ops.adder(x, w, backend="naive"))
+            rows.append(("naive adder", "forward", naive))
         for backend in backends:
             forward = jax.jit(lambda x, w, r, b=backend: ops.adder(x, w, backend=b))
             rows.append((f"adder {backend}", "forward", forward))

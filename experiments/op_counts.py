@@ -19,15 +19,13 @@ for SimpleViT, ``swin_multi`` for Swin), counted with the same image size and ov
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 
 import jax
-import study
 from flax import nnx
 
-from addervit_jax import configs, counts, models, timing
+from addervit_jax import configs, counts, models, reports, timing
 
 BASELINES = {"simple_vit": "multi", "swin": "swin_multi"}
 
@@ -123,14 +121,12 @@ def main(argv: list[str] | None = None) -> str:
 
     table = markdown_table(rows, args.precision)
     e_mul, e_add = counts.ENERGY_PJ[args.precision]
-    command, hardware = study.command_line("op_counts.py", argv), timing.describe_device()
-    date = datetime.date.today().isoformat()
+    command, hardware = reports.command_line("op_counts.py", argv), timing.describe_device()
+    date = reports.today()
     header = [
         "# Operations and energy per image",
         "",
-        f"- command: `{command}`",
-        f"- hardware: {hardware} (the counts do not depend on it)",
-        f"- date: {date}",
+        *reports.header_lines(command, f"{hardware} (the counts do not depend on it)", date=date),
         f"- model overrides: {overrides or 'none'}",
         "- energy: arithmetic energy only, memory traffic excluded: "
         f"{args.precision} multiply {e_mul} pJ, add {e_add} pJ (45 nm, M. Horowitz, "

@@ -315,6 +315,18 @@ def test_check_kernels_command_passes_and_catches_a_wrong_kernel(capsys, monkeyp
     assert out.count("| FAIL |") == 3 and "3 FAILED" in out
 
 
+def test_check_kernels_refuses_a_malformed_shape_with_a_usage_error(capsys):
+    from addervit_jax import cli
+
+    for bad in ("10x10", "axbxc", "0x1x2"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["check-kernels", "--shapes", "20x7x9", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--shapes: shape '{bad}': expected LxD_INxD_OUT, three positive integers" in err
+        assert "Traceback" not in err
+
+
 def test_bench_kernels_runs_in_interpret_mode():
     script = pathlib.Path(__file__).parents[1] / "experiments" / "bench_kernels.py"
     out = subprocess.run(

@@ -5,10 +5,11 @@ backward rules and its backends. Users reach it as ``addervit_jax.ops.adder``.
 * :mod:`.options`: :class:`AdderOptions`, the rule and the backend as one checked value;
 * :mod:`.op`: :func:`adder` and :func:`adder_scores` (L1 attention logits), one custom_vjp over
   every backend;
-* :mod:`.quantized`: :func:`adder_int8` on 8-bit codes (int8 inference) and :func:`int8_codes`;
+* :mod:`.quantized`: :func:`adder_int8` on 8-bit codes (int8 inference), :func:`adder_int8_layer`
+  (an int8 adder layer's whole forward) and :func:`int8_codes`;
 * :mod:`.backends`: one module per backend (``xla``, ``pallas``, ``cpu_native``, ``naive``), each
   with the same protocol; the Pallas and native kernels themselves live in ``kernels/`` (installed
-  as ``addervit_jax.kernels``), each beside its ``*_reference``.
+  as ``addervit_jax.kernels``), the Pallas ones each beside its ``*_reference``.
 """
 
 from addervit_jax.adder.op import (
