@@ -13,13 +13,15 @@ original code called "Adder" (it materialises the ``(L, D_in, D_out)`` differenc
 "adder <backend>", the same model with this project's op, for every backend that runs on the
 device (``xla`` everywhere, ``pallas`` on a GPU, the others when they are available).
 
-A train step is ``value_and_grad`` of the mean cross-entropy and an ``optax.adamw`` update
-(the same optimiser for every row), jitted, on a batch of ``--batch`` random images; inference
-is the jitted forward pass (the models have no dropout or batch statistics, so it is the eval
-forward). One process; each step is compiled once, then ``--warmup`` calls of it and of Multi's
-step, then ``--steps`` alternating timed calls of the row's step and Multi's step: "vs multi" is
-the median of the per-pair ratios (robust on a shared machine, as in ``timing.paired_ratio``),
-the times are medians (Multi's over all its pairs).
+A train step is the trainer's own jitted step (``train.jit_train_step``, what ``addervit train``
+runs): the recipe's augmentation (``--config``, default ``cifar10``: random crop and flip), the
+cross-entropy, and its whole optimiser chain (gradient clipping, AdderNet's adaptive learning rate
+on adder weights, AdamW), on a batch of ``--batch`` random uint8 images, the state donated and fed
+back as in training; inference is the trainer's jitted eval step (normalisation and the forward
+pass; the models have no dropout or batch statistics). One process; each step is compiled once,
+then ``--warmup`` calls of it and of Multi's step, then ``--steps`` alternating timed calls of the
+row's step and Multi's step: "vs multi" is the median of the per-pair ratios (robust on a shared
+machine, as in ``timing.paired_ratio``), the times are medians (Multi's over all its pairs).
 
 Memory: "compiled" is the train step's ``memory_analysis()`` after compilation, arguments
 (params, optimiser state, batch) + outputs + temporaries - aliased bytes: what the step needs on
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
@@ -51,14 +52,21 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import optax
-import study
-from flax import nnx
+import ml_collections
 
-from addervit_jax import models, ops, timing
+from addervit_jax import configs, data, models, ops, reports, timing, train
 
 MIB = 2**20
-MODEL_FLAGS = ("image_size", "patch_size", "dim", "depth", "heads", "dim_head", "mlp_dim")
+MODEL_FLAGS = (
+    "image_size",
+    "num_classes",
+    "patch_size",
+    "dim",
+    "depth",
+    "heads",
+    "dim_head",
+    "mlp_dim",
+)
 
 
 class OutOfMemory(Exception):
@@ -81,31 +89,26 @@ class Row:
     device_peak_mib: float | None = None
 
 
-def build_steps(variant: str, backend: str | None, model_kwargs: dict, tx):
-    """``(train_step, infer, params, opt_state)`` of one model; params live on the device."""
-    options = {} if backend is None else {"backend": backend}
-    model = models.build(variant, rngs=nnx.Rngs(0), **model_kwargs, **options)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def forward(params, images):
-        return nnx.merge(graphdef, params, rest)(images)
-
-    def loss_fn(params, images, labels):
-        logits = forward(params, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    def train_step(params, opt_state, images, labels):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step, forward, params, tx.init(params)
+def build_steps(config: ml_collections.ConfigDict, images, labels) -> tuple:
+    """``(train_step, train_args, infer, infer_args)``: the trainer's jitted train and eval steps
+    for ``config`` and their arguments (the state and the batch on the device mesh)."""
+    mesh = train.make_mesh()
+    state = train.create_train_state(config, total_steps=1000, steps_per_epoch=100)
+    state = train.shard_state(state, mesh, config.fsdp)
+    info = data.DATASETS[config.dataset]
+    batch = train.global_batch({"image": images, "label": labels}, mesh)
+    step = train.jit_train_step(config, state, mesh, info)
+    infer = jax.jit(functools.partial(train.eval_step, info=info))
+    eval_batch = {**batch, "mask": jnp.ones(labels.shape, bool)}
+    # the train step donates its state: inference gets its own copy
+    return step, (state, batch, None), infer, (jax.tree.map(jnp.copy, state), eval_batch)
 
 
 def compile_step(fn, args):
-    """The compiled step and its memory analysis in bytes (OutOfMemory if compiling fails so)."""
+    """The compiled step and its memory analysis in bytes (OutOfMemory if compiling fails so);
+    ``fn`` is jitted."""
     try:
-        compiled = jax.jit(fn).lower(*args).compile()
+        compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as err:
         if _is_oom(err):
             raise OutOfMemory(f"compile: {str(err).splitlines()[0][:200]}") from err
@@ -121,8 +124,20 @@ def compile_step(fn, args):
     return compiled, memory
 
 
-def prepare(fn, args, limit_bytes: float | None):
-    """``(call, memory, status)``: a no-argument call of the compiled step, or None if OOM."""
+def _train_call(compiled, state, batch, teacher):
+    """A no-argument call of the compiled train step that feeds its (donated) state back."""
+    held = [state]
+
+    def call():
+        held[0], metrics = compiled(held[0], batch, teacher)
+        return metrics
+
+    return call
+
+
+def prepare(fn, args, limit_bytes: float | None, *, donates: bool = False):
+    """``(call, memory, status)``: a no-argument call of the compiled step, or None if OOM;
+    ``donates``: ``fn`` is the train step, whose state argument is donated."""
     try:
         compiled, memory = compile_step(fn, args)
     except OutOfMemory as err:
@@ -130,7 +145,8 @@ def prepare(fn, args, limit_bytes: float | None):
     if limit_bytes is not None and memory["total"] > limit_bytes:
         reason = f"needs {memory['total'] / 2**30:.2f} GiB > limit {limit_bytes / 2**30:.2f} GiB"
         return None, memory, {"status": "OOM", "reason": reason}
-    return functools.partial(compiled, *args), memory, {"status": "ok"}
+    call = _train_call(compiled, *args) if donates else functools.partial(compiled, *args)
+    return call, memory, {"status": "ok"}
 
 
 def time_against(f, baseline, *, warmup: int, steps: int) -> dict:
@@ -230,11 +246,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument(
+        "--config",
+        default="cifar10",
+        help="the training recipe whose step is timed: a config name or file (default %(default)s)",
+    )
     for flag in MODEL_FLAGS:
-        default = getattr(models.SimpleViTConfig, flag)
         parser.add_argument(
-            "--" + flag.replace("_", "-"), type=int, default=default, help=f"default {default}"
+            "--" + flag.replace("_", "-"),
+            type=int,
+            default=None,
+            help="model override (default: the recipe's, the image size and classes its dataset's)",
         )
     parser.add_argument(
         "--memory-limit-gib",
@@ -249,13 +271,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
 
     limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else default_memory_limit()
-    model_kwargs = {flag: getattr(args, flag) for flag in MODEL_FLAGS}
-    model_kwargs["num_classes"] = args.num_classes
+    recipe = configs.load(args.config)
+    model = {f"model.{f}": getattr(args, f) for f in MODEL_FLAGS if getattr(args, f) is not None}
+    configs.override(recipe, {**model, "batch_size": args.batch})
+
+    def row_config(variant: str, backend: str | None) -> ml_collections.ConfigDict:
+        config = recipe.copy_and_resolve_references()
+        configs.override(
+            config, {"variant": variant} | ({"model.backend": backend} if backend else {})
+        )
+        train.validate_config(config)
+        return config
+
+    model_kwargs = train.model_overrides(recipe)
     kx, ky = jax.random.split(jax.random.key(0))
-    shape = (args.batch, args.image_size, args.image_size, 3)
-    images = jax.random.normal(kx, shape, jnp.float32)
-    labels = jax.random.randint(ky, (args.batch,), 0, args.num_classes)
-    tx = optax.adamw(1e-3, weight_decay=0.002)
+    size, channels = model_kwargs["image_size"], model_kwargs["channels"]
+    shape = (args.batch, size, size, channels)
+    images = jax.random.randint(kx, shape, 0, 256).astype(jnp.uint8)
+    labels = jax.random.randint(ky, (args.batch,), 0, model_kwargs["num_classes"])
 
     hardware = timing.describe_device()
     print(f"device: {hardware}; batch {args.batch} of {shape[1:]}; {args.steps} timed steps")
@@ -265,36 +298,38 @@ def main(argv: list[str] | None = None) -> list[Row]:
     runs.append(Row("naive adder", args.variant, "naive"))
 
     base = None
-    for row in runs:
-        print(f"{row.name}: compiling", flush=True)
-        train_step, forward, params, opt_state = build_steps(
-            row.variant, row.backend, model_kwargs, tx
-        )
-        train_call, row.memory, row.train = prepare(
-            train_step, (params, opt_state, images, labels), limit
-        )
-        infer_call, _, row.infer = prepare(forward, (params, images), limit)
-        if base is None:
-            if train_call is None or infer_call is None:
-                raise SystemExit(
-                    f"multi does not fit ({row.train}, {row.infer}); nothing to compare"
-                )
-            base = {"train": train_call, "infer": infer_call, "train_ms": [], "infer_ms": []}
-            row.train["ratio"] = row.infer["ratio"] = 1.0
-        else:
-            for part, call in (("train", train_call), ("infer", infer_call)):
-                if call is None:
-                    continue
-                try:
-                    result = time_against(call, base[part], warmup=args.warmup, steps=args.steps)
-                except OutOfMemory as err:
-                    setattr(row, part, {"status": "OOM", "reason": str(err)})
-                    continue
-                getattr(row, part).update(ms=result["ms"], ratio=result["ratio"])
-                base[f"{part}_ms"].append(result["baseline_ms"])
-        row.device_peak_mib = device_peak_mib()
-        print(f"{row.name}: train {row.train}, inference {row.infer}", flush=True)
-        del train_step, forward, params, opt_state, train_call, infer_call
+    # the mesh in context, as in training: the Pallas kernels run per device under it
+    with jax.set_mesh(train.make_mesh()):
+        for row in runs:
+            print(f"{row.name}: compiling", flush=True)
+            train_step, train_args, infer, infer_args = build_steps(
+                row_config(row.variant, row.backend), images, labels
+            )
+            train_call, row.memory, row.train = prepare(train_step, train_args, limit, donates=True)
+            infer_call, _, row.infer = prepare(infer, infer_args, limit)
+            if base is None:
+                if train_call is None or infer_call is None:
+                    raise SystemExit(
+                        f"multi does not fit ({row.train}, {row.infer}); nothing to compare"
+                    )
+                base = {"train": train_call, "infer": infer_call, "train_ms": [], "infer_ms": []}
+                row.train["ratio"] = row.infer["ratio"] = 1.0
+            else:
+                for part, call in (("train", train_call), ("infer", infer_call)):
+                    if call is None:
+                        continue
+                    try:
+                        result = time_against(
+                            call, base[part], warmup=args.warmup, steps=args.steps
+                        )
+                    except OutOfMemory as err:
+                        setattr(row, part, {"status": "OOM", "reason": str(err)})
+                        continue
+                    getattr(row, part).update(ms=result["ms"], ratio=result["ratio"])
+                    base[f"{part}_ms"].append(result["baseline_ms"])
+            row.device_peak_mib = device_peak_mib()
+            print(f"{row.name}: train {row.train}, inference {row.infer}", flush=True)
+            del train_step, train_args, infer, infer_args, train_call, infer_call
 
     multi = runs[0]
     for part in ("train", "infer"):
@@ -306,27 +341,30 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows = [multi, runs[-1], *runs[1:-1]]  # table order: multi, naive adder, this project's
     table = markdown_table(rows)
-    command, date = study.command_line("speed_table.py", argv), datetime.date.today().isoformat()
-    config = dataclasses.asdict(models.config("multi", **model_kwargs))
+    command, date = reports.command_line("speed_table.py", argv), reports.today()
+    m = models.config("multi", **model_kwargs)
+    config = dataclasses.asdict(m)
     adder_config = {
         k: v
         for k, v in dataclasses.asdict(models.config(args.variant, **model_kwargs)).items()
         if config.get(k) != v and k != "backend"
     }
+    adaptive = train.uses_adaptive_lr(row_config(args.variant, None))
     limit_text = "none" if limit is None else f"{limit / 2**30:.2f} GiB"
     header = [
         "# Speed and memory: Multi, naive Adder and this project's Adder (SimpleViT)",
         "",
-        f"- command: `{command}`",
-        f"- hardware: {hardware}",
-        f"- date: {date}",
-        f"- model: SimpleViT {args.image_size}x{args.image_size}x3, patch {args.patch_size}, "
-        f"dim {args.dim}, depth {args.depth}, {args.heads} heads of {args.dim_head}, MLP "
-        f"{args.mlp_dim}, {args.num_classes} classes; adder rows: `{args.variant}` "
-        f"({adder_config})",
-        f"- batch {args.batch} of random images; train step = value_and_grad(cross-entropy) + "
-        f"optax.adamw update, jitted; {args.warmup} warm-up calls, then the median of "
-        f'{args.steps} calls alternating with Multi\'s ("vs multi" is the median per-pair ratio)',
+        *reports.header_lines(command, hardware, date=date),
+        f"- model: SimpleViT {m.image_size}x{m.image_size}x{m.channels}, patch {m.patch_size}, "
+        f"dim {m.dim}, depth {m.depth}, {m.heads} heads of {m.dim_head}, MLP {m.mlp_dim}, "
+        f"{m.num_classes} classes; adder rows: `{args.variant}` ({adder_config})",
+        f"- batch {args.batch} of random uint8 images; train step = the trainer's jitted step "
+        f"(`train.jit_train_step`) of the `{args.config}` recipe: its augmentation, "
+        f"cross-entropy and whole optimiser chain ({recipe.optimizer}, grad clip "
+        f"{recipe.grad_clip:g}, adaptive LR on adder weights "
+        f"{'on' if adaptive else 'off'}); inference = the trainer's eval "
+        f"step; {args.warmup} warm-up calls, then the median of {args.steps} calls alternating "
+        'with Multi\'s ("vs multi" is the median per-pair ratio)',
         "- train memory, compiled: arguments + outputs + temporaries - aliased bytes of the "
         "compiled train step (`memory_analysis()`); device peak: `peak_bytes_in_use` after the "
         "row, cumulative over rows run multi, adder backends, naive adder (n/a: not reported)",
@@ -343,6 +381,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "command": command,
         "hardware": hardware,
         "date": date,
+        "recipe": args.config,
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,

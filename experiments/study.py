@@ -1,11 +1,11 @@
-"""What the experiment scripts share: the training studies' runner (``variants.py``,
-``grad_rules.py``) and the command line that heads every result file.
+"""The training studies' runner, shared by ``variants.py``, ``grad_rules.py``, ``screen.py`` and
+``study_cifar10.py``. (The header of every result file: :mod:`addervit_jax.reports`.)
 
 A study is a list of runs, each a label (a variant, a gradient rule), a seed and a full training
 config built from one recipe. Each run trains in ``OUT/runs/<label>_seed<seed>`` through
-``train.train``; a run with a finished ``summary.json`` is read back, not retrained, and an
-interrupted one resumes from its checkpoints, so a study stopped half-way loses nothing when the
-same command is started again. Results aggregate over seeds (mean and sample standard deviation)
+``train.train(..., resume="auto")``, which reads a finished run back and resumes an interrupted
+one from its checkpoints, so a study stopped half-way loses nothing when the same command is
+started again. Results aggregate over seeds (mean and sample standard deviation)
 into a Markdown table and a figure of validation curves, both headed with the command and the
 hardware that made them (each run records its own in ``summary.json``).
 """
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import pathlib
 import re
-import shlex
 import statistics
-import sys
 
 import ml_collections
 
-from addervit_jax import configs, logs, timing, train
+from addervit_jax import configs, logs, reports, timing, train
 
 
 @dataclasses.dataclass
@@ -105,28 +102,19 @@ def make_runs(
 
 
 def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
-    """Train every run not finished yet; return one result per run (summary + curves)."""
+    """Take every run to its end (``train.train(..., resume="auto")``: a finished run is read
+    back, an interrupted one resumes, a run of another recipe in its folder is refused); one
+    result per run (summary + curves)."""
     results = []
     for i, run in enumerate(runs):
         workdir = out / "runs" / run.name
-        saved = workdir / "config.json"
-        if saved.exists() and json.loads(saved.read_text()) != json.loads(
-            run.config.to_json_best_effort()
-        ):
-            raise SystemExit(
-                f"{workdir} holds a run of a different recipe (its config.json differs); use "
-                "another --out, or delete that run to retrain it"
-            )
-        summary_path = workdir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-        if summary is None or summary.get("status") != "finished":
-            print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
-            resume = (workdir / "checkpoints").exists()
-            summary = train.train(run.config, workdir, resume=resume)
-            if summary.get("status") != "finished":  # interrupted: stop the study here
-                raise SystemExit(f"{run.name} {summary['status']}; rerun the command to resume")
-        else:
-            print(f"[{i + 1}/{len(runs)}] {run.name}: finished before, read back", flush=True)
+        print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
+        try:
+            summary = train.train(run.config, workdir, resume="auto")
+        except ValueError as err:  # another recipe's run in the folder: say what to do
+            raise SystemExit(f"{err}; use another --out") from err
+        if summary.get("status") != "finished":  # interrupted: stop the study here
+            raise SystemExit(f"{run.name} {summary['status']}; rerun the command to resume")
         records = logs.read_metrics(workdir)
         results.append({"run": run, "summary": summary, "records": records})
     return results
@@ -147,7 +135,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(results: list[dict], *, steps_per_epoch: int) -> list[dict]:
+def aggregate(results: list[dict]) -> list[dict]:
     """One row per label, in the order of first appearance, over its seeds."""
     rows: dict[str, dict] = {}
     for result in results:
@@ -159,12 +147,11 @@ def aggregate(results: list[dict], *, steps_per_epoch: int) -> list[dict]:
         row.setdefault("rate", []).append(summary["images_per_second"])
         row["seeds"].append(run.seed)
         row["final"].append(summary["eval_accuracy"])
-        # from the records, which span every session of a resumed run (the summary's best only
-        # covers the last one)
-        evals = [r["accuracy"] for r in result["records"] if r["split"] == "eval"]
-        row["best"].append(max(evals, default=summary["best_eval_accuracy"]))
+        row["best"].append(summary["best_eval_accuracy"])
         row["train"].append(
-            _final_train_accuracy(result["records"], summary["total_steps"], steps_per_epoch)
+            _final_train_accuracy(
+                result["records"], summary["total_steps"], summary["steps_per_epoch"]
+            )
         )
     return list(rows.values())
 
@@ -244,16 +231,18 @@ def plot_validation(
     results: list[dict],
     path: pathlib.Path,
     *,
-    steps_per_epoch: int,
     title: str,
     split_name: str = "validation",
 ):
-    """Evaluation accuracy against epochs, one line per label (mean over seeds, min-max band)."""
+    """Evaluation accuracy against epochs, one line per label (mean over seeds, min-max band);
+    a label's epochs are those of its runs' ``steps_per_epoch`` (``summary.json``)."""
     import numpy as np
     from matplotlib.figure import Figure
 
     curves: dict[str, dict[int, list[float]]] = {}
+    steps_per_epoch: dict[str, int] = {}
     for result in results:
+        steps_per_epoch.setdefault(result["run"].label, result["summary"]["steps_per_epoch"])
         by_step = curves.setdefault(result["run"].label, {})
         for r in result["records"]:
             if r["split"] == "eval":
@@ -262,7 +251,7 @@ def plot_validation(
     ax = fig.subplots()
     for label, by_step in curves.items():
         steps = sorted(by_step)
-        epochs = np.array(steps) / steps_per_epoch
+        epochs = np.array(steps) / steps_per_epoch[label]
         values = [np.array(by_step[s]) for s in steps]
         mean = np.array([v.mean() for v in values])
         (line,) = ax.plot(epochs, 100 * mean, marker=".", label=label)
@@ -278,12 +267,6 @@ def plot_validation(
     fig.savefig(path, dpi=120)
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that reproduces a result: ``python experiments/<script> <args>``."""
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", f"experiments/{script}", *args])
-
-
 def write_report(
     results: list[dict],
     out: pathlib.Path,
@@ -292,7 +275,6 @@ def write_report(
     title: str,
     label_header: str,
     recipe: ml_collections.ConfigDict,
-    steps_per_epoch: int,
     command: str,
     reference: str | None = None,
 ) -> str:
@@ -301,23 +283,24 @@ def write_report(
     With a ``reference`` label the report adds each arm's difference to it (:func:`gap_table`).
     """
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(results, steps_per_epoch=steps_per_epoch)
+    rows = aggregate(results)
     table = markdown_table(rows, label_header=label_header, eval_split=recipe.eval_split)
     plot_validation(
         results,
         out / f"{name}.png",
-        steps_per_epoch=steps_per_epoch,
         title=title,
         split_name="test" if is_test_split(recipe.eval_split) else "validation",
     )
-    epochs = results[0]["summary"]["total_steps"] / steps_per_epoch
+    epochs = results[0]["summary"]["total_steps"] / results[0]["summary"]["steps_per_epoch"]
     run_devices = "; ".join(sorted({r["summary"]["device"] for r in results}))
     header = [
         f"# {title}",
         "",
-        f"- command: `{command}`",
-        f"- hardware of the runs: {run_devices}; report written on {timing.describe_device()}",
-        f"- date: {datetime.date.today().isoformat()}",
+        *reports.header_lines(
+            command,
+            f"{run_devices}; report written on {timing.describe_device()}",
+            hardware_label="hardware of the runs",
+        ),
         f"- recipe: dataset {recipe.dataset} ({recipe.train_split} / {recipe.eval_split}), "
         f"{epochs:g} epochs ({results[0]['summary']['total_steps']} steps of "
         f"{recipe.batch_size}, {recipe.warmup_epochs:g} warm-up), {recipe.optimizer} lr "
@@ -374,13 +357,8 @@ def run_and_report(
         title=title,
         label_header=label_header,
         recipe=recipe,
-        steps_per_epoch=steps_per_epoch(recipe),
-        command=command_line(f"{name}.py", argv),
+        command=reports.command_line(f"{name}.py", argv),
         reference=reference,
     )
     print(table)
     return table
-
-
-def steps_per_epoch(recipe: ml_collections.ConfigDict) -> int:
-    return train.make_inputs(recipe).steps_per_epoch  # splits decode lazily

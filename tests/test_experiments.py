@@ -1,19 +1,22 @@
 """The experiment scripts run end to end on tiny settings and report what the library measures."""
 
+import datetime
 import json
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 from flax import nnx
 
-from addervit_jax import counts, models
+from addervit_jax import configs, counts, models, reports, timing
+from addervit_jax.shapes import parse_shape
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 
+import bench_int8  # noqa: E402
+import bench_ops  # noqa: E402
 import grad_rules  # noqa: E402
 import op_counts  # noqa: E402
 import screen  # noqa: E402
@@ -78,11 +81,14 @@ TINY = {
 
 
 def _memory(backend, batch, *, train=True):
-    step, forward, params, opt_state = speed_table.build_steps(
-        "qkv_2ffn", backend, TINY, optax.adamw(1e-3)
+    config = configs.load("cifar10")
+    model = {f"model.{k}": v for k, v in TINY.items()}
+    configs.override(
+        config, {**model, "variant": "qkv_2ffn", "model.backend": backend, "batch_size": batch}
     )
-    images, labels = jnp.zeros((batch, 16, 16, 3)), jnp.zeros((batch,), jnp.int32)
-    fn, args = (step, (params, opt_state, images, labels)) if train else (forward, (params, images))
+    images, labels = jnp.zeros((batch, 16, 16, 3), jnp.uint8), jnp.zeros((batch,), jnp.int32)
+    step, train_args, infer, infer_args = speed_table.build_steps(config, images, labels)
+    fn, args = (step, train_args) if train else (infer, infer_args)
     _, memory = speed_table.compile_step(fn, args)
     return memory["total"]
 
@@ -148,9 +154,12 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished before, read back") == 4
     assert json.loads((tmp_path / "variants.json").read_text()) == record
 
-    # another recipe into the same directory would report the old runs: refused
-    with pytest.raises(SystemExit, match="different recipe"):
-        variants.main([*args, "--set", *TINY_RECIPE[:-1], "log_every_steps=2"])
+    # by the trainer's own rule, a change of what is logged reads the runs back too ...
+    variants.main([*args, "--set", *TINY_RECIPE[:-1], "log_every_steps=2"])
+    assert capsys.readouterr().out.count("finished before, read back") == 4
+    # ... and another recipe into the same directory would report the old runs: refused
+    with pytest.raises(SystemExit, match=r"another config: learning_rate: .*another --out"):
+        variants.main([*args, "--set", *TINY_RECIPE, "learning_rate=0.01"])
 
 
 def test_grad_rule_study_runs_each_rule_once(tmp_path):
@@ -226,3 +235,56 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
         study_cifar10.main(
             ["--out", str(tmp_path / "other"), "--arms", "qkv_2ffn + distill", "--seeds", "1"]
         )
+
+
+def test_shape_strings_parse_to_three_positive_integers():
+    assert parse_shape("4096x384x1536") == (4096, 384, 1536)
+    assert parse_shape("37X19x23") == (37, 19, 23)
+    for bad in ("10x10", "axbxc", "0x1x2", "4x-3x2", "1x2x3x4", "", "4.0x3x2"):
+        with pytest.raises(ValueError, match=r"expected LxD_INxD_OUT, three positive integers"):
+            parse_shape(bad)
+    with pytest.raises(ValueError, match=r"^shape '10x10': "):
+        parse_shape("10x10")
+
+
+def test_bench_scripts_refuse_a_malformed_shape_with_a_usage_error(capsys):
+    for script in (bench_ops, bench_int8):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--shapes", "10x10"])
+        assert exit_info.value.code == 2
+        assert "--shapes: shape '10x10': expected LxD_INxD_OUT" in capsys.readouterr().err
+
+
+def test_report_header_names_the_command_hardware_and_date():
+    command = reports.command_line("op_counts.py", ["--set", "patch_size=16", "a b"])
+    assert command == "python experiments/op_counts.py --set patch_size=16 'a b'"
+    today = datetime.date.today().isoformat()
+    assert reports.header_lines(
+        command, "cpu (x), jax 0", hardware_label="hardware of the runs"
+    ) == [
+        f"- command: `{command}`",
+        "- hardware of the runs: cpu (x), jax 0",
+        f"- date: {today}",
+    ]
+    assert reports.header_lines("c", date="2000-01-02")[1:] == [
+        f"- hardware: {timing.describe_device()}",
+        "- date: 2000-01-02",
+    ]
+
+
+def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
+    argv = ["--shapes", "9x5x7", "--skip-models", "--repeats", "1", "--out", str(tmp_path)]
+    bench_int8.main(argv)
+    table = (tmp_path / "table.md").read_text()
+    assert f"- command: `python experiments/bench_int8.py {' '.join(argv)}`" in table
+    assert f"- date: {datetime.date.today().isoformat()}" in table
+    assert "| 9x5x7 |" in table
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["command"].startswith("python experiments/bench_int8.py --shapes 9x5x7")
+
+
+def test_bench_ops_times_the_naive_backend(capsys):
+    bench_ops.main(["--shapes", "9x5x7", "--repeats", "1", "--naive", "--backend", "xla"])
+    out = capsys.readouterr().out
+    assert "| 9x5x7 | naive adder | forward |" in out
+    assert "| 9x5x7 | adder xla grad=clipped | fwd+bwd |" in out
