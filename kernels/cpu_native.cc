@@ -836,7 +836,7 @@ struct QuantizedRows {
 
 // Where finished rows of sums go. Sums: int32 out[l, n]. Layer: the int8 adder layer's output
 // mask * N(-scale * sums) + bias in float32, N a LayerNorm over the row without affine
-// parameters (mean and variance in double) or the identity, as layers.Int8AdderDense computes it
+// parameters (mean and variance in double) or the identity, as models.int8.Int8AdderDense computes it
 // in XLA; each call gets whole rows.
 struct SumsOut {
   static constexpr bool kDirect = true;  // whole tiles may be stored into out by sad_tile
