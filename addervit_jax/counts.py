@@ -24,6 +24,25 @@ comparison primitives under ``other`` (listed, not priced).
 Energies per operation at 45 nm are Horowitz's (M. Horowitz, "Computing's energy problem (and what
 we can do about it)", ISSCC 2014): fp32 multiply 3.7 pJ and add 0.9 pJ, fp16 1.1 / 0.4 pJ, int32
 3.1 / 0.1 pJ, int8 0.2 / 0.03 pJ, as AdderNet and its successors quote them.
+``OpCounts.energy_pj`` is the model's arithmetic energy per image, the total of the similarity
+sites and the other counted operations (``experiments/op_counts.py``'s energy column).
+
+``equal_energy_mlp_dim(build, reference, image_shape)`` is the widest FFN hidden layer
+(``mlp_dim``, a multiple of 8) at which ``build(mlp_dim)`` spends no more arithmetic energy per
+image than ``reference``: the fair way to spend the energy an adder variant saves. An adder term
+costs 2 x 0.9 = 1.8 pJ against a multiply-accumulate's 3.7 + 0.9 = 4.6 pJ in fp32, so at the
+CIFAR-10 shape (``configs/cifar10.py``) ``qkv_2ffn`` spends 0.56x ``multi``'s energy at equal
+width, and matches it at ``mlp_dim=864`` against ``multi``'s 256::
+
+    def build(variant, **model):  # abstract: counted without initialising the weights
+        return nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0), **model))
+
+    counts.equal_energy_mlp_dim(
+        lambda mlp_dim: build("qkv_2ffn", mlp_dim=mlp_dim), build("multi"), (32, 32, 3)
+    )  # 864
+
+It takes a ``build`` callable, not a variant name, so that this module stays below ``models``
+(it traces any callable and imports nothing of the package).
 """
 
 from __future__ import annotations
@@ -31,12 +50,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.extend import core as jex_core
 
-__all__ = ["ENERGY_PJ", "SIMILARITY_SITES", "OpCounts", "count_ops"]
+__all__ = ["ENERGY_PJ", "SIMILARITY_SITES", "OpCounts", "count_ops", "equal_energy_mlp_dim"]
 
 # (multiply, add) energy in picojoules at 45 nm, Horowitz (ISSCC 2014).
 ENERGY_PJ = {"fp32": (3.7, 0.9), "fp16": (1.1, 0.4), "int32": (3.1, 0.1), "int8": (0.2, 0.03)}
@@ -130,12 +151,27 @@ def _uj(pj: float) -> str:
 
 
 def count_ops(model, image_shape: tuple[int, int, int]) -> OpCounts:
-    """Trace ``model`` on one image of ``image_shape`` (H, W, C) and count its operations."""
+    """Trace ``model`` on one image of ``image_shape`` (H, W, C) and count its operations.
+
+    ``model`` may be abstract, ``nnx.eval_shape(lambda: models.build(...))``: the counts depend on
+    shapes only. An NNX model is counted as at inference, in evaluation mode (a batch norm is an
+    affine map with its running statistics, not a reduction over the batch)."""
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (H, W, C), got {tuple(image_shape)}")
-    closed = jax.make_jaxpr(lambda images: model(images))(
-        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    )
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    if isinstance(model, nnx.Module):
+        # the weights enter as an argument, not as constants, so that an abstract model
+        # (nnx.eval_shape) is counted without initialising them: ~10x faster than building one
+        graphdef, state = nnx.split(model)
+
+        def forward(state, images):
+            model = nnx.merge(graphdef, state)
+            model.eval()
+            return model(images)
+
+        closed = jax.make_jaxpr(forward)(state, images)
+    else:
+        closed = jax.make_jaxpr(lambda images: model(images))(images)
     counter = _Counter()
     counter.walk(closed.jaxpr, 1)
     return OpCounts(
@@ -144,6 +180,74 @@ def count_ops(model, image_shape: tuple[int, int, int]) -> OpCounts:
         other_adds=counter.adds,
         other=dict(counter.other),
     )
+
+
+def equal_energy_mlp_dim(
+    build: Callable[[int], Callable],
+    reference: Callable,
+    image_shape: tuple[int, int, int],
+    *,
+    multiple: int = 8,
+    precision: str = "fp32",
+) -> int:
+    """The largest ``mlp_dim``, a multiple of ``multiple``, at which ``build(mlp_dim)`` costs at
+    most the arithmetic energy per image of ``reference`` (``OpCounts.energy_pj(precision)``, the
+    similarity sites and the other counted operations, on images of ``image_shape``).
+
+    ``build`` may return an abstract model (``nnx.eval_shape``, see ``count_ops``). The energy
+    must grow with ``mlp_dim``. It is affine in ``mlp_dim`` for SimpleViT, so the counts at two
+    widths predict the answer and the counts at it and one multiple above confirm it (four
+    builds in all); a search over multiples takes over where they do not. Raises
+    ``ValueError`` if ``multiple`` or ``precision`` is invalid, if the energy does not grow with
+    ``mlp_dim`` (an FFN without a hidden layer, e.g. SimpleViT's ``ffn_layers=1``), or if even
+    ``mlp_dim=multiple`` costs more than ``reference``.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r} must be a positive integer")
+    if precision not in ENERGY_PJ:
+        raise ValueError(f"precision={precision!r}; expected one of {sorted(ENERGY_PJ)}")
+    budget = count_ops(reference, image_shape).energy_pj(precision)
+    energies: dict[int, float] = {}
+
+    def energy(k: int) -> float:  # of mlp_dim = k * multiple
+        if k not in energies:
+            model = build(k * multiple)
+            energies[k] = count_ops(model, image_shape).energy_pj(precision)
+        return energies[k]
+
+    if energy(1) > budget:
+        raise ValueError(
+            f"even mlp_dim=multiple={multiple} costs {energy(1) / 1e6:.3f} uJ per image "
+            f"({precision}, image_shape={tuple(image_shape)}), more than the reference's "
+            f"{budget / 1e6:.3f} uJ"
+        )
+    slope = energy(2) - energy(1)
+    if slope <= 0:
+        raise ValueError(
+            f"build(mlp_dim) costs {energy(1) / 1e6:.3f} uJ per image at mlp_dim={multiple} and "
+            f"{energy(2) / 1e6:.3f} uJ at mlp_dim={2 * multiple}: its energy does not grow with "
+            "mlp_dim, so the model has no FFN hidden width (e.g. SimpleViT with ffn_layers=1, "
+            "whose FFN is one dim -> dim layer)"
+        )
+    # Invariant of the search below: energy(lo) <= budget < energy(hi).
+    guess = max(1, 1 + math.floor((budget - energy(1)) / slope))
+    if energy(guess) <= budget:
+        lo, step = guess, 1
+        while energy(lo + step) <= budget:
+            lo, step = lo + step, 2 * step
+        hi = lo + step
+    else:
+        hi, step = guess, 1
+        while hi - step > 1 and energy(hi - step) > budget:
+            hi, step = hi - step, 2 * step
+        lo = max(1, hi - step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if energy(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo * multiple
 
 
 def _site(eqn) -> str | None:

@@ -7,8 +7,18 @@
 with ``E`` (``stretch``, shape ``(in,)``, init ones) an input stretch against the L1 distance's loss
 of diversity (the study's Problem 2), ``F`` (``mask``, shape ``(out,)``, init ones) an output soft
 mask, so that ``F = 0, b = 0`` makes ``x + layer(x)`` exactly the identity (its Problem 3), and
-``N`` a LayerNorm without affine parameters over the output features (``norm="layer"``) or the
-identity (``norm="none"``). ``W`` starts from N(0, 1), as in AdderNet.
+``N`` a LayerNorm without affine parameters over the output features (``norm="layer"``, the
+study's), a BatchNorm without affine parameters per output unit over the batch and the tokens
+(``norm="batch"``, AdderNet's), or the identity (``norm="none"``). ``W`` starts from N(0, 1), as in
+AdderNet.
+
+Why a per-unit norm: an adder output ``y_d = -sum_i |u_i - W_id|`` has a mean and a spread that
+depend on the unit's template ``W[:, d]`` (a unit whose template lies far from the inputs has a
+large negative mean), so the units of one token differ by offsets that a per-token norm keeps and
+a per-unit norm removes. AdderNet (Chen et al., "AdderNet: Do We Really Need Multiplications in
+Deep Learning?", CVPR 2020) puts a BatchNorm after every adder layer for this reason; ours has
+its running statistics updated with momentum 0.9 (PyTorch's 0.1, which AdderNet's code keeps) and
+is evaluated with them, as in any network with batch statistics (``model.eval()``).
 
 The int8 form of a trained ``AdderDense`` for inference (``Int8AdderDense``) lives with the rest of
 a model's int8 path in ``addervit_jax.models.int8``.
@@ -47,7 +57,8 @@ __all__ = [
 ]
 
 LINEAR_KINDS = ("multi", "multi_ln", "adder", "adder_orig", "euclid")
-NORMS = ("layer", "none")
+NORMS = ("layer", "batch", "none")
+BATCH_NORM_MOMENTUM = 0.9  # flax's convention: running = m * running + (1 - m) * batch
 DENSE_INIT = nnx.initializers.lecun_normal()  # flax's Dense default
 DISTANCE_INIT = nnx.initializers.normal(stddev=1.0)  # AdderNet and the study: W ~ N(0, 1)
 
@@ -114,6 +125,19 @@ class _DistanceDense(nnx.Module):
         self.stretch = nnx.Param(jnp.ones((in_features,))) if stretch else None
         self.mask = nnx.Param(jnp.ones((out_features,))) if mask else None
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+        # F and b are the site's own (mask, bias): the batch norm has no affine parameters
+        self.batch_norm = (
+            nnx.BatchNorm(
+                out_features,
+                momentum=BATCH_NORM_MOMENTUM,
+                epsilon=_EPSILON,
+                use_bias=False,
+                use_scale=False,
+                rngs=rngs,
+            )
+            if norm == "batch"
+            else None
+        )
 
     def _similarity(self, x: jax.Array, w: jax.Array, stretch: jax.Array | None) -> jax.Array:
         """``similarity(stretch * x, w)`` (``stretch`` None: no stretch)."""
@@ -129,6 +153,8 @@ class _DistanceDense(nnx.Module):
             mask = jnp.ones((self.out_features,)) if self.mask is None else self.mask[...]
             bias = jnp.zeros((self.out_features,)) if self.bias is None else self.bias[...]
             return _normalize_affine(y, mask, bias)
+        if self.batch_norm is not None:
+            y = self.batch_norm(y)
         if self.mask is not None:
             y = y * self.mask[...]
         if self.bias is not None:

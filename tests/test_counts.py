@@ -1,9 +1,9 @@
-"""Operation counts of a tiny model against a hand count."""
+"""Operation counts of a tiny model against a hand count; FFN widths at equal energy."""
 
 import pytest
 from flax import nnx
 
-from addervit_jax import counts, models
+from addervit_jax import configs, counts, models
 
 TINY = {
     "image_size": 4,
@@ -75,3 +75,83 @@ def test_adder_removes_most_multiplications_of_the_default_model():
     adder = counts.count_ops(models.build("qkv_2ffn", rngs=nnx.Rngs(0)), (32, 32, 3))
     assert adder.total_mults < 0.3 * multi.total_mults
     assert adder.energy_pj() < multi.energy_pj()
+
+
+CIFAR10 = configs.load("cifar10").model.to_dict()  # SimpleViT 32x32x3, patch 4, dim 128, MLP 256
+
+
+def _abstract(variant, **model):  # counted as a built model is, without initialising weights
+    return nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0), **model))
+
+
+def _energy(variant, image_shape, **model):
+    model = models.build(variant, rngs=nnx.Rngs(0), **model)
+    return counts.count_ops(model, image_shape).energy_pj()
+
+
+def test_equal_energy_mlp_dim_of_qkv_2ffn_spends_multis_energy():
+    def build(mlp_dim):
+        return _abstract("qkv_2ffn", **{**CIFAR10, "mlp_dim": mlp_dim})
+
+    width = counts.equal_energy_mlp_dim(build, _abstract("multi", **CIFAR10), (32, 32, 3))
+    budget = _energy("multi", (32, 32, 3), **CIFAR10)
+    assert width % 8 == 0
+    assert width > 3 * CIFAR10["mlp_dim"]  # an adder term costs 0.4x a multiply-accumulate
+    assert _energy("qkv_2ffn", (32, 32, 3), **{**CIFAR10, "mlp_dim": width}) <= budget
+    assert _energy("qkv_2ffn", (32, 32, 3), **{**CIFAR10, "mlp_dim": width + 8}) > budget
+
+
+def test_equal_energy_mlp_dim_of_the_reference_is_its_own():
+    def build(mlp_dim):
+        return _abstract("multi", **{**CIFAR10, "mlp_dim": mlp_dim})
+
+    reference = _abstract("multi", **CIFAR10)
+    assert counts.equal_energy_mlp_dim(build, reference, (32, 32, 3)) == CIFAR10["mlp_dim"]
+    assert counts.equal_energy_mlp_dim(build, reference, (32, 32, 3), multiple=96) == 192
+
+
+@pytest.mark.parametrize(
+    ("shape_of", "reference"),  # monotone in mlp_dim but not affine, so that the prediction from
+    # mlp_dim 8 and 16 overshoots (deeper above 16) and undershoots (narrower above 16)
+    [
+        (lambda w: {"mlp_dim": w, "depth": 1 if w <= 16 else 2}, {"depth": 2, "mlp_dim": 32}),
+        (lambda w: {"mlp_dim": w if w <= 16 else 16 + (w - 16) // 2}, {"mlp_dim": 64}),
+    ],
+    ids=["deeper_above_16", "narrower_above_16"],
+)
+def test_equal_energy_mlp_dim_searches_where_energy_is_not_affine(shape_of, reference):
+    def build(mlp_dim):
+        return _abstract("qkv_2ffn", **{**TINY, **shape_of(mlp_dim)})
+
+    reference = _abstract("multi", **{**TINY, **reference})
+    budget = counts.count_ops(reference, (4, 4, 1)).energy_pj()
+    width = counts.equal_energy_mlp_dim(build, reference, (4, 4, 1))
+    brute = 8
+    while counts.count_ops(build(brute + 8), (4, 4, 1)).energy_pj() <= budget:
+        brute += 8
+    assert width == brute > 16
+
+
+def test_equal_energy_mlp_dim_errors():
+    def build(variant, **model):
+        return lambda mlp_dim: _abstract(variant, **{**TINY, **model, "mlp_dim": mlp_dim})
+
+    multi = _abstract("multi", **TINY)
+    with pytest.raises(ValueError, match="does not grow with mlp_dim.*ffn_layers=1"):
+        counts.equal_energy_mlp_dim(build("qkv_1ffn"), multi, (4, 4, 1))
+    with pytest.raises(ValueError, match="even mlp_dim=multiple=8 costs"):
+        counts.equal_energy_mlp_dim(build("multi", depth=2), multi, (4, 4, 1))
+    with pytest.raises(ValueError, match="multiple=0"):
+        counts.equal_energy_mlp_dim(build("multi"), multi, (4, 4, 1), multiple=0)
+    with pytest.raises(ValueError, match="fp64"):
+        counts.equal_energy_mlp_dim(build("multi"), multi, (4, 4, 1), precision="fp64")
+    with pytest.raises(TypeError, match="no field"):  # Swin's FFN width is mlp_ratio * dim
+        counts.equal_energy_mlp_dim(
+            lambda mlp_dim: _abstract("swin_multi", mlp_dim=mlp_dim), multi, (4, 4, 1)
+        )
+
+
+def test_abstract_models_count_as_built_ones():
+    for variant in ("qkv_2ffn", "all_adder", "euclider"):
+        built = counts.count_ops(models.build(variant, rngs=nnx.Rngs(0), **TINY), (4, 4, 1))
+        assert counts.count_ops(_abstract(variant, **TINY), (4, 4, 1)) == built

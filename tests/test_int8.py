@@ -221,6 +221,32 @@ def test_int8_layer_is_within_its_grid_error_of_the_float64_adder(seed):
     assert q.kernel[...].dtype == jnp.uint8
 
 
+def test_a_batch_norm_site_folds_its_running_statistics_into_gain_and_bias():
+    layer, x = _adder_layer(3, 40, 24, norm="batch")
+    for i in range(3):  # running statistics away from their initial values
+        nnx.jit(lambda m, x: m(x))(layer, x[100 * i : 100 * (i + 1)] * (1 + i))
+    before = np.asarray(layer.batch_norm.mean[...])
+    q = models.Int8AdderDense.calibrate(layer, x, clip_fractions=(0.0,))
+    assert not layer.batch_norm.use_running_average  # the layer given is not changed
+    np.testing.assert_array_equal(layer.batch_norm.mean[...], before)
+    bn = layer.batch_norm
+    inv = 1 / np.sqrt(np.asarray(bn.var[...], np.float64) + 1e-5)
+    mask = np.asarray(layer.mask[...], np.float64)
+    np.testing.assert_allclose(q.mask[...], mask * inv, rtol=1e-6)
+    np.testing.assert_allclose(
+        q.bias[...],
+        np.asarray(layer.bias[...]) - mask * inv * np.asarray(bn.mean[...]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # the int8 layer is within its grid error of the float layer at inference
+    u = np.asarray(x, np.float64) * np.asarray(layer.stretch[...], np.float64)
+    similarity = ref.adder(u, np.asarray(layer.kernel[...], np.float64))
+    expected = (similarity - np.asarray(bn.mean[...])) * mask * inv + np.asarray(layer.bias[...])
+    bound = 40 * float(q.scale[...]) * np.max(mask * inv) * (1 + 1e-4) + 1e-4
+    assert np.max(np.abs(np.asarray(q(x), np.float64) - expected)) <= bound
+
+
 def test_calibration_picks_the_grid_with_the_smallest_output_error():
     layer, x = _adder_layer(2, 64, 32)
     reference = np.asarray(layer(x))

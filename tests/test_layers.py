@@ -68,6 +68,43 @@ def test_distance_layer_matches_float64_formula(cls, norm, lead, d_in, d_out):
     assert ref.rel_err(y, expected) < (1e-4 if norm == "layer" else 1e-5)
 
 
+@pytest.mark.parametrize("cls", [layers.AdderDense, layers.EuclidDense, layers.NormedDense])
+def test_batch_norm_site_statistics_running_averages_and_eval_mode(cls):
+    # norm="batch": each output unit standardised over the batch and the tokens (AdderNet's
+    # BatchNorm, no affine of its own), the running averages updated with momentum 0.9 (of the
+    # biased variance, as flax computes it), and used once the model is in evaluation mode.
+    layer = _randomise(cls(11, 6, norm="batch", rngs=nnx.Rngs(0)), seed=3)
+    similarity = {
+        layers.AdderDense: ref.adder,
+        layers.EuclidDense: ref.euclid,
+        layers.NormedDense: ref.dense,
+    }[cls]
+    p = _params(layer)
+    rng = np.random.default_rng(4)
+    running_mean, running_var = np.zeros(6), np.ones(6)
+    for _ in range(2):
+        x = rng.normal(size=(4, 5, 11)).astype(np.float32)
+        y = similarity(
+            np.asarray(x, np.float64) * (1 if p["stretch"] is None else p["stretch"]), p["kernel"]
+        )
+        mean, var = y.mean(axis=(0, 1)), y.var(axis=(0, 1))
+        expected = (y - mean) / np.sqrt(var + 1e-5) * p["mask"] + p["bias"]
+        got = nnx.jit(lambda m, x: m(x))(layer, x)
+        assert ref.rel_err(got, expected) < 1e-4
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * var
+        np.testing.assert_allclose(layer.batch_norm.mean[...], running_mean, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(layer.batch_norm.var[...], running_var, rtol=1e-4)
+    layer.eval()
+    x = rng.normal(size=(3, 11)).astype(np.float32)
+    y = similarity(
+        np.asarray(x, np.float64) * (1 if p["stretch"] is None else p["stretch"]), p["kernel"]
+    )
+    expected = (y - running_mean) / np.sqrt(running_var + 1e-5) * p["mask"] + p["bias"]
+    assert ref.rel_err(nnx.jit(lambda m, x: m(x))(layer, x), expected) < 1e-4
+    np.testing.assert_allclose(layer.batch_norm.mean[...], running_mean, rtol=1e-5, atol=1e-4)
+
+
 def test_dense_matches_float64_formula():
     layer = _randomise(layers.Dense(11, 6, rngs=nnx.Rngs(0)), seed=3)
     x = np.random.default_rng(2).normal(size=(3, 4, 11)).astype(np.float32)

@@ -167,6 +167,38 @@ def test_checkpoints_without_a_checksum_are_not_read(finished_run, tmp_path):
     assert meta["step"] == 2
 
 
+def test_checkpoints_written_before_they_held_rest_restore_and_resume(finished_run, tmp_path):
+    # Until 2026-12-06 a checkpoint held (step, params, opt_state, rng); the model's other
+    # variables were constants then, rebuilt from the config. Runs interrupted then (the
+    # 30-epoch study's) resume from such a checkpoint to the same result.
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    run, config, summary = finished_run
+    run = _copy(run, tmp_path)
+    checkpoints = train.Checkpoints(run / "checkpoints", keep=3)
+    template = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
+    state, meta = checkpoints._restore(2, template)
+    checkpoints.close()
+    assert meta["parts"] == ["step", "params", "opt_state", "rng", "rest"]
+    old = {k: getattr(state, k) for k in ("step", "params", "opt_state", "rng")}
+    old_meta = {k: v for k, v in meta.items() if k != "parts"}
+    old_meta["sha256"] = train.checkpoints._digest(train.checkpoints._flat(old))
+    shutil.rmtree(run / "checkpoints")
+    with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
+        manager.save(
+            2,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(old), meta=ocp.args.JsonSave(old_meta)
+            ),
+        )
+    assert train.restore(run)[1]["step"] == 2
+    resumed = train.train(config, run, resume=True)
+    assert resumed["steps"] == 4 and resumed["params_checksum"] == summary["params_checksum"]
+    assert train.restore(run)[1]["parts"][-1] == "rest"
+
+
 def test_a_params_file_without_a_checksum_is_not_read(finished_run, tmp_path):
     from flax import serialization
 

@@ -9,6 +9,7 @@ import socket
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_worker import TINY, run_worker, summary_of, train_losses
@@ -39,6 +40,27 @@ def test_eight_devices_match_one_device(tmp_path):
         train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one"), rtol=2e-5
     )
     assert fsdp["params_checksum"] == pytest.approx(one["params_checksum"], rel=1e-5)
+
+
+def test_batch_statistics_of_eight_devices_are_those_of_the_global_batch(tmp_path):
+    # norm="batch": per-unit statistics over the global batch, whatever its sharding
+    steps = {"config.total_steps": 4, "config.model.norm": "batch"}
+    one = run_worker(tmp_path / "one", steps)
+    eight = run_worker(tmp_path / "eight", steps, devices=8)
+    np.testing.assert_allclose(
+        train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"), rtol=2e-5
+    )
+    assert eight["params_checksum"] == pytest.approx(one["params_checksum"], rel=1e-5)
+    rests = [train.restore(tmp_path / name)[0].rest for name in ("one", "eight")]
+    stats = [
+        {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(r)}
+        for r in rests
+    ]
+    running = [k for k in stats[0] if "batch_norm" in k]
+    assert len(running) == 2 * 5  # mean and var of the q, k, v and two FFN sites of 1 block
+    for k in running:
+        np.testing.assert_allclose(stats[1][k], stats[0][k], rtol=1e-4, atol=1e-5)
+        assert not np.allclose(stats[0][k], 0.0) or "mean" not in k
 
 
 def _free_port():
@@ -183,6 +205,12 @@ def test_resume_auto_starts_resumes_reads_back_and_refuses_another_config(tmp_pa
     assert train.train(config, tmp_path / "run", resume="auto") == json.loads(
         (tmp_path / "run" / "summary.json").read_text()
     )
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    # a run made before a config field existed counts as having its default: still read back
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["distill"]["feature_weight"], saved["distill"]["feature_kernel"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert train.train(config, tmp_path / "run", resume="auto")["steps"] == 2
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
     other = _config(**{"config.total_steps": 2, "config.seed": 1})
     with pytest.raises(ValueError, match=r"holds a run of another config: seed: 0 \(run\) != 1"):
@@ -418,6 +446,55 @@ def test_distill_loss_matches_float64_formula():
     assert np.all(np.asarray(train.distill_loss(teacher, teacher, temperature)) < 1e-6)
 
 
+def _feature_loss_float64(student, teacher, kernel):
+    """The feature term of ``train.distill`` in float64 NumPy, by its definition."""
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        z = [
+            (f - f.mean(-1, keepdims=True)) / np.sqrt(f.var(-1, keepdims=True) + 1e-5)
+            for f in (s, t)
+        ]
+        if kernel == "none":
+            terms.append(((z[0] - z[1]) ** 2).mean(axis=(1, 2)))
+            continue
+        d = s.shape[-1]
+        l1 = np.abs(z[0][:, :, None] - z[0][:, None, :]).sum(-1)
+        l2 = ((z[1][:, :, None] - z[1][:, None, :]) ** 2).sum(-1)
+        k_s = np.exp(-l1 / (2 * d / np.sqrt(np.pi)))
+        k_t = np.exp(-l2 / (2 * d))
+        terms.append(((k_s - k_t) ** 2).mean(axis=(1, 2)))
+    return np.mean(terms, axis=0)
+
+
+@pytest.mark.parametrize("kernel", ["none", "pkkd"])
+def test_feature_loss_matches_float64_formula(kernel):
+    rng = np.random.default_rng(12)
+    student = [rng.normal(size=(3, 6, 8)) * 2.0 + 1.0, rng.normal(size=(3, 6, 8))]
+    teacher = [rng.normal(size=(3, 6, 8)) * 0.5, rng.normal(size=(3, 6, 8)) + 3.0]
+    got = train.feature_loss(
+        [x.astype(np.float32) for x in student], [x.astype(np.float32) for x in teacher], kernel
+    )
+    expected = _feature_loss_float64(student, teacher, kernel)
+    assert got.shape == (3,) and np.all(expected > 1e-3)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-7)
+    # zero when the student's tokens are the teacher's up to a per-token scale and offset
+    same = train.feature_loss([x * 3.0 + 1.0 for x in teacher], teacher, "none")
+    assert np.all(np.asarray(same) < 1e-6)
+    # the gradient: central differences of the float64 formula on one coordinate
+    grad = jax.grad(lambda f: train.feature_loss([f, student[1]], teacher, kernel).sum())(
+        jnp.asarray(student[0], jnp.float32)
+    )
+    h, index = 1e-5, (1, 2, 3)
+    up, down = [x.copy() for x in student], [x.copy() for x in student]
+    up[0][index] += h
+    down[0][index] -= h
+    numeric = (
+        _feature_loss_float64(up, teacher, kernel).sum()
+        - _feature_loss_float64(down, teacher, kernel).sum()
+    ) / (2 * h)
+    np.testing.assert_allclose(grad[index], numeric, rtol=2e-3, atol=1e-6)
+
+
 def test_params_only_run_evaluates_and_teaches(tmp_path):
     teacher_dir = tmp_path / "teacher"
     summary = train.train(
@@ -457,3 +534,25 @@ def test_params_only_run_evaluates_and_teaches(tmp_path):
     student.distill.teacher = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         train.train(student, tmp_path / "student3")
+
+    # feature distillation: every block's output matched, the term logged and weighted
+    student = _config(**{"config.total_steps": 2, "config.distill.teacher": str(teacher_dir)})
+    student.distill.feature_weight = 2.0
+    student.distill.feature_kernel = "pkkd"
+    train.train(student, tmp_path / "features")
+    records = [json.loads(line) for line in open(tmp_path / "features" / "metrics.jsonl")]
+    for r in (r for r in records if r["split"] == "train"):
+        assert 0 < r["feature_loss"] < 1
+        expected = r["ce_loss"] + r["distill_loss"] + 2.0 * r["feature_loss"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+    # a teacher of another depth cannot teach features: refused before the run directory exists
+    deeper = _config(**{"config.variant": "multi", "config.total_steps": 1})
+    deeper.model.depth = 2
+    train.train(deeper, tmp_path / "deeper")
+    student.distill.teacher = str(tmp_path / "deeper")
+    with pytest.raises(ValueError, match=r"features of distill.teacher=.* do not match"):
+        train.train(student, tmp_path / "features2")
+    assert not (tmp_path / "features2").exists()
+    student.distill.teacher = None
+    with pytest.raises(ValueError, match="feature_weight=2.0 needs a teacher"):
+        train.train(student, tmp_path / "features3")

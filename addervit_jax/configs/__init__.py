@@ -134,6 +134,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.distill.teacher = ml_collections.FieldReference(None, field_type=str)  # its work directory
     c.distill.weight = 1.0  # of the distillation term, added to the cross-entropy
     c.distill.temperature = 4.0
+    # the feature term (train.feature_loss): every block's output tokens matched to the teacher's
+    c.distill.feature_weight = 0.0  # 0: off
+    c.distill.feature_kernel = "none"  # "none" (standardised tokens) or "pkkd" (kernel matrices)
     c.crop_padding = 4
     c.flip = ml_collections.FieldReference(None, field_type=bool)  # None: the dataset's default
     c.randaugment = ml_collections.FieldReference(None, field_type=tuple)

@@ -26,7 +26,9 @@ class Int8AdderDense(nnx.Module):
     formula is there), ``y = F * N(scale * adder_int8(codes(E * x), codes(W))) + b``, the
     similarity summed in int32 on codes of ``u = E * x`` and ``W`` on one grid (``low``,
     ``scale``; :mod:`addervit_jax.adder.quantized`). ``E``, ``F``, ``b`` and the normalisation
-    stay float. Make one with :meth:`calibrate`."""
+    stay float. A ``norm="batch"`` site's normalisation, at inference an affine map per unit with
+    its running statistics, is folded into ``F`` and ``b``: ``F / sqrt(var + eps)`` and
+    ``b - F * mean / sqrt(var + eps)``. Make one with :meth:`calibrate`."""
 
     kind = "adder"
 
@@ -41,6 +43,8 @@ class Int8AdderDense(nnx.Module):
         self.scale = nnx.Variable(jnp.asarray(scale, jnp.float32))
         self.kernel = Int8Codes(ops.int8_codes(layer.kernel[...], low, scale))
         self.stretch, self.mask, self.bias = layer.stretch, layer.mask, layer.bias
+        if layer.batch_norm is not None:
+            self.mask, self.bias = _fold_batch_norm(layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value = lambda v: None if v is None else v[...]  # noqa: E731
@@ -78,8 +82,13 @@ class Int8AdderDense(nnx.Module):
         output (after the normalisation, the mask and the bias: what the next layer sees). Minimum
         error on the output, rather than a fixed percentile, because clipping trades rounding
         error on every term against a large error on a few, and which wins depends on the layer:
-        an outlier of ``W`` is used by every token, one of ``u`` by one token.
+        an outlier of ``W`` is used by every token, one of ``u`` by one token. The float layer
+        is evaluated as at inference (a batch norm with its running statistics); ``layer`` itself
+        is not changed.
         """
+        if layer.batch_norm is not None and not layer.batch_norm.use_running_average:
+            layer = nnx.clone(layer)
+            layer.eval()
         x = jnp.asarray(x, jnp.float32).reshape(-1, layer.in_features)
         if x.shape[0] == 0:
             raise ValueError("Int8AdderDense.calibrate: x has no rows to calibrate on")
@@ -97,6 +106,15 @@ class Int8AdderDense(nnx.Module):
             if best is None or error < best[0]:
                 best = (error, candidate)
         return best[1]
+
+
+def _fold_batch_norm(layer: AdderDense) -> tuple[nnx.Variable, nnx.Variable]:
+    """The per-unit gain and bias of ``layer``'s ``F * BN(y) + b`` in evaluation mode."""
+    bn = layer.batch_norm
+    inv_sigma = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+    mask = inv_sigma if layer.mask is None else layer.mask[...] * inv_sigma
+    bias = -mask * bn.mean[...] + (0.0 if layer.bias is None else layer.bias[...])
+    return nnx.Variable(mask), nnx.Variable(bias)
 
 
 class _Recorder:
@@ -135,12 +153,14 @@ def quantize(
     ``batches`` is an iterable of preprocessed image arrays ``(B, H, W, C)``, e.g. a few training
     batches without augmentation; the model runs on them once, eagerly, and each site is
     calibrated (``Int8AdderDense.calibrate``) on at most ``max_tokens`` of its inputs, drawn with
-    ``seed``. Sites are calibrated on the float model's activations. Everything else stays as it
+    ``seed``. Sites are calibrated on the float model's activations, in evaluation mode (batch
+    norms use their running statistics; the copy returned is in it too). Everything else stays as it
     is: multiplication, ``multi_ln`` and euclid sites, the LayerNorms, and the L1 attention
     scores of ``attn="l1"``/``"l1_identity"`` (products of two activations, for which a shared
     grid would have to be found per example). ``model`` itself is not changed.
     """
     model = nnx.clone(model)
+    model.eval()
     sites = [
         (path, module) for path, module in nnx.iter_modules(model) if isinstance(module, AdderDense)
     ]

@@ -130,13 +130,18 @@ class SimpleViT(nnx.Module):
         self.norm = nnx.LayerNorm(cfg.dim, rngs=rngs)
         self.head = _linear(cfg.head, cfg.dim, cfg.num_classes, cfg, rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, return_features: bool = False):
+        """Logits ``(B, classes)``; with ``return_features``, also every block's output tokens
+        ``(B, N, dim)``, in depth order (what feature distillation matches)."""
         p = self.cfg.patch_size
         _check_images(images, self.cfg.channels, p)
         h, w = images.shape[1] // p, images.shape[2] // p
         x = rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
         x = self.embed_norm(self.embed(self.patch_norm(x)))
         x = x + posemb_sincos_2d(h, w, self.cfg.dim).astype(x.dtype)
+        features = []
         for block in self.blocks:
             x = block(x)
-        return self.head(jnp.mean(self.norm(x), axis=1))
+            features.append(x)
+        logits = self.head(jnp.mean(self.norm(x), axis=1))
+        return (logits, features) if return_features else logits

@@ -192,12 +192,17 @@ class Swin(nnx.Module):
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.head = _linear(cfg.head, dim, cfg.num_classes, cfg, rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, return_features: bool = False):
+        """Logits ``(B, classes)``; with ``return_features``, also the output tokens of every
+        block and patch merging, in depth order (what feature distillation matches)."""
         cfg = self.cfg
         _check_images(images, cfg.channels, cfg.patch_size, size=cfg.image_size)
         p = cfg.patch_size
         x = rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
         x = self.embed_norm(self.embed(x))
+        features = []
         for block in self.stages:
             x = block(x)
-        return self.head(jnp.mean(self.norm(x), axis=1))
+            features.append(x)
+        logits = self.head(jnp.mean(self.norm(x), axis=1))
+        return (logits, features) if return_features else logits

@@ -8,14 +8,16 @@ module              its one job
 ==================  =============================================================================
 ``config``          what the trainer reads from a config, ``validate_config``, resume rule
 ``state``           ``TrainState``, its creation, its placement on the ``data`` mesh
-``step``            the losses, ``train_step`` / ``eval_step`` (pure), the jitted step
+``distill``         the teacher, the logit and feature distillation terms
+``step``            the loss, ``train_step`` / ``eval_step`` (pure), the jitted step
 ``checkpoints``     Orbax checkpoints with checksums, ``params.msgpack``, ``restore``, run lock
 ``evaluation``      ``evaluate``, ``evaluate_workdir`` (``addervit eval``), ``load_teacher``
 ``loop``            ``train``: a run to its end, resumable at any step
 ==================  =============================================================================
 
-Dependencies point one way: ``config`` <- ``state`` <- {``step``, ``checkpoints``} <-
-``evaluation`` <- ``loop``; ``addervit eval`` needs nothing of the loop.
+Dependencies point one way: ``config`` <- ``state`` <- ``distill`` <- ``step``;
+{``state``, ``checkpoints``, ``step``} <- ``evaluation`` <- ``loop``; ``addervit eval`` needs
+nothing of the loop.
 """
 
 from addervit_jax.train.checkpoints import (
@@ -35,6 +37,13 @@ from addervit_jax.train.config import (
     uses_adaptive_lr,
     validate_config,
 )
+from addervit_jax.train.distill import (
+    FEATURE_KERNELS,
+    Teacher,
+    distill_loss,
+    feature_loss,
+    inference_model,
+)
 from addervit_jax.train.evaluation import evaluate, evaluate_workdir, load_teacher
 from addervit_jax.train.loop import RESUME_MODES, TrainingDiverged, params_checksum, train
 from addervit_jax.train.state import (
@@ -44,16 +53,10 @@ from addervit_jax.train.state import (
     make_mesh,
     shard_state,
 )
-from addervit_jax.train.step import (
-    StepRecipe,
-    Teacher,
-    distill_loss,
-    eval_step,
-    jit_train_step,
-    train_step,
-)
+from addervit_jax.train.step import StepRecipe, eval_step, jit_train_step, train_step
 
 __all__ = [
+    "FEATURE_KERNELS",
     "PARAMS_FILE",
     "RESUMABLE_CHANGES",
     "RESUME_MODES",
@@ -68,9 +71,11 @@ __all__ = [
     "create_train_state",
     "distill_loss",
     "eval_step",
+    "feature_loss",
     "evaluate",
     "evaluate_workdir",
     "global_batch",
+    "inference_model",
     "jit_train_step",
     "load_params",
     "load_teacher",

@@ -69,18 +69,22 @@ def _digest(flat: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-_CHECKPOINTED = ("step", "params", "opt_state", "rng")
+# The parts of a state a checkpoint holds: ``rest``, the model's non-trainable variables (running
+# batch statistics), since 2026-12-06; a checkpoint written before holds the first four and its
+# ``rest`` is rebuilt from the config (they were constants then).
+_CHECKPOINTED = ("step", "params", "opt_state", "rng", "rest")
+_BEFORE_REST = ("step", "params", "opt_state", "rng")
 
 
-def _checkpointed(state: TrainState) -> dict:
+def _checkpointed(state: TrainState, parts=_CHECKPOINTED) -> dict:
     """The parts of a state a checkpoint holds, saved by Orbax as they are (the NNX states
-    included); the rest is rebuilt from the config."""
-    return {name: getattr(state, name) for name in _CHECKPOINTED}
+    included); the graph and the optimiser are rebuilt from the config."""
+    return {name: getattr(state, name) for name in parts}
 
 
 class Checkpoints:
-    """Orbax checkpoints of (params, optimiser state, step, rng) plus the data position, which is
-    the step: the batch order is a function of (seed, step).
+    """Orbax checkpoints of (params, optimiser state, step, rng, non-trainable variables) plus the
+    data position, which is the step: the batch order is a function of (seed, step).
 
     When to save is Orbax's decision (:meth:`should_save`): every ``every`` steps, and at a
     preemption sync point of a multi-process run (JAX's preemption service; every process reaches
@@ -130,6 +134,7 @@ class Checkpoints:
             "step": step,
             "data_position": step,
             "layout": "tree",
+            "parts": list(_CHECKPOINTED),
             "sha256": _digest(_flat(tree)),
             **extra,
         }
@@ -171,7 +176,11 @@ class Checkpoints:
                 "it has no checksum and layout in its metadata (written by a version of "
                 "addervit-jax before 2026-12, which this one does not read)"
             )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpointed(template))
+        parts = tuple(meta.get("parts", _BEFORE_REST))
+        if parts not in (_CHECKPOINTED, _BEFORE_REST):
+            raise ValueError(f"it holds the parts {parts}, not {_CHECKPOINTED}")
+        target = _checkpointed(template, parts)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         ).state

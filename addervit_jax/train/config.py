@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import ml_collections
 
-from addervit_jax import data, models, optim
+from addervit_jax import configs, data, models, optim
+from addervit_jax.train.distill import FEATURE_KERNELS
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -71,6 +73,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             problems.append(f"distill.weight={distill.weight} must be positive with a teacher")
         if not distill.temperature > 0:
             problems.append(f"distill.temperature={distill.temperature} must be positive")
+    if distill is not None:
+        feature_weight = distill.get("feature_weight", 0.0)
+        if not (math.isfinite(feature_weight) and feature_weight >= 0):
+            problems.append(f"distill.feature_weight={feature_weight} must be 0 (off) or positive")
+        elif feature_weight > 0 and distill.teacher is None:
+            problems.append(
+                f"distill.feature_weight={feature_weight} needs a teacher (distill.teacher)"
+            )
+        if distill.get("feature_kernel", "none") not in FEATURE_KERNELS:
+            problems.append(
+                f"distill.feature_kernel={distill.feature_kernel!r} (known: {FEATURE_KERNELS})"
+            )
     if not config.get("adder_lr_scale", 1.0) > 0:
         problems.append(f"adder_lr_scale={config.adder_lr_scale} must be positive")
     if config.randaugment is not None and len(tuple(config.randaugment)) != 2:
@@ -120,7 +134,12 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """``field: saved != now`` for every field that a resumed run may not change."""
+    """``field: saved != now`` for every field that a resumed run may not change.
+
+    A field the saved run lacks was added to the configs after it was made; it counts as the
+    default of ``configs.default_config()``, which is the behaviour the run had (a new field's
+    default keeps what was computed before it existed).
+    """
 
     def flat(tree, prefix=""):
         out = {}
@@ -131,7 +150,9 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
                 out[f"{prefix}{k}"] = v
         return out
 
-    before, now = flat(saved), flat(json.loads(config.to_json_best_effort()))
+    defaults = flat(json.loads(configs.default_config().to_json_best_effort()))
+    now = flat(json.loads(config.to_json_best_effort()))
+    before = {k: v for k, v in defaults.items() if k in now} | flat(saved)
     return [
         f"{k}: {before.get(k)!r} (run) != {now.get(k)!r} (now)"
         for k in sorted(set(before) | set(now))

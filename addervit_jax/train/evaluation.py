@@ -13,6 +13,7 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -21,8 +22,9 @@ from jax.sharding import PartitionSpec as P
 from addervit_jax import data, models
 from addervit_jax.train.checkpoints import restore
 from addervit_jax.train.config import make_inputs, model_overrides
+from addervit_jax.train.distill import Teacher, inference_model
 from addervit_jax.train.state import TrainState, global_batch, make_mesh
-from addervit_jax.train.step import Teacher, eval_step
+from addervit_jax.train.step import eval_step
 
 __all__ = ["evaluate", "evaluate_workdir", "load_teacher"]
 
@@ -71,6 +73,15 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
                 f"({mine['num_classes']} classes, {mine['image_size']} px, "
                 f"{mine['channels']} channels)"
             )
+    if config.distill.get("feature_weight", 0.0) > 0:
+        mine, theirs = _feature_shapes(config), _feature_shapes(teacher_config)
+        if mine != theirs:
+            raise ValueError(
+                f"distill.feature_weight: the features of distill.teacher={str(workdir)!r} "
+                f"({teacher_config.variant}: {theirs}) do not match this run's "
+                f"({config.variant}: {mine}); feature distillation needs a teacher of the same "
+                "depth and width"
+            )
     state, meta, _ = restore(workdir)
     replicated = NamedSharding(make_mesh(), P())
     teacher = Teacher(
@@ -86,6 +97,20 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
         "params_checksum": summary.get("params_checksum"),
     }
     return teacher, described
+
+
+def _feature_shapes(config) -> list[tuple[int, ...]]:
+    """The shapes of one image's features (``return_features``) of ``config``'s model, traced
+    abstractly (nothing is computed)."""
+    overrides = model_overrides(config)
+    image = jnp.zeros((1, overrides["image_size"], overrides["image_size"], overrides["channels"]))
+
+    def features():
+        model = models.build(config.variant, rngs=nnx.Rngs(0), **overrides)
+        model.eval()
+        return model(image, return_features=True)[1]
+
+    return [tuple(f.shape) for f in jax.eval_shape(features)]
 
 
 def evaluate_workdir(
@@ -117,7 +142,7 @@ def evaluate_workdir(
             data.preprocess(None, batch["image"], inputs.info, train=False)
             for _, batch in itertools.islice(inputs.train_batches(0), calibration_batches)
         ]
-        model = nnx.merge(state.graphdef, state.params, state.rest)
+        model = inference_model(state.graphdef, state.params, state.rest)
         graphdef, params, rest = nnx.split(models.quantize(model, images), nnx.Param, ...)
         int8_state = state.replace(graphdef=graphdef, params=params, rest=rest)
         quantized = evaluate(int8_state, inputs.eval_batches(), mesh=mesh, info=inputs.info)

@@ -1,7 +1,7 @@
-"""The step: the losses (cross-entropy, logit distillation), :func:`train_step` and
-:func:`eval_step` as pure functions of a :class:`~addervit_jax.train.state.TrainState`, and
-:func:`jit_train_step`, the jitted step the trainer runs (and ``experiments/speed_table.py``
-times).
+"""The step: the loss (cross-entropy and the distillation terms of :mod:`.distill`),
+:func:`train_step` and :func:`eval_step` as pure functions of a
+:class:`~addervit_jax.train.state.TrainState`, and :func:`jit_train_step`, the jitted step the
+trainer runs (and ``experiments/speed_table.py`` times).
 
 Reproducibility: the augmentation key of step ``k`` is ``fold_in(rng, k)``, so a run resumed at
 step ``k`` computes exactly what the uninterrupted run computes from step ``k`` on.
@@ -11,59 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx, struct
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from addervit_jax import data
+from addervit_jax.train.distill import Teacher, distill_loss, feature_loss, inference_model
 from addervit_jax.train.state import TrainState
 
-__all__ = [
-    "StepRecipe",
-    "Teacher",
-    "distill_loss",
-    "eval_step",
-    "jit_train_step",
-    "train_step",
-]
+__all__ = ["StepRecipe", "eval_step", "jit_train_step", "train_step"]
 
 
 def _cross_entropy(logits, labels, smoothing):
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-@struct.dataclass
-class Teacher:
-    """A finished run's model for knowledge distillation (``train.load_teacher``)."""
-
-    params: nnx.State
-    rest: nnx.State
-    graphdef: Any = struct.field(pytree_node=False)
-
-    def __call__(self, images):
-        return nnx.merge(self.graphdef, self.params, self.rest)(images)
-
-
-def distill_loss(student_logits, teacher_logits, temperature: float) -> jax.Array:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per example.
-
-    Hinton et al., "Distilling the Knowledge in a Neural Network" (2015): the ``T^2`` keeps the
-    gradient's scale independent of ``T``. PKKD (Xu et al., "Kernel Based Progressive
-    Distillation for Adder Neural Networks", NeurIPS 2020) distils an AdderNet from a CNN of the
-    same architecture; this is its output (logit) term, without its kernel mapping of features
-    or its progressive teacher.
-    """
-    t = teacher_logits.astype(jnp.float32) / temperature
-    s = student_logits.astype(jnp.float32) / temperature
-    kl = optax.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t))
-    return temperature**2 * kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +43,8 @@ class StepRecipe:
     label_smoothing: float
     distill_weight: float
     distill_temperature: float
+    feature_weight: float = 0.0
+    feature_kernel: str = "none"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepRecipe:
@@ -88,6 +56,9 @@ class StepRecipe:
             label_smoothing=config.label_smoothing,
             distill_weight=1.0 if distill is None else distill.weight,
             distill_temperature=1.0 if distill is None else distill.temperature,
+            # configs made before feature distillation existed: none
+            feature_weight=0.0 if distill is None else distill.get("feature_weight", 0.0),
+            feature_kernel="none" if distill is None else distill.get("feature_kernel", "none"),
         )
 
 
@@ -102,7 +73,10 @@ def train_step(
     """One optimiser step on a (sharded) global batch of uint8 images and int labels.
 
     With a ``teacher`` the loss is ``cross-entropy + distill_weight * distill_loss`` (on the same
-    augmented images; no gradient reaches the teacher), and both terms are logged.
+    augmented images; no gradient reaches the teacher), plus ``feature_weight * feature_loss``
+    where that weight is positive, and every term is logged. The model runs
+    in training mode: its batch statistics (``norm="batch"`` sites) come from the global batch
+    and their running averages are returned in the new state's ``rest``.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     images = data.preprocess(
@@ -114,19 +88,32 @@ def train_step(
         flip=recipe.flip,
         randaugment=recipe.randaugment,
     )
-    teacher_logits = None if teacher is None else jax.lax.stop_gradient(teacher(images))
+    features = teacher is not None and recipe.feature_weight > 0
+    if teacher is not None:
+        taught = jax.lax.stop_gradient(teacher(images, return_features=features))
+        teacher_logits, teacher_features = taught if features else (taught, None)
 
     def loss_fn(params):
-        logits = nnx.merge(state.graphdef, params, state.rest)(images)
-        ce = _cross_entropy(logits, batch["label"], recipe.label_smoothing).mean()
-        terms = {"ce_loss": ce}
-        if teacher_logits is not None:
+        # the variables of ``rest`` made anew in this trace, where the batch norms update them
+        rest = jax.tree.map(lambda x: x, state.rest)
+        model = nnx.merge(state.graphdef, params, rest)
+        logits = model(images, return_features=features)
+        if features:
+            logits, student_features = logits
+        loss = _cross_entropy(logits, batch["label"], recipe.label_smoothing).mean()
+        terms = {"ce_loss": loss}
+        if teacher is not None:
             kd = distill_loss(logits, teacher_logits, recipe.distill_temperature).mean()
             terms["distill_loss"] = kd
-            ce = ce + recipe.distill_weight * kd
-        return ce, (logits, terms)
+            loss = loss + recipe.distill_weight * kd
+        if features:
+            fd = feature_loss(student_features, teacher_features, recipe.feature_kernel).mean()
+            terms["feature_loss"] = fd
+            loss = loss + recipe.feature_weight * fd
+        _, _, rest = nnx.split(model, nnx.Param, ...)  # running batch statistics, updated
+        return loss, (logits, terms, rest)
 
-    (loss, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, terms, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -135,13 +122,14 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         **(terms if teacher is not None else {}),
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rest=rest)
+    return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict, *, info) -> dict:
     """Sums of correct predictions, loss and examples over the valid (masked) part of a batch."""
     images = data.preprocess(None, batch["image"], info, train=False)
-    logits = nnx.merge(state.graphdef, state.params, state.rest)(images)
+    logits = inference_model(state.graphdef, state.params, state.rest)(images)
     mask = batch["mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     loss = _cross_entropy(logits, batch["label"], 0.0)
