@@ -19,9 +19,11 @@ import pathlib
 import re
 import statistics
 
+import jax
 import ml_collections
+from flax import nnx
 
-from addervit_jax import configs, logs, reports, timing, train
+from addervit_jax import configs, counts, logs, models, reports, timing, train
 
 
 @dataclasses.dataclass
@@ -140,9 +142,10 @@ def aggregate(results: list[dict]) -> list[dict]:
     rows: dict[str, dict] = {}
     for result in results:
         run, summary = result["run"], result["summary"]
-        row = rows.setdefault(
-            run.label, {"label": run.label, "seeds": [], "final": [], "best": [], "train": []}
-        )
+        if run.label not in rows:
+            empty = {"seeds": [], "final": [], "best": [], "train": []}
+            rows[run.label] = {"label": run.label, **empty, **model_costs(run.config)}
+        row = rows[run.label]
         row.setdefault("time", []).append(summary["train_seconds"])
         row.setdefault("rate", []).append(summary["images_per_second"])
         row["seeds"].append(run.seed)
@@ -154,6 +157,44 @@ def aggregate(results: list[dict]) -> list[dict]:
             )
         )
     return list(rows.values())
+
+
+def abstract_model(config: ml_collections.ConfigDict):
+    """``config``'s model with shapes and no values (``nnx.eval_shape``): for counting."""
+    overrides = train.model_overrides(config)
+    return nnx.eval_shape(lambda: models.build(config.variant, rngs=nnx.Rngs(0), **overrides))
+
+
+def model_costs(config: ml_collections.ConfigDict) -> dict:
+    """The parameters of ``config``'s model and its fp32 arithmetic energy per image (uJ,
+    ``counts.count_ops``, priced with Horowitz's 45 nm energies)."""
+    model = abstract_model(config)
+    overrides = train.model_overrides(config)
+    shape = (overrides["image_size"], overrides["image_size"], overrides["channels"])
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    energy = counts.count_ops(model, shape).energy_pj("fp32") / 1e6
+    return {"params": int(params), "energy_uj": energy}
+
+
+def equal_energy_mlp_dim(
+    recipe: ml_collections.ConfigDict, variant: str, reference: str = "multi"
+) -> int:
+    """The widest FFN (``model.mlp_dim``, a multiple of 8) at which ``variant`` costs at most the
+    fp32 arithmetic energy per image of ``reference``, both on ``recipe``'s model
+    (``counts.equal_energy_mlp_dim``)."""
+
+    def config(variant: str, **model) -> ml_collections.ConfigDict:
+        c = recipe.copy_and_resolve_references()
+        configs.override(c, {"variant": variant, **{f"model.{k}": v for k, v in model.items()}})
+        return c
+
+    overrides = train.model_overrides(recipe)
+    shape = (overrides["image_size"], overrides["image_size"], overrides["channels"])
+    return counts.equal_energy_mlp_dim(
+        lambda width: abstract_model(config(variant, mlp_dim=width)),
+        abstract_model(config(reference)),
+        shape,
+    )
 
 
 def _pct(values: list[float]) -> str:
@@ -174,15 +215,15 @@ def markdown_table(rows: list[dict], *, label_header: str, eval_split: str = "va
     best = "" if test else f" best {name} acc (%) |"
     lines = [
         f"| {label_header} | seeds | final {name} acc (%) |{best} train acc, last epoch"
-        " (%) | train time (s) | images/s |",
-        "|---|---:|---:|" + ("" if test else "---:|") + "---:|---:|---:|",
+        " (%) | train time (s) | images/s | params | energy / image (uJ, fp32) |",
+        "|---|---:|---:|" + ("" if test else "---:|") + "---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         best = "" if test else f" {_pct(row['best'])} |"
         lines.append(
             f"| {row['label']} | {len(row['seeds'])} | {_pct(row['final'])} |{best} "
             f"{_pct(row['train'])} | {statistics.fmean(row['time']):.0f} | "
-            f"{statistics.fmean(row['rate']):.0f} |"
+            f"{statistics.fmean(row['rate']):.0f} | {row['params']:,} | {row['energy_uj']:.1f} |"
         )
     return "\n".join(lines)
 
