@@ -23,12 +23,15 @@ adder arm of the first eight), whose differences the report gives:
 
 * ``+ features``: feature distillation, every block's output matched to the teacher's
   (``distill.feature_weight=1``, ``train.feature_loss``, standardised tokens);
-* ``+ features (pkkd)``: the same through token kernel matrices, our reading of PKKD
-  (``distill.feature_kernel="pkkd"``);
 * ``, norm=batch``: AdderNet's per-unit batch norm at every adder site instead of the per-token
   one (``layers``);
 * ``, equal-energy width``: the adder FFN as wide as the fp32 arithmetic energy per image of
-  ``multi`` allows (``study.equal_energy_mlp_dim``: 864 instead of 256 at this model).
+  ``multi`` allows (``study.equal_energy_mlp_dim``: 864 instead of 256 at this model);
+* ``, converted from multi``: started from the ``multi`` arm's finished run (``init_from``,
+  ``train.convert``: shared parameters copied, each adder site fitted to its multiplication site)
+  and fine-tuned for the same 10 epochs; its budget is the teacher's 10 epochs plus these;
+* ``+ features (pkkd)``: feature distillation through token kernel matrices, our reading of PKKD
+  (``distill.feature_kernel="pkkd"``).
 
 Runs train one after the other in ``OUT/runs/<arm>_seed<s>`` (the teacher first); rerunning the
 command reads back finished runs and resumes an unfinished one from its checkpoints. ``--arms``
@@ -64,6 +67,7 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
             **distilled,
             "model.mlp_dim": study.equal_energy_mlp_dim(recipe, "qkv_2ffn"),
         },
+        "qkv_2ffn + distill, converted from multi": {**distilled, "init_from": teacher},
         "qkv_2ffn + distill + features (pkkd)": {
             **distilled,
             "distill.feature_weight": 1.0,

@@ -556,3 +556,57 @@ def test_params_only_run_evaluates_and_teaches(tmp_path):
     student.distill.teacher = None
     with pytest.raises(ValueError, match="feature_weight=2.0 needs a teacher"):
         train.train(student, tmp_path / "features3")
+
+
+def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path):
+    source = tmp_path / "multi"
+    train.train(_config(**{"config.variant": "multi", "config.total_steps": 5}), source)
+    config = _config(
+        **{
+            "config.total_steps": 1,
+            "config.init_from": str(source),
+            "config.init_fit_steps": 60,
+            "config.init_fit_batches": 2,
+        }
+    )
+    inputs = train.make_inputs(config)
+    state = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
+    converted = train.convert.convert(config, state, inputs, tmp_path)
+    record = json.loads((tmp_path / "conversion.json").read_text())
+    teacher = train.restore(source)[0]
+    flat = lambda s: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(s)}  # noqa: E731
+    mine, theirs, initial = flat(converted.params), flat(teacher.params), flat(state.params)
+    same = [k for k in mine if any(s in k for s in ("embed", "norm", "head", "to_out"))]
+    assert same and record["copied"] == len(same)
+    for k in same:  # copied: the embedding, the LayerNorms, the output projection, the head
+        np.testing.assert_array_equal(mine[k], theirs[k])
+    # the adder sites (q, k, v and the FFN of the one block), in the order the forward calls them
+    sites = [f["site"] for f in record["fitted"]]
+    assert sites == [
+        f"blocks.0.{s}" for s in ("attn.to_q", "attn.to_k", "attn.to_v", "ffn.fc1", "ffn.fc2")
+    ]
+    for fit in record["fitted"]:
+        assert fit["from"] == "Dense" and fit["to"] == "AdderDense"
+        assert fit["relative_error_after"] < 0.8 * fit["relative_error_before"], fit
+    assert not np.array_equal(
+        mine["['blocks'][0]['attn']['to_q']['kernel'].value"],
+        initial["['blocks'][0]['attn']['to_q']['kernel'].value"],
+    )
+    # through train: the summary reports the fit
+    summary = train.train(config, tmp_path / "run")
+    assert [f["site"] for f in summary["conversion"]["fitted"]] == sites
+    # refused before anything is created: another depth, a run that did not finish
+    deeper = _config(
+        **{"config.variant": "multi", "config.total_steps": 1, "config.model.depth": 2}
+    )
+    train.train(deeper, tmp_path / "deeper")
+    config.init_from = str(tmp_path / "deeper")
+    with pytest.raises(ValueError, match=r"init_from=.*deeper.* not of this run's shape"):
+        train.train(config, tmp_path / "refused")
+    summary_path = tmp_path / "deeper" / "summary.json"
+    summary_path.write_text(
+        json.dumps({**json.loads(summary_path.read_text()), "status": "preempted"})
+    )
+    with pytest.raises(ValueError, match="did not finish"):
+        train.train(config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

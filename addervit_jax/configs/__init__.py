@@ -137,6 +137,11 @@ def default_config() -> ml_collections.ConfigDict:
     # the feature term (train.feature_loss): every block's output tokens matched to the teacher's
     c.distill.feature_weight = 0.0  # 0: off
     c.distill.feature_kernel = "none"  # "none" (standardised tokens) or "pkkd" (kernel matrices)
+    # conversion of a finished run of another variant (train.convert): its parameters copied where
+    # the module and shape match, the other sites fitted to its sites; None: a random start
+    c.init_from = ml_collections.FieldReference(None, field_type=str)  # its work directory
+    c.init_fit_steps = 300  # Adam steps of each site's fit
+    c.init_fit_batches = 4  # training batches (no augmentation, no labels) the sites are fitted on
     c.crop_padding = 4
     c.flip = ml_collections.FieldReference(None, field_type=bool)  # None: the dataset's default
     c.randaugment = ml_collections.FieldReference(None, field_type=tuple)

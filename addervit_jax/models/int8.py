@@ -15,6 +15,7 @@ from flax import nnx
 
 from addervit_jax import ops
 from addervit_jax.layers import AdderDense, similarity_scope
+from addervit_jax.models import sites as sites_of
 
 
 class Int8Codes(nnx.Variable):
@@ -117,27 +118,6 @@ def _fold_batch_norm(layer: AdderDense) -> tuple[nnx.Variable, nnx.Variable]:
     return nnx.Variable(mask), nnx.Variable(bias)
 
 
-class _Recorder:
-    """Stands in for a site while :func:`quantize` runs the model: keeps the site's inputs."""
-
-    def __init__(self, layer: nnx.Module, inputs: list):
-        self.layer, self.inputs = layer, inputs
-
-    def __call__(self, x):
-        self.inputs.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
-        return self.layer(x)
-
-
-def _replace(model: nnx.Module, path: tuple, new) -> None:
-    parent = model
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
 def quantize(
     model: nnx.Module,
     batches,
@@ -161,27 +141,17 @@ def quantize(
     """
     model = nnx.clone(model)
     model.eval()
-    sites = [
-        (path, module) for path, module in nnx.iter_modules(model) if isinstance(module, AdderDense)
-    ]
+    sites = sites_of.linear_sites(model, (AdderDense,))
     if not sites:
         raise ValueError(f"quantize: {type(model).__name__} has no adder sites to quantise")
-    recorded = {path: [] for path, _ in sites}
-    for path, layer in sites:
-        _replace(model, path, _Recorder(layer, recorded[path]))
-    seen = 0
-    for images in batches:
-        model(jnp.asarray(images))
-        seen += 1
-    if not seen:
-        raise ValueError("quantize: batches is empty; give at least one batch of images")
+    recorded, _ = sites_of.record_inputs(model, [path for path, _ in sites], batches)
     rng = np.random.default_rng(seed)
     for path, layer in sites:
-        x = np.concatenate(recorded.pop(path))
+        x = recorded.pop(path)
         if x.shape[0] > max_tokens:
             x = x[np.sort(rng.choice(x.shape[0], max_tokens, replace=False))]
         quantized = Int8AdderDense.calibrate(
             layer, x, clip_fractions=clip_fractions, backend=backend
         )
-        _replace(model, path, quantized)
+        sites_of.replace(model, path, quantized)
     return model

@@ -12,14 +12,16 @@ module              its one job
 ``step``            the loss, ``train_step`` / ``eval_step`` (pure), the jitted step
 ``checkpoints``     Orbax checkpoints with checksums, ``params.msgpack``, ``restore``, run lock
 ``evaluation``      ``evaluate``, ``evaluate_workdir`` (``addervit eval``), ``load_teacher``
+``convert``         a new run started from a finished run of another variant (``init_from``)
 ``loop``            ``train``: a run to its end, resumable at any step
 ==================  =============================================================================
 
 Dependencies point one way: ``config`` <- ``state`` <- ``distill`` <- ``step``;
-{``state``, ``checkpoints``, ``step``} <- ``evaluation`` <- ``loop``; ``addervit eval`` needs
-nothing of the loop.
+{``state``, ``checkpoints``, ``step``} <- ``evaluation`` <- ``convert`` <- ``loop``;
+``addervit eval`` needs nothing of the loop.
 """
 
+from addervit_jax.train import convert
 from addervit_jax.train.checkpoints import (
     PARAMS_FILE,
     Checkpoints,
@@ -68,6 +70,7 @@ __all__ = [
     "TrainState",
     "TrainingDiverged",
     "config_differences",
+    "convert",
     "create_train_state",
     "distill_loss",
     "eval_step",

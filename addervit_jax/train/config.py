@@ -85,6 +85,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             problems.append(
                 f"distill.feature_kernel={distill.feature_kernel!r} (known: {FEATURE_KERNELS})"
             )
+    if config.get("init_from") is not None:
+        for field in ("init_fit_steps", "init_fit_batches"):
+            value = config[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{field}={value!r} must be a positive integer with init_from")
     if not config.get("adder_lr_scale", 1.0) > 0:
         problems.append(f"adder_lr_scale={config.adder_lr_scale} must be positive")
     if config.randaugment is not None and len(tuple(config.randaugment)) != 2:

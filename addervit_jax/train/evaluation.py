@@ -26,7 +26,7 @@ from addervit_jax.train.distill import Teacher, inference_model
 from addervit_jax.train.state import TrainState, global_batch, make_mesh
 from addervit_jax.train.step import eval_step
 
-__all__ = ["evaluate", "evaluate_workdir", "load_teacher"]
+__all__ = ["evaluate", "evaluate_workdir", "feature_shapes", "load_teacher"]
 
 
 def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:
@@ -74,7 +74,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
                 f"{mine['channels']} channels)"
             )
     if config.distill.get("feature_weight", 0.0) > 0:
-        mine, theirs = _feature_shapes(config), _feature_shapes(teacher_config)
+        mine, theirs = feature_shapes(config), feature_shapes(teacher_config)
         if mine != theirs:
             raise ValueError(
                 f"distill.feature_weight: the features of distill.teacher={str(workdir)!r} "
@@ -99,7 +99,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
     return teacher, described
 
 
-def _feature_shapes(config) -> list[tuple[int, ...]]:
+def feature_shapes(config) -> list[tuple[int, ...]]:
     """The shapes of one image's features (``return_features``) of ``config``'s model, traced
     abstractly (nothing is computed)."""
     overrides = model_overrides(config)

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from addervit_jax import timing
+from addervit_jax.train import convert
 from addervit_jax.train.checkpoints import PARAMS_FILE, Checkpoints, RunLock, save_params
 from addervit_jax.train.config import (
     config_differences,
@@ -172,6 +173,8 @@ def train(
     teacher, teacher_info = None, None
     if config.get("distill") is not None and config.distill.teacher is not None:
         teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
+    if config.get("init_from") is not None:
+        convert.check_source(config)  # fails here on a run that cannot be converted
     inputs = make_inputs(config)
     if inputs.steps_per_epoch < 1:
         raise ValueError(
@@ -259,7 +262,7 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
             keep=config.keep_checkpoints,
             every=config.checkpoint_every_steps or steps_per_epoch,
         )
-        state, clock = _start(config, resume, checkpoints, mesh, total_steps, inputs)
+        state, clock = _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs)
         step_fn = jit_train_step(config, state, mesh, inputs.info)
         eval_fn = jax.jit(lambda s, b: eval_step(s, b, info=inputs.info))
 
@@ -325,6 +328,8 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
         }
         if teacher_info is not None:
             summary["teacher"] = teacher_info
+        if (workdir / convert.CONVERSION_FILE).is_file():
+            summary["conversion"] = json.loads((workdir / convert.CONVERSION_FILE).read_text())
     log.finish(summary)
     checkpoints.close()
     if stop.received:
@@ -336,9 +341,10 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _start(config, resume, checkpoints, mesh, total_steps, inputs):
-    """The state to train from (the newest checkpoint that restores, when resuming) and the
-    clock of the run so far; refuses to resume when no checkpoint restores."""
+def _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs):
+    """The state to train from (the newest checkpoint that restores, when resuming; the
+    conversion of ``init_from``, when starting with one) and the clock of the run so far;
+    refuses to resume when no checkpoint restores."""
     state = create_train_state(
         config, total_steps=total_steps, steps_per_epoch=inputs.steps_per_epoch
     )
@@ -360,6 +366,8 @@ def _start(config, resume, checkpoints, mesh, total_steps, inputs):
         )
     if resume:
         print(f"no checkpoint in {directory} yet: starting from step 0", flush=True)
+    if config.get("init_from") is not None:
+        state = shard_state(convert.convert(config, state, inputs, workdir), mesh, config.fsdp)
     return state, _Clock()
 
 
