@@ -254,8 +254,9 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also evaluate the int8 form of the model (adder sites on 8-bit integers), "
-        "calibrated on training batches, and report float and int8 side by side",
+        help="also evaluate the int8 form of the model (adder, multi, multi_ln, ternary and "
+        "shift sites on integers; adder sites calibrated on training batches), and report float "
+        "and int8 side by side with the sites left float",
     )
     parser.add_argument(
         "--calibration-batches",
@@ -282,6 +283,14 @@ def eval_command(argv: list[str]) -> int:
         print(f"addervit eval: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
+    if args.int8:  # the same, for a reader, on stderr (stdout stays one JSON document)
+        f, q = result["float"]["accuracy"], result["int8"]["accuracy"]
+        converted = ", ".join(f"{n} {kind}" for kind, n in result["int8_sites"].items())
+        print(
+            f"accuracy: float {f:.2%}, int8 {q:.2%} ({100 * (q - f):+.2f} points); int8 sites: "
+            f"{converted}; left float: {', '.join(result['float_sites'])}",
+            file=sys.stderr,
+        )
     return 0
 
 

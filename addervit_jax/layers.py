@@ -25,8 +25,11 @@ a model's int8 path in ``addervit_jax.models.int8``.
 
 ``EuclidDense`` is the same layer around ``ops.euclid``; ``Dense`` is the multiplication baseline,
 with no extra normalisation, and ``NormedDense`` (kind ``multi_ln``) the multiplication with the
-same normalisation, F and b, the control for it. ``make_linear`` is the one factory the models
-use for every linear site.
+same normalisation, F and b, the control for it. ``TernaryDense`` (kind ``ternary``, BitNet
+b1.58's layer) and ``ShiftDense`` (kind ``shift``, DeepShift-Q's) are the other
+multiplication-free families at the same sites; their quantisers are
+:mod:`addervit_jax.quantizers`. ``make_linear`` is the one factory the models use for every
+linear site.
 
 The adder weight ``W`` is an :class:`AdderWeight`, a subclass of ``nnx.Param``. It is the only
 parameter AdderNet's adaptive learning rate applies to; select it with the NNX filter
@@ -42,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from addervit_jax import ops
+from addervit_jax import ops, quantizers
 
 __all__ = [
     "LINEAR_KINDS",
@@ -52,11 +55,15 @@ __all__ = [
     "EuclidDense",
     "NormedDense",
     "SITE_OPTIONS",
+    "ShiftDense",
+    "TernaryDense",
     "make_linear",
+    "offline_scope",
     "similarity_scope",
+    "zero_weight_fraction",
 ]
 
-LINEAR_KINDS = ("multi", "multi_ln", "adder", "adder_orig", "euclid")
+LINEAR_KINDS = ("multi", "multi_ln", "adder", "adder_orig", "euclid", "ternary", "shift")
 NORMS = ("layer", "batch", "none")
 BATCH_NORM_MOMENTUM = 0.9  # flax's convention: running = m * running + (1 - m) * batch
 DENSE_INIT = nnx.initializers.lecun_normal()  # flax's Dense default
@@ -70,6 +77,12 @@ class AdderWeight(nnx.Param):
 def similarity_scope(kind: str):
     """Name scope that marks a similarity computation of ``kind`` for ``addervit_jax.counts``."""
     return jax.named_scope(f"similarity_{kind}")
+
+
+def offline_scope():
+    """Name scope of a computation on the weights alone (a quantised weight), which inference
+    does once, offline: ``addervit_jax.counts`` does not count it per image."""
+    return jax.named_scope("offline_weights")
 
 
 class Dense(nnx.Module):
@@ -268,6 +281,150 @@ class NormedDense(_DistanceDense):
         return ops.dense(x, w)
 
 
+class TernaryDense(_DistanceDense):
+    """BitNet b1.58's BitLinear (kind ``ternary``): ternary weights with one scale per matrix and
+    8-bit activations with one scale per token,
+
+        y = (codes(RMSNorm(x)) @ ternary(W)) * gamma / s + b,
+
+    ``codes``/``s`` the per-token absmax 8-bit codes and their scale
+    (``quantizers.absmax_int8``), ``ternary``/``gamma`` the absmean codes in {-1, 0, 1} and their
+    scale (``quantizers.absmean_ternary``), with straight-through gradients: d/dx is that of
+    ``RMSNorm(x)`` applied to ``g @ (gamma * ternary(W))^T`` and d/dW is
+    ``(codes / s)^T g``, as the BitNet team's ``x + (quant(x) - x).detach()`` gives (Ma, Wang,
+    Wei, "The Era of 1-bit LLMs: Training Tips, Code and FAQ", 2024, Figure 3). The product sums
+    integers (exact in float32 below 2^24 per output), so the int8 form
+    (``models.int8.Int8Ternary``) computes the same numbers in int32; the scales are applied
+    after it, once per output, as the FAQ's inference code does (its Figure 4).
+
+    The normalisation before the quantisation: the FAQ's BitLinear normalises its own input
+    (``RMSNorm``), replacing LLaMA's RMSNorm before attention and the FFN. Our blocks keep their
+    pre-LayerNorm (SimpleViT's, shared with every other kind), and each ternary site normalises
+    its input again with a parameter-free RMSNorm, as BitLinear does (so the FFN's second layer,
+    after GELU, is normalised too: the FAQ notes the activations before the down projection are
+    the hardest to quantise). Our reading: the FAQ does not say whether that RMSNorm has a gain;
+    we give it none (vLLM's BitNet layer applies the same parameter-free RMSNorm before each
+    linear layer), since the block's LayerNorm before q/k/v and the first FFN layer has one.
+    A per-token absmax quantiser is blind to a per-token scale, so the RMSNorm changes no code:
+    its effect is to make the output independent of each token's scale.
+
+    No per-site output normalisation by default (``norm="none"``, no ``mask``): BitLinear has
+    none, so the site is the paper's; ``norm``, ``mask`` and ``use_bias`` are honoured as at the
+    distance sites, for a study that wants the same ``F * N(.) + b`` there. ``W`` starts like
+    ``Dense``'s (the absmean codes do not depend on its scale). BitNet has no biases; our sites
+    keep ``b`` where the model gives one (q/k/v of every non-``multi`` kind), like the adder's.
+    """
+
+    kind = "ternary"
+
+    def __init__(
+        self, in_features, out_features, *, kernel_init=DENSE_INIT, mask=False, norm="none", **kw
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            stretch=False,
+            mask=mask,
+            norm=norm,
+            kernel_init=kernel_init,
+            **kw,
+        )
+
+    def weight_codes(self) -> tuple[jax.Array, jax.Array]:
+        """The ternary codes of ``W`` and their scale ``gamma`` (``W ~= gamma * codes``)."""
+        with offline_scope():
+            return quantizers.absmean_ternary(self.kernel[...])
+
+    def zero_fraction(self) -> float:
+        """The fraction of ``W``'s ternary codes that are 0 (terms an adder tree can skip)."""
+        return float(jnp.mean(self.weight_codes()[0] == 0))
+
+    def _similarity(self, x, w, stretch):
+        del stretch
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 in: code in float32
+        codes_x, scale = quantizers.absmax_int8(quantizers.rms_norm(x))
+        with offline_scope():
+            codes_w, gamma = quantizers.absmean_ternary(w)
+        return ops.dense(codes_x, codes_w) * (gamma / scale)
+
+
+class ShiftDense(_DistanceDense):
+    """DeepShift-Q's linear layer (kind ``shift``): ``y = x @ P(W) + b`` with power-of-two
+    weights ``P(W) = sign(W) * 2^p``, ``p = clip(round(log2|W|), low, high)``
+    (``quantizers.power_of_two``), float activations, and the straight-through gradient of
+    DeepShift's ``RoundPowerOf2``: d/dW = ``x^T g`` and d/dx = ``g @ P(W)^T`` (Elhoushi et al.,
+    "DeepShift: Towards Multiplication-Less Neural Networks", CVPR Workshops 2021; their code's
+    ``LinearShiftQ``). Each term is a shift of ``x_i`` by ``p`` (for a float, an addition to its
+    exponent) and a sign; the sum is additions.
+
+    ``weight_bits`` (DeepShift's ``-wb``, default 5) gives the exponent range
+    ``(-(2^(bits - 1) - 1), 0)``, one bit being the sign: ``(-15, 0)`` by default. Where we
+    depart: DeepShift clamps the latent weights themselves into ``[2^low, 2^high]`` before each
+    forward (an in-place change outside the optimiser); we clip the exponent, which gives the
+    same forward, and leave the latent weights where the optimiser puts them. DeepShift-Q also
+    rounds activations to 16.16-bit fixed point, which at our activations' range is float
+    precision; we keep them float. No per-site output normalisation by default, as in DeepShift
+    (``norm``, ``mask``, ``use_bias`` honoured as at the distance sites). ``W`` starts like
+    ``Dense``'s.
+    """
+
+    kind = "shift"
+
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        *,
+        weight_bits: int = 5,
+        kernel_init=DENSE_INIT,
+        mask=False,
+        norm="none",
+        **kw,
+    ):
+        if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or weight_bits < 2:
+            raise ValueError(
+                f"ShiftDense: weight_bits must be an int >= 2 (a sign and an exponent), got "
+                f"{weight_bits!r}"
+            )
+        if weight_bits > 7:  # exponents down to -63 stay normal float32 numbers
+            raise ValueError(f"ShiftDense: weight_bits={weight_bits} > 7 is not supported")
+        super().__init__(
+            in_features,
+            out_features,
+            stretch=False,
+            mask=mask,
+            norm=norm,
+            kernel_init=kernel_init,
+            **kw,
+        )
+        self.shift_range = (-(2 ** (weight_bits - 1) - 1), 0)
+
+    def weight(self) -> jax.Array:
+        """The power-of-two weight ``P(W)``."""
+        with offline_scope():
+            return quantizers.power_of_two(self.kernel[...], self.shift_range)
+
+    def _similarity(self, x, w, stretch):
+        del stretch
+        with offline_scope():
+            w = quantizers.power_of_two(w, self.shift_range)
+        return ops.dense(x, w)
+
+
+def zero_weight_fraction(model: nnx.Module) -> float:
+    """The fraction of the ternary weights of ``model`` (every ``TernaryDense``) that are 0,
+    weighted by the layers' sizes: the ``zero_weights={"ternary": ...}`` of
+    ``counts.count_ops`` (exact where every ternary site sees the same number of tokens, as
+    SimpleViT's block sites do). 0.0 for a model without ternary sites."""
+    sizes, zeros = 0, 0.0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, TernaryDense):
+            size = module.in_features * module.out_features
+            sizes += size
+            zeros += size * module.zero_fraction()
+    return zeros / sizes if sizes else 0.0
+
+
 # The options each kind of site honours. An option given to a site whose kind does not honour
 # it raises: a study that sets it must not silently train a different model than it says.
 SITE_OPTIONS = {
@@ -289,14 +446,17 @@ SITE_OPTIONS = {
     ),
     "adder_orig": frozenset({"options", "backend", "interpret", "norm", "use_bias", "kernel_init"}),
     "euclid": frozenset({"stretch", "mask", "norm", "use_bias", "kernel_init"}),
+    "ternary": frozenset({"mask", "norm", "use_bias", "kernel_init"}),
+    "shift": frozenset({"weight_bits", "mask", "norm", "use_bias", "kernel_init"}),
 }
 
 
 def make_linear(kind: str, in_features: int, out_features: int, *, rngs: nnx.Rngs, **opts):
     """The one factory for linear sites: ``kind`` in ``multi | multi_ln | adder | adder_orig |
-    euclid``.
+    euclid | ternary | shift``.
 
-    ``multi_ln`` is :class:`NormedDense`. ``adder_orig`` is AdderNet's original layer
+    ``multi_ln`` is :class:`NormedDense`, ``ternary`` :class:`TernaryDense` (BitNet b1.58) and
+    ``shift`` :class:`ShiftDense` (DeepShift-Q). ``adder_orig`` is AdderNet's original layer
     (Chen et al., CVPR 2020): ``grad="addernet"``, no stretch E, and the normalisation with a
     learnable gain F and bias b, which AdderNet had as the batch norm after every adder layer;
     of an ``options`` value it takes the backend and ``interpret``, its rule being AdderNet's.
@@ -322,6 +482,10 @@ def make_linear(kind: str, in_features: int, out_features: int, *, rngs: nnx.Rng
         return AdderDense(
             in_features, out_features, options=options, stretch=False, mask=True, rngs=rngs, **opts
         )
+    if kind == "ternary":
+        return TernaryDense(in_features, out_features, rngs=rngs, **opts)
+    if kind == "shift":
+        return ShiftDense(in_features, out_features, rngs=rngs, **opts)
     return EuclidDense(in_features, out_features, rngs=rngs, **opts)
 
 

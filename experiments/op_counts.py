@@ -49,6 +49,7 @@ def count_variant(variant: str, overrides: dict) -> dict:
         "other_adds": c.other_adds,
         "total_mults": c.total_mults,
         "total_adds": c.total_adds,
+        **({"shifts": c.shifts} if c.shifts else {}),  # (shift sites: one shift per term)
         "counts": c,  # dropped before writing JSON
     }
 
@@ -132,6 +133,16 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.precision} multiply {e_mul} pJ, add {e_add} pJ (45 nm, M. Horowitz, "
         '"Computing\'s energy problem", ISSCC 2014); an adder term is 2 additions, a '
         "multiply-accumulate 1 + 1",
+        *(
+            [
+                "- a ternary term is one int8 addition, priced at int8 (0.03 pJ) at every "
+                "precision as BitNet b1.58 prices it; a shift term is a shift (ShiftAddNet, 45 nm: "
+                f"{counts.SHIFT_PJ[args.precision]} pJ) and an addition; weights quantised "
+                "offline are not counted (counts.py)"
+            ]
+            if any(site in r["similarity"] for r in rows for site in ("ternary", "shift"))
+            else []
+        ),
         "- similarity: linear layers, attention scores and attention values; total adds "
         "normalisation, softmax, GELU, the stretch E and mask F, residuals (counts.count_ops)",
         "- energy vs multi: total energy over that of the family's multiplication baseline",

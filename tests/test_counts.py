@@ -3,7 +3,7 @@
 import pytest
 from flax import nnx
 
-from addervit_jax import configs, counts, models
+from addervit_jax import configs, counts, layers, models
 
 TINY = {
     "image_size": 4,
@@ -155,3 +155,49 @@ def test_abstract_models_count_as_built_ones():
     for variant in ("qkv_2ffn", "all_adder", "euclider"):
         built = counts.count_ops(models.build(variant, rngs=nnx.Rngs(0), **TINY), (4, 4, 1))
         assert counts.count_ops(_abstract(variant, **TINY), (4, 4, 1)) == built
+
+
+def test_hand_count_ternary_and_shift_sites():
+    # a ternary term adds or subtracts an int8 code; a shift term shifts and adds
+    c = _counts("qkv_2ffn_ternary")
+    assert c.similarity["multi"] == (EMBED + PROJ + HEAD,) * 2
+    assert c.similarity["ternary"] == (0, QKV + FFN) and c.shifts == {}
+    c = _counts("qkv_2ffn_shift")
+    assert c.similarity["shift"] == (0, QKV + FFN) and c.shifts == {"shift": QKV + FFN}
+    assert c.total_shifts == QKV + FFN
+
+
+def test_energy_prices_ternary_at_int8_and_shifts_at_their_cost():
+    ternary = _counts("qkv_2ffn_ternary")
+    terms = ternary.similarity["ternary"][1]
+    for precision, (e_mul, e_add) in counts.ENERGY_PJ.items():
+        expected = e_mul * ternary.total_mults + e_add * (ternary.total_adds - terms) + 0.03 * terms
+        assert ternary.energy_pj(precision) == pytest.approx(expected)
+    assert "ternary (int8)" in ternary.table()
+    shift = _counts("qkv_2ffn_shift")
+    expected = 3.7 * shift.total_mults + 0.9 * shift.total_adds + 0.13 * shift.total_shifts
+    assert shift.energy_pj() == pytest.approx(expected)
+    assert shift.energy_pj("int8", similarity_only=True) == pytest.approx(
+        0.2 * shift.similarity_mults + 0.03 * shift.similarity_adds + 0.024 * shift.total_shifts
+    )
+    assert f"shift ({shift.total_shifts / 1e6:.3f} M shifts)" in shift.table()
+    # the sites priced apart do not change the rest: the multi sites cost what they cost
+    multi = shift.similarity["multi"]
+    assert shift.site_energy_pj("multi") == pytest.approx(3.7 * multi[0] + 0.9 * multi[1])
+
+
+def test_zero_ternary_weights_skip_their_terms_and_weight_quantisation_is_not_counted():
+    model = models.build("qkv_2ffn_ternary", rngs=nnx.Rngs(0), **TINY)
+    fraction = layers.zero_weight_fraction(model)
+    assert 0.1 < fraction < 0.5  # absmean codes of Gaussian weights: about a third are 0
+    c = counts.count_ops(model, (4, 4, 1), zero_weights={"ternary": fraction})
+    assert c.similarity["ternary"] == (0, round((QKV + FFN) * (1 - fraction)))
+    with pytest.raises(ValueError, match="zero_weights"):
+        counts.count_ops(model, (4, 4, 1), zero_weights={"ternary": 1.5})
+    # one token through a 64 -> 64 layer: quantising the 4,096 weights would cost thousands of
+    # operations; quantising the 64 activations and rescaling 64 outputs costs a few hundred
+    for kind in ("ternary", "shift"):
+        layer = layers.make_linear(kind, 64, 64, rngs=nnx.Rngs(0))
+        c = counts.count_ops(layer, (1, 1, 64))  # a callable on (1, 1, 1, 64)
+        assert c.similarity[kind] == (0, 64 * 64)
+        assert c.other_mults + c.other_adds < 400

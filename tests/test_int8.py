@@ -302,11 +302,13 @@ def test_quantize_replaces_every_adder_site_and_stays_close(variant, overrides, 
     np.testing.assert_allclose(np.asarray(jitted), ints, atol=2e-3)
 
 
-def test_quantize_refuses_models_without_adder_sites_and_empty_batches():
+def test_quantize_refuses_models_without_sites_of_its_kinds_and_empty_batches():
     small = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "mlp_dim": 64}
     with pytest.raises(ValueError, match="no adder sites"):
-        models.quantize(models.build("multi", rngs=nnx.Rngs(0), **small), [])
-    with pytest.raises(ValueError, match="batches is empty"):
+        models.quantize(models.build("multi", rngs=nnx.Rngs(0), **small), [], kinds=("adder",))
+    with pytest.raises(ValueError, match=r"kinds \['euclid'\] have no int8 form"):
+        models.quantize(models.build("euclider", rngs=nnx.Rngs(0), **small), [], kinds=("euclid",))
+    with pytest.raises(ValueError, match="batches is empty"):  # adder sites are calibrated
         models.quantize(models.build("qkv_2ffn", rngs=nnx.Rngs(0), **small), [])
 
 
@@ -351,3 +353,170 @@ def test_fused_int8_layer_with_stretch_under_jit_and_vmap(native):
     # random inputs: a rare value codes one step apart in the two (a rounding tie)
     assert np.mean(np.abs(np.asarray(fused) - np.asarray(composed)) > 1e-4) < 1e-3
     np.testing.assert_allclose(np.asarray(fused), np.asarray(composed), atol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 multiplication, ternary and shift sites
+# ---------------------------------------------------------------------------------------------
+
+
+def _site(kind, d_in, d_out, seed, **options):
+    """A site of ``kind`` with fresh random parameters (shift weights over DeepShift's range)."""
+    layer = layers.make_linear(kind, d_in, d_out, rngs=nnx.Rngs(seed), **options)
+    rng = np.random.default_rng(seed)
+    for var in vars(layer).values():
+        if isinstance(var, nnx.Param):
+            var[...] = jnp.asarray(rng.normal(size=var.shape), jnp.float32)
+    if kind == "shift":
+        signs = rng.choice([-1.0, 1.0], (d_in, d_out))
+        layer.kernel[...] = jnp.asarray(signs * 2.0 ** rng.uniform(-8, 0, (d_in, d_out)))
+    return layer
+
+
+_INT8_FORMS = {
+    "multi": models.Int8DenseMulti,
+    "multi_ln": models.Int8DenseMulti,
+    "ternary": models.Int8Ternary,
+    "shift": models.Int8Shift,
+}
+
+
+def _integer_reference(q, codes):
+    """The site's int32 sums in NumPy int64 from its codes: products of int8 codes for multi and
+    ternary, ``sign * (code << shift)`` summed for shift."""
+    codes = np.asarray(codes, np.int64)
+    if isinstance(q, models.Int8Shift):
+        sign, shift = np.asarray(q.sign[...], np.int64), np.asarray(q.shift[...], np.int64)
+        shifted = np.left_shift(codes[..., :, None], shift)  # (..., D_in, D_out)
+        return np.sum(sign * shifted, axis=-2)
+    return codes @ np.asarray(q.kernel[...], np.int64)
+
+
+@pytest.mark.parametrize("kind", ["multi", "multi_ln", "ternary", "shift"])
+def test_int8_site_sums_equal_an_integer_numpy_reference(kind):
+    layer = _site(kind, 57, 23, seed=5)
+    q = _INT8_FORMS[kind](layer)
+    x = np.random.default_rng(6).normal(size=(3, 40, 57)).astype(np.float32)
+    codes, scale = q.activation_codes(x)
+    assert codes.dtype == jnp.int8 and int(jnp.max(jnp.abs(codes))) == 127
+    sums = jax.jit(q.integer_similarity)(x)
+    assert sums.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(sums), _integer_reference(q, codes))
+    # the codes are per-token absmax codes of the site's input (BitNet's RMSNorm(x) for ternary)
+    h = np.asarray(x, np.float64)
+    if kind == "ternary":
+        h = h / np.sqrt(np.mean(h**2, -1, keepdims=True) + 1e-6)
+    want = np.round(h * 127 / np.abs(h).max(-1, keepdims=True))
+    assert np.mean(np.asarray(codes) != want) < 1e-3  # float32 vs float64 at a rounding tie
+    assert np.max(np.abs(np.asarray(codes) - want)) <= 1
+
+
+def test_int8_weight_codes():
+    multi = _site("multi", 30, 12, seed=1)
+    q = models.Int8DenseMulti(multi)
+    w = np.asarray(multi.kernel[...], np.float64)
+    scale = np.abs(w).max(0) / 127  # one scale per output channel
+    np.testing.assert_allclose(q.weight_scale[...], scale, rtol=1e-6)
+    np.testing.assert_array_equal(q.kernel[...], np.round(w / scale))
+    ternary = _site("ternary", 30, 12, seed=2)
+    codes, _ = ternary.weight_codes()
+    np.testing.assert_array_equal(models.Int8Ternary(ternary).kernel[...], codes)
+    shift = _site("shift", 30, 12, seed=3)
+    s = models.Int8Shift(shift)
+    exponent = np.log2(np.abs(np.asarray(shift.weight(), np.float64)))
+    assert s.low == exponent.min()
+    np.testing.assert_array_equal(s.shift[...], exponent - s.low)
+    np.testing.assert_array_equal(s.sign[...], np.sign(np.asarray(shift.kernel[...])))
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "tolerance"),
+    [
+        ("multi", {}, 2e-2),
+        ("multi_ln", {"norm": "batch"}, 2e-2),
+        ("ternary", {}, 1e-6),  # the float layer computes the same integer sums
+        ("ternary", {"norm": "layer", "mask": True}, 1e-5),
+        ("shift", {}, 2e-2),
+    ],
+)
+def test_int8_site_is_close_to_its_float_site(kind, options, tolerance):
+    layer = _site(kind, 64, 32, seed=7, **options)
+    x = np.random.default_rng(8).normal(size=(200, 64)).astype(np.float32)
+    if options.get("norm") == "batch":
+        nnx.jit(lambda m, x: m(x))(layer, x * 2 + 1)  # running statistics away from (0, 1)
+        layer.eval()
+    q = _INT8_FORMS[kind](layer)
+    assert ref.rel_err(jax.jit(q)(x), layer(x)) < tolerance
+
+
+def test_shift_site_too_wide_for_int32_stays_float_and_is_named():
+    # weights 1 on 600 inputs and one 2^-15: shifts of 15 above the lowest, and
+    # 127 * 599 * 2^15 > 2^31 - 1
+    model = nnx.Sequential(layers.make_linear("shift", 600, 4, rngs=nnx.Rngs(0)))
+    kernel = np.ones((600, 4))
+    kernel[0] = 2.0**-15
+    model.layers[0].kernel[...] = jnp.asarray(kernel, jnp.float32)
+    with pytest.raises(ValueError, match="could overflow int32"):
+        models.Int8Shift(model.layers[0])
+    with pytest.warns(UserWarning, match=r"too wide for int32: layers\.0.*shift x1 \(layers\.0\)"):
+        models.quantize(model, [])
+
+
+@pytest.mark.parametrize(
+    ("variant", "int8_sites"),
+    [
+        ("qkv_2ffn_ternary", {"Int8Ternary": 10, "Int8DenseMulti": 4}),
+        ("qkv_2ffn_shift", {"Int8Shift": 10, "Int8DenseMulti": 4}),
+        ("multi", {"Int8DenseMulti": 14}),
+        ("euclider", {"Int8DenseMulti": 4}),
+    ],
+)
+def test_quantize_converts_every_kind_and_names_the_sites_left_float(variant, int8_sites):
+    model = models.build(
+        variant, rngs=nnx.Rngs(0), dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64
+    )
+    rng = np.random.default_rng(1)
+    with pytest.warns(UserWarning, match="stay float") as warned:
+        quantized = models.quantize(model, [])  # no adder site: nothing to calibrate
+    kinds = [type(m).__name__ for _, m in nnx.iter_modules(quantized)]
+    assert {k: kinds.count(k) for k in int8_sites} == int8_sites
+    left = models.float_sites(quantized)
+    expected = [(f"blocks.{i}.attn", k) for i in (0, 1) for k in ("scores_dot", "attention_values")]
+    if variant == "euclider":  # q, k, v and both FFN layers of each block
+        assert sum(kind == "euclid" for _, kind in left) == 10
+    assert [site for site in left if site[1] != "euclid"] == expected
+    message = str(warned[0].message)
+    assert "scores_dot x2" in message and "attention_values x2" in message
+    assert ("euclid x10" in message) == (variant == "euclider")
+    images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    floats, ints = np.asarray(model(images)), np.asarray(quantized(images))
+    assert np.sqrt(np.mean((floats - ints) ** 2)) < 0.05 * np.std(floats)
+
+
+def _committed_run(name):
+    run = pathlib.Path(__file__).resolve().parents[1] / "experiments/results/study_cifar10/runs"
+    data_dir = os.environ.get("TFDS_DATA_DIR") or str(
+        pathlib.Path(__file__).resolve().parents[2] / "shared/datasets/tfds"
+    )
+    if not (run / name / "params.msgpack").is_file():
+        pytest.skip(f"the committed run {name} is absent")
+    if not (pathlib.Path(data_dir) / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 in TFDS format not found at {data_dir}")
+    return run / name, data_dir
+
+
+def test_int8_multi_keeps_the_accuracy_of_the_trained_cifar10_model(monkeypatch):
+    run, data_dir = _committed_run("multi_seed0")
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    from addervit_jax import train
+
+    with pytest.warns(UserWarning, match="stay float"):
+        result = train.evaluate_workdir(run, split="train[45000:47000]", int8=True)
+    assert result["float"]["count"] == result["int8"]["count"] == 2000
+    assert abs(result["int8"]["accuracy"] - result["float"]["accuracy"]) <= 0.003
+    assert result["float"]["accuracy"] > 0.75
+    assert result["int8_sites"] == {"multi": 26}  # embed, 4 x (q, k, v, proj, fc1, fc2), head
+    assert result["float_sites"] == [
+        f"blocks.{i}.attn ({kind})" for i in range(4) for kind in ("scores_dot", "attention_values")
+    ]
+    assert result["calibration"]["images"] == 0  # no adder site to calibrate

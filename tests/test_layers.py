@@ -233,7 +233,129 @@ def test_make_linear_kinds_and_options():
         layers.make_linear("adder", 3, 4, rngs=rngs, strech=True)
     with pytest.raises(ValueError, match="grad='sign'"):
         layers.make_linear("adder", 3, 4, rngs=rngs, grad="sign")
-    with pytest.raises(ValueError, match="norm='batch'"):
-        layers.make_linear("euclid", 3, 4, rngs=rngs, norm="batch")
+    with pytest.raises(ValueError, match="norm='group'"):
+        layers.make_linear("euclid", 3, 4, rngs=rngs, norm="group")
     with pytest.raises(ValueError, match="in_features"):
         layers.make_linear("multi", 0, 4, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other multiplication-free families: BitNet b1.58's ternary layer, DeepShift-Q's shift layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _ternary_reference(x, kernel):
+    """float64 BitLinear of the BitNet FAQ: the per-token codes of RMSNorm(x), the absmean
+    ternary codes of W, and their product rescaled; returns (y, codes_x, scale_x, codes_w,
+    gamma, rms) with rms = 1 / sqrt(mean(x^2) + 1e-6)."""
+    x = np.asarray(x, np.float64)
+    rms = 1 / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6)
+    h = x * rms
+    scale = 127 / np.maximum(np.abs(h).max(-1, keepdims=True), 1e-5)
+    codes_x = np.clip(np.round(h * scale), -128, 127)
+    gamma = max(np.abs(kernel).mean(), 1e-5)
+    codes_w = np.clip(np.round(kernel / gamma), -1, 1)
+    return codes_x @ codes_w * gamma / scale, codes_x, scale, codes_w, gamma, rms
+
+
+def _power_of_two_reference(kernel, low=-15, high=0):
+    magnitude = np.where(kernel == 0, 1.0, np.abs(kernel))
+    return np.sign(kernel) * 2.0 ** np.clip(np.round(np.log2(magnitude)), low, high)
+
+
+def _shift_kernel(rng, shape):
+    """Weights over and beyond DeepShift's exponent range (clipped at both ends), one exactly 0."""
+    kernel = rng.choice([-1.0, 1.0], shape) * 2.0 ** rng.uniform(-18, 2, shape)
+    kernel.flat[0] = 0.0
+    return kernel
+
+
+@pytest.mark.parametrize("norm", ["none", "layer"])
+@pytest.mark.parametrize(("lead", "d_in", "d_out"), [((5,), 13, 7), ((2, 3), 33, 9)])
+def test_ternary_layer_matches_float64_bitlinear(norm, lead, d_in, d_out):
+    # BitLinear as the paper has it (norm="none"), and with the distance sites' F * N(.) + b
+    options = {"norm": "layer", "mask": True} if norm == "layer" else {}
+    layer = layers.make_linear("ternary", d_in, d_out, rngs=nnx.Rngs(0), **options)
+    layer = _randomise(layer, seed=d_in)
+    x = np.random.default_rng(d_out).normal(size=(*lead, d_in)).astype(np.float32)
+    p = _params(layer)
+    similarity = lambda h, w: _ternary_reference(h, w)[0]  # noqa: E731
+    expected = _distance_layer_reference(layer, x, similarity)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert y.shape == (*lead, d_out) and layer.stretch is None
+    assert ref.rel_err(y, expected) < (1e-4 if norm == "layer" else 1e-5)
+    # the codes are BitNet's: three values, one scale per matrix
+    _, _, _, codes_w, gamma, _ = _ternary_reference(x, p["kernel"])
+    got_codes, got_gamma = layer.weight_codes()
+    np.testing.assert_array_equal(got_codes, codes_w)
+    assert float(got_gamma) == pytest.approx(gamma, rel=1e-6)
+    assert layer.zero_fraction() == pytest.approx(np.mean(codes_w == 0))
+
+
+@pytest.mark.parametrize("weight_bits", [5, 3])
+def test_shift_layer_matches_float64_power_of_two_weights(weight_bits):
+    layer = layers.make_linear("shift", 21, 6, weight_bits=weight_bits, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(weight_bits)
+    layer.kernel[...] = jnp.asarray(_shift_kernel(rng, (21, 6)), jnp.float32)
+    layer.bias[...] = jnp.asarray(rng.normal(size=6), jnp.float32)
+    low = -(2 ** (weight_bits - 1) - 1)
+    assert layer.shift_range == (low, 0)
+    kernel = np.asarray(layer.kernel[...], np.float64)
+    expected_w = _power_of_two_reference(kernel, low)
+    np.testing.assert_array_equal(layer.weight(), expected_w)
+    x = rng.normal(size=(4, 3, 21)).astype(np.float32)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert ref.rel_err(y, ref.dense(x, expected_w) + np.asarray(layer.bias[...])) < 1e-6
+
+
+def test_ternary_and_shift_gradients_are_straight_through():
+    # BitNet's x + (quant(x) - x).detach() and DeepShift's RoundPowerOf2: the quantisers pass the
+    # gradient unchanged and their scales are constants, so with y = Q(x) @ Q(W) + b,
+    # dL/dW = Q(x)^T g and dL/dQ(x) = g @ Q(W)^T (then through BitNet's RMSNorm, exactly).
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(7, 10)).astype(np.float32)
+    r = rng.normal(size=(7, 6)).astype(np.float32)
+
+    def grads(layer):
+        return nnx.grad(lambda m, x: jnp.sum(m(x) * r), argnums=(0, 1))(layer, x)
+
+    ternary = _randomise(layers.make_linear("ternary", 10, 6, rngs=nnx.Rngs(0)), seed=12)
+    g_layer, dx = grads(ternary)
+    kernel = _params(ternary)["kernel"]
+    _, codes_x, scale, codes_w, gamma, rms = _ternary_reference(x, kernel)
+    g = r.astype(np.float64)
+    assert ref.rel_err(g_layer.kernel[...], (codes_x / scale).T @ g) < 1e-6
+    dh = g @ (gamma * codes_w).T  # at the quantiser's input, RMSNorm(x)
+    x64 = x.astype(np.float64)
+    dx_want = rms * dh - rms**3 * x64 * np.mean(dh * x64, axis=-1, keepdims=True)
+    assert ref.rel_err(dx, dx_want) < 1e-5
+    assert ref.rel_err(g_layer.bias[...], g.sum(0)) < 1e-6
+
+    shift = layers.make_linear("shift", 10, 6, rngs=nnx.Rngs(0))
+    shift.kernel[...] = jnp.asarray(_shift_kernel(rng, (10, 6)), jnp.float32)
+    g_layer, dx = grads(shift)
+    w = _power_of_two_reference(np.asarray(shift.kernel[...], np.float64))
+    assert ref.rel_err(g_layer.kernel[...], x64.T @ g) < 1e-6  # every weight, clipped or 0
+    assert ref.rel_err(dx, g @ w.T) < 1e-6
+
+
+def test_ternary_and_shift_kinds_and_options():
+    rngs = nnx.Rngs(0)
+    ternary = layers.make_linear("ternary", 3, 4, rngs=rngs, use_bias=False)
+    assert type(ternary) is layers.TernaryDense and ternary.bias is None
+    assert (ternary.norm, ternary.mask, ternary.stretch) == ("none", None, None)
+    shift = layers.make_linear("shift", 3, 4, rngs=rngs, norm="layer", mask=True)
+    assert type(shift) is layers.ShiftDense and shift.norm == "layer" and shift.mask is not None
+    for kind, option in [("ternary", "grad"), ("ternary", "stretch"), ("shift", "clip_scale")]:
+        with pytest.raises(TypeError, match=rf"'{kind}' site does not honour option"):
+            layers.make_linear(kind, 3, 4, rngs=rngs, **{option: True})
+    with pytest.raises(TypeError, match="weight_bits"):
+        layers.make_linear("ternary", 3, 4, rngs=rngs, weight_bits=4)
+    with pytest.raises(ValueError, match="weight_bits must be an int >= 2"):
+        layers.make_linear("shift", 3, 4, rngs=rngs, weight_bits=1)
+    # the ternary fraction of zero weights over a model, weighted by the layers' sizes
+    model = nnx.Sequential(ternary, layers.make_linear("ternary", 4, 8, rngs=rngs), shift)
+    fractions = [ternary.zero_fraction(), model.layers[1].zero_fraction()]
+    assert layers.zero_weight_fraction(model) == pytest.approx(
+        (12 * fractions[0] + 32 * fractions[1]) / 44
+    )

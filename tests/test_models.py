@@ -74,6 +74,15 @@ def test_variant_sites_are_what_the_study_names():
     assert all_adder.cfg.attn == "l1"
     assert models.VARIANTS["qkv_1ffn_noupdtm"].adaptive_lr is False
     assert models.VARIANTS["qkv_1ffn"].adaptive_lr is True
+    for variant, cls in (
+        ("qkv_2ffn_ternary", layers.TernaryDense),
+        ("qkv_2ffn_shift", layers.ShiftDense),
+    ):  # the other families at qkv_2ffn's sites, without AdderNet's adaptive learning rate
+        block = models.build(variant, rngs=rngs).blocks[0]
+        for site in (block.attn.to_q, block.attn.to_k, block.ffn.fc1, block.ffn.fc2):
+            assert isinstance(site, cls) and site.bias is not None
+        assert isinstance(block.attn.to_out, layers.Dense)
+        assert models.VARIANTS[variant].adaptive_lr is False
     swin = models.build("swin_adder", rngs=rngs)
     merges = [m for m in swin.stages if isinstance(m, models.PatchMerging)]
     assert len(merges) == 3 and all(isinstance(m.reduction, layers.AdderDense) for m in merges)

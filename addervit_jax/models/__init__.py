@@ -3,12 +3,12 @@
 ``build(variant, *, num_classes=10, image_size=32, rngs, **overrides)`` builds any named variant of
 the *Exploration of AdderViT* study (and ``all_adder``, beyond it): an NNX module mapping float
 images ``(B, H, W, C)`` to logits ``(B, num_classes)``. ``VARIANTS`` lists them with their configs.
-``quantize(model, batches)`` is a trained model's int8 form for inference (its adder sites on 8-bit
-integers).
+``quantize(model, batches)`` is a trained model's int8 form for inference (its adder,
+multiplication, ternary and shift sites on integers; ``float_sites`` lists what stays float).
 
 Site kinds are those of ``layers.make_linear`` (``multi | multi_ln | adder | adder_orig |
-euclid``); the attention scores (``"dot"``, ``"l1"``, ``"l1_identity"``) are described in
-:class:`Attention`.
+euclid | ternary | shift``); the attention scores (``"dot"``, ``"l1"``, ``"l1_identity"``) are
+described in :class:`Attention`.
 
 One job per module:
 
@@ -18,11 +18,21 @@ One job per module:
 * ``simple_vit``: ``SimpleViTConfig`` and ``SimpleViT``;
 * ``swin``: ``SwinConfig`` and ``Swin``, with its window attention and patch merging;
 * ``variants``: the named variants, ``VARIANTS``, ``config`` and ``build``;
-* ``int8``: the int8 inference path, ``Int8AdderDense`` and ``quantize``.
+* ``int8``: the int8 inference path, ``Int8AdderDense``, ``Int8DenseMulti``, ``Int8Ternary``,
+  ``Int8Shift``, ``quantize`` and ``float_sites``.
 """
 
 from addervit_jax.models.blocks import Attention, FeedForward
-from addervit_jax.models.int8 import Int8AdderDense, Int8Codes, quantize
+from addervit_jax.models.int8 import (
+    INT8_KINDS,
+    Int8AdderDense,
+    Int8Codes,
+    Int8DenseMulti,
+    Int8Shift,
+    Int8Ternary,
+    float_sites,
+    quantize,
+)
 from addervit_jax.models.options import ATTENTION_SCORES, LinearOptions
 from addervit_jax.models.simple_vit import SimpleViT, SimpleViTConfig, ViTBlock, posemb_sincos_2d
 from addervit_jax.models.swin import (
@@ -37,11 +47,15 @@ from addervit_jax.models.variants import VARIANTS, Variant, build, config
 
 __all__ = [
     "ATTENTION_SCORES",
+    "INT8_KINDS",
     "VARIANTS",
     "Attention",
     "FeedForward",
     "Int8AdderDense",
     "Int8Codes",
+    "Int8DenseMulti",
+    "Int8Shift",
+    "Int8Ternary",
     "LinearOptions",
     "PatchMerging",
     "SimpleViT",
@@ -53,6 +67,7 @@ __all__ = [
     "ViTBlock",
     "build",
     "config",
+    "float_sites",
     "posemb_sincos_2d",
     "quantize",
     "relative_position_index",

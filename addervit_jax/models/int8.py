@@ -1,25 +1,40 @@
-"""The int8 inference path of a model: its adder sites on 8-bit integers.
+"""The int8 inference path of a model: every site kind that has an integer form.
 
-``Int8AdderDense`` is a trained ``layers.AdderDense`` for inference on 8-bit integers
-(``ops.adder_int8_layer``), made by ``Int8AdderDense.calibrate``; ``quantize(model, batches)`` is a
-trained model's int8 form, every adder site replaced by one calibrated on ``batches``. The op
-itself is ``addervit_jax.adder.quantized``, reached through ``addervit_jax.ops``.
+* :class:`Int8AdderDense`: a trained ``layers.AdderDense`` (``adder``, ``adder_orig``) summed on
+  8-bit codes of one grid per layer (``ops.adder_int8_layer``), made by
+  :meth:`Int8AdderDense.calibrate`.
+* :class:`Int8DenseMulti`: a multiplication site (``multi``, ``multi_ln``) as an int8 matmul:
+  per-output-channel weight scales, per-token activation scales, products summed in int32.
+* :class:`Int8Ternary`: a ``ternary`` site (BitNet b1.58) on its own int8 activation codes and
+  ternary weight codes, the int32 sum exact, one rescale per output.
+* :class:`Int8Shift`: a ``shift`` site (DeepShift) on int8 activation codes, each term the code
+  shifted by its weight's exponent, summed exactly in int32 where the layer's exponents allow.
+
+``quantize(model, batches)`` is a trained model's int8 form, every site of those kinds replaced
+(adder sites calibrated on ``batches``), and it says, with a warning, which sites stay float;
+``float_sites`` lists them. The adder op itself is ``addervit_jax.adder.quantized``, reached
+through ``addervit_jax.ops``.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
-from addervit_jax import ops
+from addervit_jax import layers, ops, quantizers
 from addervit_jax.layers import AdderDense, similarity_scope
 from addervit_jax.models import sites as sites_of
+from addervit_jax.models.blocks import Attention
 
 
 class Int8Codes(nnx.Variable):
-    """The 8-bit codes of an :class:`Int8AdderDense`'s weight (not trained)."""
+    """The integer codes of an int8 site's weight (not trained)."""
 
 
 class Int8AdderDense(nnx.Module):
@@ -109,7 +124,7 @@ class Int8AdderDense(nnx.Module):
         return best[1]
 
 
-def _fold_batch_norm(layer: AdderDense) -> tuple[nnx.Variable, nnx.Variable]:
+def _fold_batch_norm(layer: nnx.Module) -> tuple[nnx.Variable, nnx.Variable]:
     """The per-unit gain and bias of ``layer``'s ``F * BN(y) + b`` in evaluation mode."""
     bn = layer.batch_norm
     inv_sigma = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
@@ -118,40 +133,272 @@ def _fold_batch_norm(layer: AdderDense) -> tuple[nnx.Variable, nnx.Variable]:
     return nnx.Variable(mask), nnx.Variable(bias)
 
 
+class _Int8Site(nnx.Module):
+    """An integer similarity on the per-token int8 codes of the input, rescaled, then the float
+    layer's ``F * N(.) + b`` (a plain bias for ``Dense``): ``N`` the LayerNorm without affine
+    parameters, or a batch norm folded into ``F`` and ``b`` (its running statistics, as in
+    :class:`Int8AdderDense`), or none."""
+
+    kind: str
+    rms_norm_input = False  # BitNet's BitLinear normalises its input before coding it
+
+    def _keep_affine(self, layer: nnx.Module) -> None:
+        self.source_kind = site_kind(layer)  # multi_ln reads as multi in the counts' scopes
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.norm = getattr(layer, "norm", "none")
+        self.mask, self.bias = getattr(layer, "mask", None), layer.bias
+        if getattr(layer, "batch_norm", None) is not None:
+            self.mask, self.bias = _fold_batch_norm(layer)
+
+    def activation_codes(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The int8 codes of the input and their per-token scale (``x ~= codes / scale``)."""
+        h = jnp.asarray(x, jnp.float32)
+        codes, scale = quantizers.absmax_int8(quantizers.rms_norm(h) if self.rms_norm_input else h)
+        return codes.astype(jnp.int8), scale
+
+    def integer_weights(self) -> jax.Array:
+        """The integer weights the codes are summed against."""
+        raise NotImplementedError
+
+    def _rescale(self, sums: jax.Array, scale: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def integer_similarity(self, x: jax.Array) -> jax.Array:
+        """The int32 sums of the site on ``x``, before any scale."""
+        return self._sums(self.activation_codes(x)[0])
+
+    def _sums(self, codes: jax.Array) -> jax.Array:
+        w = self.integer_weights()
+        with similarity_scope(self.kind):
+            return lax.dot_general(
+                codes.astype(w.dtype),
+                w,
+                (((codes.ndim - 1,), (0,)), ((), ())),
+                preferred_element_type=jnp.int32,
+            )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        codes, scale = self.activation_codes(x)
+        y = self._rescale(self._sums(codes).astype(jnp.float32), scale)
+        if self.norm == "layer":
+            y = jax.nn.standardize(y, axis=-1, epsilon=1e-5)
+        if self.mask is not None:
+            y = y * self.mask[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Int8DenseMulti(_Int8Site):
+    """A multiplication site (``layers.Dense``, kind ``multi``, or ``layers.NormedDense``, kind
+    ``multi_ln``) as an int8 matmul, the honest int8 baseline of the multiplication-free sites:
+
+        y = F * N((qx @ qw) * sw / s) + b
+
+    ``qw = round(W / sw)`` with one scale per output channel, ``sw[d] = max_i |W[i, d]| / 127``,
+    and ``qx``, ``s`` the per-token absmax codes and scale of the input
+    (``quantizers.absmax_int8``, no calibration); the products of int8 codes are summed exactly
+    in int32, and each output is rescaled by its channel's and its token's scale."""
+
+    kind = "multi"
+
+    def __init__(self, layer: layers.Dense | layers.NormedDense):
+        if not isinstance(layer, layers.Dense | layers.NormedDense):
+            raise TypeError(
+                f"Int8DenseMulti: expected a Dense or NormedDense, got {type(layer).__name__}"
+            )
+        self._keep_affine(layer)
+        w = jnp.asarray(layer.kernel[...], jnp.float32)
+        scale = jnp.maximum(jnp.max(jnp.abs(w), axis=0), 1e-12) / quantizers.ACTIVATION_LEVELS
+        self.kernel = Int8Codes(jnp.round(w / scale).astype(jnp.int8))
+        self.weight_scale = nnx.Variable(scale)
+
+    def integer_weights(self):
+        return self.kernel[...]
+
+    def _rescale(self, sums, scale):
+        return sums * self.weight_scale[...] / scale
+
+
+class Int8Ternary(_Int8Site):
+    """A ``layers.TernaryDense`` (BitNet b1.58) on integers, as the BitNet FAQ's inference code
+    has it (its Figure 4): the int8 codes of ``RMSNorm(x)`` times the ternary codes of ``W``,
+    summed exactly in int32, then one rescale per output by ``gamma / s`` (the weight's and the
+    token's scales), then the layer's ``F * N(.) + b``. The float layer computes the same integer
+    sums in float32, so the two agree to float32 rounding of the rescale."""
+
+    kind = "ternary"
+    rms_norm_input = True
+
+    def __init__(self, layer: layers.TernaryDense):
+        if not isinstance(layer, layers.TernaryDense):
+            raise TypeError(f"Int8Ternary: expected a TernaryDense, got {type(layer).__name__}")
+        self._keep_affine(layer)
+        codes, gamma = layer.weight_codes()
+        self.kernel = Int8Codes(codes.astype(jnp.int8))
+        self.gamma = nnx.Variable(jnp.asarray(gamma, jnp.float32))
+
+    def integer_weights(self):
+        return self.kernel[...]
+
+    def _rescale(self, sums, scale):
+        return sums * (self.gamma[...] / scale)
+
+
+class Int8Shift(_Int8Site):
+    """A ``layers.ShiftDense`` (DeepShift) on integers: the per-token int8 codes ``qx`` of ``x``
+    (``quantizers.absmax_int8``; the float layer's activations are float, so this adds their
+    rounding) and, for each weight ``sign * 2^p``, its sign and its shift ``k = p - low`` above
+    the layer's lowest exponent ``low``:
+
+        y = F * N(2^low / s * sum_i sign[i, d] * (qx[i] << k[i, d])) + b
+
+    The sum is exact in int32 when ``127 * sum_i 2^k[i, d] < 2^31`` for every output ``d``; a
+    layer whose exponents spread wider does not fit (``ValueError``; ``quantize`` leaves it
+    float and says so). XLA computes the sum as an int32 matmul of ``qx`` with the integers
+    ``sign << k``, the same integers as the shift-and-add."""
+
+    kind = "shift"
+
+    def __init__(self, layer: layers.ShiftDense):
+        if not isinstance(layer, layers.ShiftDense):
+            raise TypeError(f"Int8Shift: expected a ShiftDense, got {type(layer).__name__}")
+        self._keep_affine(layer)
+        codes = quantizers.power_of_two_codes(layer.kernel[...], layer.shift_range)
+        sign, exponent = (np.asarray(v) for v in codes)
+        used = exponent[sign != 0]
+        low = int(used.min()) if used.size else layer.shift_range[0]
+        shift = np.where(sign != 0, exponent - low, 0).astype(np.int8)
+        peak = quantizers.ACTIVATION_LEVELS * np.max(
+            np.sum(np.where(sign != 0, np.ldexp(1.0, shift), 0.0), axis=0), initial=0.0
+        )
+        if peak > 2**31 - 1:
+            raise ValueError(
+                f"Int8Shift: the layer's exponents span {low}..{int(used.max())}, so a sum of "
+                f"127 * 2^shift over its {layer.in_features} inputs could overflow int32 "
+                f"(up to {peak:.0f})"
+            )
+        self.sign = Int8Codes(jnp.asarray(sign, jnp.int8))
+        self.shift = Int8Codes(jnp.asarray(shift))
+        self.low = low
+
+    def integer_weights(self):
+        with layers.offline_scope():  # once per layer, not per image
+            one = self.sign[...].astype(jnp.int32)
+            return lax.shift_left(one, self.shift[...].astype(jnp.int32))
+
+    def _rescale(self, sums, scale):
+        return sums * (2.0**self.low / scale)
+
+
+#: the site kinds ``quantize`` converts (``adder`` covers ``adder_orig``, one type)
+INT8_KINDS = ("adder", "multi", "multi_ln", "ternary", "shift")
+
+
+def site_kind(module: nnx.Module) -> str:
+    """The kind of a linear site module (``multi``, ``multi_ln``, ``adder``, ``euclid``,
+    ``ternary``, ``shift``; ``adder_orig`` sites are ``AdderDense`` and read ``adder``)."""
+    if isinstance(module, layers.NormedDense):
+        return "multi_ln"
+    if isinstance(module, layers.Dense):
+        return "multi"
+    return module.kind
+
+
+def float_sites(model: nnx.Module) -> list[tuple[str, str]]:
+    """``(path, kind)`` of every similarity site of ``model`` that computes in float: linear sites
+    that are not int8 and, in every attention block, the scores (``scores_dot`` or
+    ``scores_l1``) and the attention-weighted values (``attention_values``), products of two
+    activations, which no int8 form here covers."""
+    found = [
+        (".".join(map(str, path)), site_kind(module))
+        for path, module in sites_of.linear_sites(model)
+    ]
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Attention):
+            name = ".".join(map(str, path))
+            found.append((name, "scores_dot" if module.attn == "dot" else "scores_l1"))
+            found.append((name, "attention_values"))
+    return found
+
+
+def _describe(found: list[tuple[str, str]]) -> str:
+    by_kind: dict[str, list[str]] = {}
+    for path, kind in found:
+        by_kind.setdefault(kind, []).append(path)
+    return "; ".join(
+        f"{kind} x{len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+        for kind, paths in by_kind.items()
+    )
+
+
 def quantize(
     model: nnx.Module,
     batches,
     *,
+    kinds: Collection[str] | None = None,
     max_tokens: int = 8192,
     clip_fractions: tuple[float, ...] = Int8AdderDense.CLIP_FRACTIONS,
     backend: str = "auto",
     seed: int = 0,
 ) -> nnx.Module:
-    """A copy of ``model`` whose adder sites (every ``AdderDense``, ``adder`` and ``adder_orig``)
-    run on 8-bit integers (:class:`Int8AdderDense`), calibrated on ``batches``.
+    """A copy of ``model`` whose sites of ``kinds`` (default: every kind of ``INT8_KINDS``) run
+    on integers: adder sites (``adder``, ``adder_orig``) as :class:`Int8AdderDense` calibrated on
+    ``batches``, ``multi`` and ``multi_ln`` as :class:`Int8DenseMulti`, ``ternary`` as
+    :class:`Int8Ternary` and ``shift`` as :class:`Int8Shift` (which need no calibration).
 
     ``batches`` is an iterable of preprocessed image arrays ``(B, H, W, C)``, e.g. a few training
-    batches without augmentation; the model runs on them once, eagerly, and each site is
-    calibrated (``Int8AdderDense.calibrate``) on at most ``max_tokens`` of its inputs, drawn with
-    ``seed``. Sites are calibrated on the float model's activations, in evaluation mode (batch
-    norms use their running statistics; the copy returned is in it too). Everything else stays as it
-    is: multiplication, ``multi_ln`` and euclid sites, the LayerNorms, and the L1 attention
-    scores of ``attn="l1"``/``"l1_identity"`` (products of two activations, for which a shared
-    grid would have to be found per example). ``model`` itself is not changed.
+    batches without augmentation (needed only where there are adder sites to quantise); the model
+    runs on them once, eagerly, and each adder site is calibrated
+    (``Int8AdderDense.calibrate``) on at most ``max_tokens`` of its inputs, drawn with ``seed``.
+    Adder sites are calibrated on the float model's activations, in evaluation mode (batch norms
+    use their running statistics; the copy returned is in it too).
+
+    Every other similarity site stays float, and a ``UserWarning`` names them (``float_sites``
+    lists them): euclid sites, sites of a kind not in ``kinds``, a shift site whose exponents
+    spread too wide for an exact int32 sum, and in every attention block the scores (dot or L1)
+    and the attention-weighted values, products of two activations (for the L1 scores a shared
+    grid would have to be found per example). The LayerNorms, softmax and GELU stay float too.
+    ``model`` itself is not changed.
     """
+    kinds = INT8_KINDS if kinds is None else tuple(kinds)
+    unknown = sorted(set(kinds) - set(INT8_KINDS))
+    if unknown:
+        raise ValueError(
+            f"quantize: kinds {unknown} have no int8 form here; expected some of {INT8_KINDS}"
+        )
     model = nnx.clone(model)
     model.eval()
-    sites = sites_of.linear_sites(model, (AdderDense,))
+    sites = [(p, m) for p, m in sites_of.linear_sites(model) if site_kind(m) in kinds]
     if not sites:
-        raise ValueError(f"quantize: {type(model).__name__} has no adder sites to quantise")
-    recorded, _ = sites_of.record_inputs(model, [path for path, _ in sites], batches)
-    rng = np.random.default_rng(seed)
-    for path, layer in sites:
-        x = recorded.pop(path)
-        if x.shape[0] > max_tokens:
-            x = x[np.sort(rng.choice(x.shape[0], max_tokens, replace=False))]
-        quantized = Int8AdderDense.calibrate(
-            layer, x, clip_fractions=clip_fractions, backend=backend
+        raise ValueError(
+            f"quantize: {type(model).__name__} has no {' / '.join(kinds)} sites to quantise"
         )
+    adders = [path for path, m in sites if isinstance(m, AdderDense)]
+    recorded = sites_of.record_inputs(model, adders, batches)[0] if adders else {}
+    rng = np.random.default_rng(seed)
+    too_wide = []
+    for path, layer in sites:
+        if isinstance(layer, AdderDense):
+            x = recorded.pop(path)
+            if x.shape[0] > max_tokens:
+                x = x[np.sort(rng.choice(x.shape[0], max_tokens, replace=False))]
+            quantized = Int8AdderDense.calibrate(
+                layer, x, clip_fractions=clip_fractions, backend=backend
+            )
+        elif isinstance(layer, layers.TernaryDense):
+            quantized = Int8Ternary(layer)
+        elif isinstance(layer, layers.ShiftDense):
+            try:
+                quantized = Int8Shift(layer)
+            except ValueError:
+                too_wide.append(".".join(map(str, path)))
+                continue
+        else:
+            quantized = Int8DenseMulti(layer)
         sites_of.replace(model, path, quantized)
+    wide = f" (shift sites too wide for int32: {', '.join(too_wide)})" if too_wide else ""
+    warnings.warn(
+        f"quantize: these similarity sites of {type(model).__name__} stay float{wide}: "
+        f"{_describe(float_sites(model))}",
+        stacklevel=2,
+    )
     return model

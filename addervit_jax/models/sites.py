@@ -15,7 +15,14 @@ from addervit_jax import layers
 __all__ = ["LINEAR_SITES", "linear_sites", "module_at", "record_inputs", "replace"]
 
 # the module types of ``layers.make_linear``'s kinds
-LINEAR_SITES = (layers.Dense, layers.AdderDense, layers.EuclidDense, layers.NormedDense)
+LINEAR_SITES = (
+    layers.Dense,
+    layers.AdderDense,
+    layers.EuclidDense,
+    layers.NormedDense,
+    layers.TernaryDense,
+    layers.ShiftDense,
+)
 
 
 def linear_sites(model: nnx.Module, types: tuple[type, ...] = LINEAR_SITES) -> list[tuple]:

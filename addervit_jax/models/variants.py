@@ -1,5 +1,6 @@
-"""The named variants of the *Exploration of AdderViT* study (and ``all_adder``, beyond it):
-``VARIANTS``, and ``config``/``build`` to make one by name."""
+"""The named variants of the *Exploration of AdderViT* study (and, beyond it, ``all_adder`` and
+the ternary and shift families at ``qkv_2ffn``'s sites): ``VARIANTS``, and ``config``/``build`` to
+make one by name."""
 
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ VARIANTS: dict[str, Variant] = {
     "qkv_1ffn_addpout": Variant("simple_vit", {**_QKV_ADDER, "ffn_layers": 1, "proj": "adder"}),
     "adder": Variant("simple_vit", {"qkv": "adder_orig", "ffn": "adder_orig", "ffn_layers": 2}),
     "euclider": Variant("simple_vit", {"qkv": "euclid", "ffn": "euclid", "ffn_layers": 2}),
+    # the other multiplication-free families at qkv_2ffn's sites: BitNet b1.58's ternary layer
+    # and DeepShift-Q's power-of-two layer (layers.TernaryDense, layers.ShiftDense)
+    "qkv_2ffn_ternary": Variant(
+        "simple_vit", {"qkv": "ternary", "ffn": "ternary", "ffn_layers": 2}, adaptive_lr=False
+    ),
+    "qkv_2ffn_shift": Variant(
+        "simple_vit", {"qkv": "shift", "ffn": "shift", "ffn_layers": 2}, adaptive_lr=False
+    ),
     "all_adder": Variant(
         "simple_vit",
         {

@@ -123,9 +123,13 @@ def evaluate_workdir(
 ) -> dict:
     """Evaluate the latest checkpoint of a training run on its eval split (or ``split``).
 
-    With ``int8``, also its int8 form (``models.quantize``), calibrated on the first
-    ``calibration_batches`` batches of the run's training split without augmentation: the result
-    then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of each) and the calibration.
+    With ``int8``, also its int8 form (``models.quantize``: every adder, multiplication, ternary
+    and shift site), its adder sites calibrated on the first ``calibration_batches`` batches of
+    the run's training split without augmentation: the result then holds ``"float"`` and
+    ``"int8"`` (accuracy, loss, count of each), ``"int8_sites"`` (how many sites of each kind
+    run on integers), ``"float_sites"`` (every similarity site left float, ``"path (kind)"``:
+    euclid sites, attention scores and values, ...) and the calibration (0 images where there is
+    no adder site to calibrate).
     """
     state, meta, config = restore(workdir)
     split = split or config.eval_split
@@ -138,17 +142,36 @@ def evaluate_workdir(
             return {**head, **result}
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be positive, got {calibration_batches}")
-        images = [
-            data.preprocess(None, batch["image"], inputs.info, train=False)
-            for _, batch in itertools.islice(inputs.train_batches(0), calibration_batches)
-        ]
+        calibrated = []  # the images quantize drew (only adder sites are calibrated)
+
+        def calibration():
+            for _, batch in itertools.islice(inputs.train_batches(0), calibration_batches):
+                images = data.preprocess(None, batch["image"], inputs.info, train=False)
+                calibrated.append(len(images))
+                yield images
+
         model = inference_model(state.graphdef, state.params, state.rest)
-        graphdef, params, rest = nnx.split(models.quantize(model, images), nnx.Param, ...)
+        int8_model = models.quantize(model, calibration())
+        graphdef, params, rest = nnx.split(int8_model, nnx.Param, ...)
         int8_state = state.replace(graphdef=graphdef, params=params, rest=rest)
         quantized = evaluate(int8_state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
-    calibration = {
-        "split": config.train_split,
-        "images": sum(len(x) for x in images),
-        "augmentation": False,
+    int8_types = (
+        models.Int8AdderDense,
+        models.Int8DenseMulti,
+        models.Int8Ternary,
+        models.Int8Shift,
+    )
+    int8_sites: dict[str, int] = {}
+    for _, module in nnx.iter_modules(int8_model):
+        if isinstance(module, int8_types):
+            kind = getattr(module, "source_kind", module.kind)
+            int8_sites[kind] = int8_sites.get(kind, 0) + 1
+    calibration = {"split": config.train_split, "images": sum(calibrated), "augmentation": False}
+    return {
+        **head,
+        "float": result,
+        "int8": quantized,
+        "int8_sites": int8_sites,
+        "float_sites": [f"{path} ({kind})" for path, kind in models.float_sites(int8_model)],
+        "calibration": calibration,
     }
-    return {**head, "float": result, "int8": quantized, "calibration": calibration}
