@@ -33,6 +33,12 @@ adder arm of the first eight), whose differences the report gives:
 * ``+ features (pkkd)``: feature distillation through token kernel matrices, our reading of PKKD
   (``distill.feature_kernel="pkkd"``).
 
+The other multiplication-free families at ``qkv_2ffn``'s sites, the same recipe:
+
+* ``qkv_2ffn_ternary``, with and without distillation from ``multi``: BitNet b1.58's ternary
+  weights and 8-bit activations (``layers.TernaryDense``);
+* ``qkv_2ffn_shift + distill``: DeepShift's power-of-two weights (``layers.ShiftDense``).
+
 Runs train one after the other in ``OUT/runs/<arm>_seed<s>`` (the teacher first); rerunning the
 command reads back finished runs and resumes an unfinished one from its checkpoints. ``--arms``
 trains and reports a subset. Writes ``screen.md`` / ``.png`` / ``.json`` under ``--out``.
@@ -73,6 +79,9 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
             "distill.feature_weight": 1.0,
             "distill.feature_kernel": "pkkd",
         },
+        "qkv_2ffn_ternary": {"variant": "qkv_2ffn_ternary"},
+        "qkv_2ffn_ternary + distill": {"variant": "qkv_2ffn_ternary", "distill.teacher": teacher},
+        "qkv_2ffn_shift + distill": {"variant": "qkv_2ffn_shift", "distill.teacher": teacher},
     }
 
 
