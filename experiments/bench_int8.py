@@ -1,67 +1,119 @@
-"""int8 adder inference against float: the SAD op against matmuls, and whole models.
+"""int8 inference against float: the SAD op and the int8 products against matmuls, and models.
 
     python experiments/bench_int8.py                     # op shapes and CIFAR SimpleViT, batch 256
     python experiments/bench_int8.py --out experiments/results/int8
 
-Op: ``ops.adder_int8`` on uint8 codes (the native PSADBW kernel on a CPU) against a float32
-matmul (``ops.dense``, what a ``multi`` site runs) and an int8 matmul with int32 accumulation
-(``jnp.matmul`` of int8 operands, ``preferred_element_type=int32``: what XLA does with integer
-products) of the same shape. Models: inference (jitted forward, batch 256) of the int8 forms
-(``models.quantize``) of ``qkv_2ffn`` and ``all_adder`` (L1 scores with the identity mapping),
-and of their float forms, each against float ``multi`` of the same size. Every timing is the
-median of alternating pairs after warm-up (``timing.paired_ratio``), in one process.
-Weights are random (speed does not depend on them); the codes of the op are uniform.
+Ops, each against a float32 matmul (``ops.dense``, what a float ``multi`` site runs) of the same
+``L x D_in x D_out``: ``int8 multi``, the int8 matmul with int32 sums of ``Int8DenseMulti``
+(``lax.dot_general`` of int8 codes, ``preferred_element_type=int32``, as the int8 sites call it);
+``int8 SAD``, ``ops.adder_int8`` on uint8 codes (the native PSADBW kernel on a CPU); ``int8
+ternary``, ``Int8Ternary``'s sums: the same int8 ``dot_general``, with weights in {-1, 0, 1}
+(XLA has no ternary instruction, so it runs the int8 multi instructions), and ``int8 SAD``
+against ``int8 multi`` directly. Codes come from the int8 sites themselves (``activation_codes``,
+``integer_weights`` of an ``Int8DenseMulti`` / ``Int8Ternary`` of a random layer).
+
+Models: inference (jitted forward, batch 256) of the float and int8 forms (``models.quantize``,
+every kind: adder sites on SAD, multi sites as int8 matmuls, ternary sites on int8 codes) of
+``multi``, ``qkv_2ffn``, ``qkv_2ffn_ternary`` and ``all_adder`` (L1 scores with the identity
+mapping), each against float ``multi`` of the same size (float ``multi`` against itself: the noise
+of the pairs). Every timing is the median of alternating pairs after warm-up
+(``timing.paired_ratio``), in one process. Weights and calibration images are random (speed does
+not depend on them). The header names the CPU's instruction sets for int8 sums (``/proc/cpuinfo``)
+and the kernels XLA compiled the matmuls to.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
+import platform
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
-from addervit_jax import models, ops, reports, timing
+from addervit_jax import configs, layers, models, ops, reports, timing
 from addervit_jax.shapes import parse_shape
 
 # (L, D_in, D_out): a ViT-S MLP on 4,096 tokens (the issue's shape) and the sites of the CIFAR
 # SimpleViT (dim 128, MLP 256) on a batch of 256 images of 64 patches.
 OP_SHAPES = ["4096x384x1536", "4096x1536x384", "16384x128x128", "16384x128x256", "16384x256x128"]
 CIFAR = {"patch_size": 4, "dim": 128, "depth": 4, "heads": 4, "dim_head": 32, "mlp_dim": 256}
-MODELS = [("qkv_2ffn", {}), ("all_adder", {"attn": "l1_identity"})]
+MODELS = [
+    ("multi", {}),
+    ("qkv_2ffn", {}),
+    ("qkv_2ffn_ternary", {}),
+    ("all_adder", {"attn": "l1_identity"}),
+]
+OPS = ("int8 multi", "int8 SAD", "int8 ternary")  # each timed against the float32 matmul
+
+# The /proc/cpuinfo flags that decide which int8 sums have hardware: x86 PSADBW (SSE2, AVX2,
+# AVX-512BW) for the absolute differences; VNNI's VPDPBUSD (AVX-512 or AVX) and AMX's tile
+# products for the int8 products summed in int32; on Arm, SDOT (asimddp), SMMLA (i8mm), SVE.
+INSTRUCTION_SETS = {
+    "flags": ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"),
+    "Features": ("asimddp", "i8mm", "sve"),
+}
+
+
+@jax.jit
+def int8_products(codes: jax.Array, w: jax.Array) -> jax.Array:
+    """The int32 sums of int8 codes times int8 weights, the op of ``Int8DenseMulti`` and
+    ``Int8Ternary`` (their ``lax.dot_general``, ``preferred_element_type=int32``)."""
+    return lax.dot_general(codes, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
 
 
 def bench_ops(shapes, repeats) -> list[dict]:
     rows = []
-    sad = jax.jit(lambda qx, qw, x, w, xi, wi: ops.adder_int8(qx, qw))
-    f32 = jax.jit(lambda qx, qw, x, w, xi, wi: ops.dense(x, w))
-    i8 = jax.jit(lambda qx, qw, x, w, xi, wi: jnp.matmul(xi, wi, preferred_element_type=jnp.int32))
+    sad, f32 = jax.jit(ops.adder_int8), jax.jit(ops.dense)
     for spec in shapes:
         length, d_in, d_out = parse_shape(spec)
         rng = np.random.default_rng(0)
-        args = (
-            rng.integers(0, 256, (length, d_in), np.uint8),
-            rng.integers(0, 256, (d_in, d_out), np.uint8),
-            rng.normal(size=(length, d_in)).astype(np.float32),
-            rng.normal(size=(d_in, d_out)).astype(np.float32),
-            rng.integers(-128, 128, (length, d_in), np.int8),
-            rng.integers(-128, 128, (d_in, d_out), np.int8),
-        )
-        args = tuple(jnp.asarray(a) for a in args)
-        to_f32, t_sad, t_f32 = timing.paired_ratio(sad, f32, args, repeats)
-        to_i8, _, t_i8 = timing.paired_ratio(sad, i8, args, repeats)
+        x = jnp.asarray(rng.normal(size=(length, d_in)).astype(np.float32))
+        w = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
+        qx = jnp.asarray(rng.integers(0, 256, (length, d_in), np.uint8))
+        qw = jnp.asarray(rng.integers(0, 256, (d_in, d_out), np.uint8))
+        multi = models.Int8DenseMulti(layers.Dense(d_in, d_out, rngs=nnx.Rngs(0)))
+        ternary = models.Int8Ternary(layers.TernaryDense(d_in, d_out, rngs=nnx.Rngs(0)))
+        products = {  # (codes, weights) as the int8 sites make them
+            "int8 multi": (multi.activation_codes(x)[0], multi.integer_weights()),
+            "int8 ternary": (ternary.activation_codes(x)[0], ternary.integer_weights()),
+        }
+        calls = {
+            "f32 matmul": functools.partial(f32, x, w),
+            "int8 SAD": functools.partial(sad, qx, qw),
+            **{name: functools.partial(int8_products, *a) for name, a in products.items()},
+        }
+        against_f32 = {}
+        for name in OPS:
+            ratio, t, t_f32 = timing.paired_ratio(calls[name], calls["f32 matmul"], (), repeats)
+            against_f32[name] = {
+                "ms": 1e3 * t,
+                "f32_matmul_ms": 1e3 * t_f32,
+                "over_f32": ratio,
+                "terms_per_ns": length * d_in * d_out / t * 1e-9,
+            }
+        to_i8, _, t_i8 = timing.paired_ratio(calls["int8 SAD"], calls["int8 multi"], (), repeats)
         rows.append(
             {
                 "shape": spec,
-                "sad_ms": 1e3 * t_sad,
-                "f32_matmul_ms": 1e3 * t_f32,
+                "sad_ms": against_f32["int8 SAD"]["ms"],
+                "f32_matmul_ms": against_f32["int8 SAD"]["f32_matmul_ms"],
                 "int8_matmul_ms": 1e3 * t_i8,
-                "sad_over_f32": to_f32,
+                "sad_over_f32": against_f32["int8 SAD"]["over_f32"],
                 "sad_over_int8": to_i8,
-                "sad_terms_per_ns": length * d_in * d_out / t_sad * 1e-9,
+                "sad_terms_per_ns": against_f32["int8 SAD"]["terms_per_ns"],
+                "against_f32": against_f32,
+                "xla_kernels": {
+                    "f32 matmul": _xla_kernel(f32, x, w),
+                    "int8 multi": _xla_kernel(int8_products, *products["int8 multi"]),
+                },
             }
         )
         print(rows[-1], flush=True)
@@ -74,18 +126,20 @@ def _forward(model):
     return lambda images: fn(state, images)
 
 
-def bench_models(batch, repeats) -> list[dict]:
+def bench_models(batch, repeats, size) -> list[dict]:
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)).astype(np.float32))
-    calibration = [rng.normal(size=(64, 32, 32, 3)).astype(np.float32)]
-    multi = _forward(models.build("multi", rngs=nnx.Rngs(0), **CIFAR))
+    side = size.get("image_size", 32)
+    images = jnp.asarray(rng.normal(size=(batch, side, side, 3)).astype(np.float32))
+    calibration = [rng.normal(size=(64, side, side, 3)).astype(np.float32)]
+    multi = _forward(models.build("multi", rngs=nnx.Rngs(0), **size))
     rows = []
     for variant, overrides in MODELS:
-        model = models.build(variant, rngs=nnx.Rngs(0), **CIFAR, **overrides)
-        for form, fn in (
-            ("float", _forward(model)),
-            ("int8", _forward(models.quantize(model, calibration))),
-        ):
+        model = models.build(variant, rngs=nnx.Rngs(0), **size, **overrides)
+        with warnings.catch_warnings():  # quantize names the sites that stay float: recorded
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = models.quantize(model, calibration)
+        for form, m in (("float", model), ("int8", quantized)):
+            fn = multi if (variant, form) == ("multi", "float") else _forward(m)
             ratio, t, t_multi = timing.paired_ratio(fn, multi, (images,), repeats)
             rows.append(
                 {
@@ -94,6 +148,7 @@ def bench_models(batch, repeats) -> list[dict]:
                     "ms": 1e3 * t,
                     "multi_float_ms": 1e3 * t_multi,
                     "over_multi": ratio,
+                    "float_sites": sorted({kind for _, kind in models.float_sites(m)}),
                 }
             )
             print(rows[-1], flush=True)
@@ -106,6 +161,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=256, help="images per model forward")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SimpleViT config overrides of the CIFAR size, e.g. dim=16 depth=1 image_size=8",
+    )
     parser.add_argument("--out", default=None, help="directory for results.json and table.md")
     args = parser.parse_args(argv)
     for spec in args.shapes:
@@ -113,16 +175,26 @@ def main(argv=None) -> None:
             parse_shape(spec)
         except ValueError as err:
             parser.error(f"--shapes: {err}")
+    try:
+        size = {**CIFAR, **configs.parse_overrides(args.set)}
+    except ValueError as err:
+        parser.error(f"--set: {err}")
 
     command = reports.command_line("bench_int8.py", argv)
-    device, date = timing.describe_device(), reports.today()
-    print(f"device: {device}; SAD path: {_sad_path()}")
+    device, date, cpu = timing.describe_device(), reports.today(), cpu_instruction_sets()
+    print(f"device: {device}; SAD path: {_sad_path()}; {_describe_sets(cpu)}")
     op_rows = bench_ops(args.shapes, args.repeats)
-    model_rows = [] if args.skip_models else bench_models(args.batch, args.repeats)
+    model_rows = [] if args.skip_models else bench_models(args.batch, args.repeats, size)
+    kernels = {
+        name: ", ".join(sorted({r["xla_kernels"][name] for r in op_rows}))
+        for name in ("f32 matmul", "int8 multi")
+    }
     lines = [
-        "# int8 adder inference against float",
+        "# int8 inference against float: SAD, int8 products, ternary",
         "",
         *reports.header_lines(command, f"{device}; SAD kernel path: {_sad_path()}", date=date),
+        f"- CPU instruction sets for int8 sums (/proc/cpuinfo): {_describe_sets(cpu)}",
+        f"- XLA's kernels: f32 matmul {kernels['f32 matmul']}; int8 matmul {kernels['int8 multi']}",
         f"- timing: medians of {args.repeats} alternating pairs after warm-up, one process",
         "",
         "| shape (L x D_in x D_out) | int8 SAD (ms) | f32 matmul (ms) | int8 matmul (ms) "
@@ -135,10 +207,28 @@ def main(argv=None) -> None:
             f"{r['int8_matmul_ms']:.2f} | {r['sad_over_f32']:.2f} | {r['sad_over_int8']:.2f} | "
             f"{r['sad_terms_per_ns']:.0f} |"
         )
+    lines += [
+        "",
+        "Each int8 op against the float32 matmul of its shape (int8 multi: `Int8DenseMulti`'s "
+        "int8 `dot_general`, int32 sums; int8 SAD: `ops.adder_int8`; int8 ternary: "
+        "`Int8Ternary`'s sums, the same int8 `dot_general` with weights in {-1, 0, 1}):",
+        "",
+        "| shape (L x D_in x D_out) | op | time (ms) | f32 matmul (ms) | time / f32 "
+        "| terms per ns |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in op_rows:
+        for name, p in r["against_f32"].items():
+            lines.append(
+                f"| {r['shape']} | {name} | {p['ms']:.2f} | {p['f32_matmul_ms']:.2f} | "
+                f"{p['over_f32']:.2f} | {p['terms_per_ns']:.0f} |"
+            )
     if model_rows:
         lines += [
             "",
-            f"SimpleViT (CIFAR size, {CIFAR}) inference, batch {args.batch}:",
+            f"SimpleViT ({size}) inference, batch {args.batch}; int8: `models.quantize`, every "
+            "kind (adder sites on SAD, multi sites int8 matmuls, ternary sites int8 codes); "
+            "float multi against itself gives the noise of the pairs:",
             "",
             "| model | form | time (ms) | float multi (ms) | time / float multi |",
             "|---|---|---:|---:|---:|",
@@ -148,6 +238,8 @@ def main(argv=None) -> None:
                 f"| {r['model']} | {r['form']} | {r['ms']:.1f} | {r['multi_float_ms']:.1f} | "
                 f"{r['over_multi']:.2f} |"
             )
+        stay = sorted({k for r in model_rows if r["form"] == "int8" for k in r["float_sites"]})
+        lines += ["", f"Sites that stay float in the int8 forms: {', '.join(stay) or 'none'}."]
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:
@@ -158,11 +250,43 @@ def main(argv=None) -> None:
             "device": device,
             "date": date,
             "sad_path": _sad_path(),
+            "cpu_instruction_sets": cpu,
+            "xla_kernels": kernels,
+            "model_size": size,
             "ops": op_rows,
             "models": model_rows,
         }
         (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         (out / "table.md").write_text(table + "\n")
+
+
+def cpu_instruction_sets() -> dict[str, bool]:
+    """Which of ``INSTRUCTION_SETS`` this CPU has, from ``/proc/cpuinfo`` (``{}`` where it has
+    none of the lines, e.g. not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in INSTRUCTION_SETS:
+                    have = set(value.split())
+                    return {name: name in have for name in INSTRUCTION_SETS[key.strip()]}
+    except OSError:
+        pass
+    return {}
+
+
+def _describe_sets(cpu: dict[str, bool]) -> str:
+    if not cpu:
+        return f"unknown ({platform.machine()}, no /proc/cpuinfo flags)"
+    return ", ".join(f"{name} {'yes' if have else 'no'}" for name, have in cpu.items())
+
+
+def _xla_kernel(fn, *args) -> str:
+    """What XLA compiled ``fn`` to on this machine: the kind of its custom fusion (e.g.
+    ``__ynn_fusion``, the YNNPACK library), or its custom call target, else ``XLA dot``."""
+    text = fn.lower(*args).compile().as_text()
+    found = re.search(r'"kind":"(__\w+)"', text) or re.search(r'custom_call_target="([^"]+)"', text)
+    return found.group(1) if found else "XLA dot"
 
 
 def _sad_path() -> str:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from addervit_jax import configs, counts, models, reports, timing
+from addervit_jax import configs, counts, layers, models, reports, timing
 from addervit_jax.shapes import parse_shape
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
@@ -281,6 +281,47 @@ def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
     assert "| 9x5x7 |" in table
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["command"].startswith("python experiments/bench_int8.py --shapes 9x5x7")
+
+
+def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
+    tiny = ["dim=16", "depth=1", "heads=2", "dim_head=8", "mlp_dim=32", "image_size=8"]
+    argv = ["--shapes", "9x5x7", "--batch", "2", "--repeats", "2", "--set", *tiny]
+    bench_int8.main([*argv, "--out", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    record = json.loads((tmp_path / "results.json").read_text())
+    (row,) = record["ops"]
+    assert list(row["against_f32"]) == ["int8 multi", "int8 SAD", "int8 ternary"]
+    for name, pair in row["against_f32"].items():
+        assert pair["over_f32"] > 0 and pair["ms"] > 0 and pair["f32_matmul_ms"] > 0
+        assert f"| 9x5x7 | {name} | {pair['ms']:.2f} | " in table
+    assert row["sad_over_int8"] > 0
+    assert row["sad_over_f32"] == row["against_f32"]["int8 SAD"]["over_f32"]
+    assert set(row["xla_kernels"]) == {"f32 matmul", "int8 multi"}
+    # the ternary op is the int8 products' op, on weights in {-1, 0, 1}, as Int8Ternary sums
+    ternary = models.Int8Ternary(layers.TernaryDense(5, 7, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (9, 5))
+    codes, w = ternary.activation_codes(x)[0], ternary.integer_weights()
+    assert w.dtype == codes.dtype == jnp.int8 and set(map(int, jnp.unique(w))) <= {-1, 0, 1}
+    assert jnp.array_equal(bench_int8.int8_products(codes, w), ternary.integer_similarity(x))
+    assert jnp.array_equal(
+        bench_int8.int8_products(codes, w), codes.astype(jnp.int32) @ w.astype(jnp.int32)
+    )
+    forms = [(r["model"], r["form"]) for r in record["models"]]
+    assert forms == [
+        (model, form)
+        for model in ("multi", "qkv_2ffn", "qkv_2ffn_ternary", "all_adder (l1_identity)")
+        for form in ("float", "int8")
+    ]
+    for r in record["models"]:
+        assert r["over_multi"] > 0 and r["ms"] > 0
+        assert f"| {r['model']} | {r['form']} | {r['ms']:.1f} |" in table
+        if r["form"] == "int8":  # every linear site on integers, the attention products float
+            assert set(r["float_sites"]) <= {"scores_dot", "scores_l1", "attention_values"}
+    assert record["model_size"]["dim"] == 16 and record["model_size"]["patch_size"] == 4
+    cpu = record["cpu_instruction_sets"]
+    assert cpu == bench_int8.cpu_instruction_sets()
+    sets = ", ".join(f"{name} {'yes' if have else 'no'}" for name, have in cpu.items())
+    assert f"- CPU instruction sets for int8 sums (/proc/cpuinfo): {sets or 'unknown'}" in table
 
 
 def test_bench_ops_times_the_naive_backend(capsys):
