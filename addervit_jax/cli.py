@@ -1,6 +1,7 @@
 """The ``addervit`` command.
 
-addervit train [--config NAME_OR_PATH] [--config.key=value ...] [--workdir DIR] [--resume]
+addervit train [--config NAME_OR_PATH] [--config.key=value ...] [--workdir DIR]
+               [--resume | --overwrite]
 addervit eval --checkpoint WORKDIR [--split SPLIT] [--batch-size N] [--int8]
               [--calibration-batches N]
 addervit demo [--tokens L] [--features D_IN] [--seed S]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -27,6 +29,33 @@ from addervit_jax import configs, ops, timing
 from addervit_jax.shapes import parse_shape
 
 DEFAULT_CONFIG = "digits"
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer (argparse names the flag and exits with 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _unwritable(out: str) -> str | None:
+    """Why the directory ``out`` cannot be created or written into, or None: checked before a
+    long computation whose results go there."""
+    path = pathlib.Path(out)
+    if not out.strip():
+        return "is empty"
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -202,6 +231,13 @@ def _parse_train_flags(argv: list[str]):
     flags.DEFINE_bool(
         "resume", False, "continue from the latest checkpoint in --workdir", flag_values=flag_values
     )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "start a new run in a --workdir that holds one: the old run is moved aside to "
+        "<workdir>.replaced-<date>-<time> (nothing is deleted)",
+        flag_values=flag_values,
+    )
     if help_requested:
         print("usage: " + __doc__.split("\n\n")[1].splitlines()[0].strip())
         print(flag_values.get_help())
@@ -230,7 +266,9 @@ def train_command(argv: list[str]) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         workdir = pathlib.Path("runs") / f"{config.variant}-{config.dataset}-{stamp}"
     try:
-        summary = train.train(config, workdir, resume=flag_values.resume)
+        summary = train.train(
+            config, workdir, resume=flag_values.resume, overwrite=flag_values.overwrite
+        )
     except (
         ValueError,
         FileExistsError,
@@ -250,7 +288,12 @@ def eval_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="addervit eval")
     parser.add_argument("--checkpoint", required=True, help="work directory of a training run")
     parser.add_argument("--split", default=None, help="dataset split (default: the run's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: the run's; at most the number of examples of the split",
+    )
     parser.add_argument(
         "--int8",
         action="store_true",
@@ -262,9 +305,12 @@ def eval_command(argv: list[str]) -> int:
         "--calibration-batches",
         type=int,
         default=4,
-        help="training batches (of --batch-size) that calibrate --int8 (default 4)",
+        help="training batches (of --batch-size) that calibrate --int8 (default 4; at most one "
+        "epoch of the training split: no image is drawn twice)",
     )
     args = parser.parse_args(argv)
+    if args.split is not None and not args.split.strip():
+        parser.error("--split is empty; name a split (e.g. test, train[:100]) or leave it out")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.calibration_batches < 1:
@@ -305,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="train a model (see addervit train --help)")
     commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     p_demo = commands.add_parser("demo", help="the ops and their gradients on toy tensors")
-    p_demo.add_argument("--tokens", type=int, default=1024, help="L of the timed example")
-    p_demo.add_argument("--features", type=int, default=128, help="D_in of the timed example")
+    p_demo.add_argument("--tokens", type=_positive_int, default=1024, help="L of the timed example")
+    p_demo.add_argument(
+        "--features", type=_positive_int, default=128, help="D_in of the timed example"
+    )
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)
     p_check = commands.add_parser(
@@ -337,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                 parse_shape(spec)
             except ValueError as err:
                 p_check.error(f"--shapes: {err}")
+        if args.out is not None and not args.sass:
+            p_check.error("--out is for --sass (the table of the machine-code check)")
+        problem = _unwritable(args.out) if args.out is not None else None
+        if problem:  # before the sweep, not after it
+            p_check.error(f"--out {args.out}: {problem}")
     return args.run(args)
 
 

@@ -10,22 +10,45 @@ Files in the work directory:
                   file.
   summary.json    the final summary returned by ``train.train``
   curves.png      training loss and train/eval accuracy against the step
+
+Both JSON files are strict JSON: a number that is not finite (a NaN loss) is written as ``null``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import warnings
 
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["RunLog", "plot_curves", "read_metrics", "tensorboard_writer"]
+__all__ = ["RunLog", "dumps", "plot_curves", "read_metrics", "tensorboard_writer", "write_summary"]
 
 
 def _to_python(metrics: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """``json.dumps`` that writes strict JSON: NaN and infinities become ``null`` (Python's
+    default writes the bare ``NaN`` that other JSON readers refuse)."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def write_summary(workdir: pathlib.Path, summary: dict) -> None:
+    (pathlib.Path(workdir) / "summary.json").write_text(dumps(summary, indent=2) + "\n")
 
 
 def tensorboard_writer(workdir: pathlib.Path, start_step: int = 0):
@@ -69,7 +92,7 @@ class RunLog:
 
     def _write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(dumps(record) + "\n")
             self._file.flush()
         if self._events is not None:
             for name, value in record.items():
@@ -107,7 +130,7 @@ class RunLog:
         if not self.enabled:
             return
         self.close()
-        (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(self.workdir, summary)
         plot_curves(read_metrics(self.workdir), self.workdir / "curves.png", title=_title(summary))
         print(
             f"{summary['status']}: {summary['variant']} on {summary['dataset']}, step "

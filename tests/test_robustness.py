@@ -1,5 +1,7 @@
 """Nothing lost, nothing silent (issue 12): damaged checkpoints, one writer per run directory,
-resume checks, partial logs, a damaged kernel cache, float64, and one-line errors."""
+resume checks, partial logs, a damaged kernel cache, float64, and one-line errors. Nothing
+overwritten, nothing nonsensical accepted (issue 35): runs never replaced without --overwrite,
+models that are not finite never finished, numbers and splits checked before anything exists."""
 
 import json
 import os
@@ -16,7 +18,7 @@ import pytest
 from flax import nnx
 from train_worker import TINY
 
-from addervit_jax import cli, logs, models, ops, train
+from addervit_jax import cli, configs, logs, models, ops, train
 from addervit_jax.configs import digits
 
 
@@ -60,9 +62,18 @@ def _copy(run, tmp_path):
     return target
 
 
+def _interrupted(run: pathlib.Path) -> pathlib.Path:
+    """``run`` as a session stopped by SIGTERM after its last checkpoint leaves it: --resume
+    continues it (a finished run is read back instead)."""
+    summary = json.loads((run / "summary.json").read_text())
+    summary["status"] = "interrupted by SIGTERM"
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
 def test_resume_after_a_damaged_newest_checkpoint_rewrites_it(finished_run, tmp_path):
     run, config, summary = finished_run
-    run = _copy(run, tmp_path)
+    run = _interrupted(_copy(run, tmp_path))
     for f in _data_files(run, 4):
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated
     with pytest.warns(UserWarning, match="step 4 .* could not be restored"):
@@ -79,7 +90,7 @@ def test_resume_after_a_damaged_newest_checkpoint_rewrites_it(finished_run, tmp_
 
 def test_resume_with_every_checkpoint_damaged_refuses(finished_run, tmp_path, capsys):
     run, config, _ = finished_run
-    run = _copy(run, tmp_path)
+    run = _interrupted(_copy(run, tmp_path))
     for step in (2, 4):
         for f in _data_files(run, step):
             f.write_bytes(b"")
@@ -112,7 +123,7 @@ def test_arrays_that_load_but_differ_from_what_was_written_are_refused(finished_
     import orbax.checkpoint as ocp
 
     run, config, _ = finished_run
-    run = _copy(run, tmp_path)
+    run = _interrupted(_copy(run, tmp_path))
     args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
     with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
         restored = manager.restore(4, args=args)
@@ -176,7 +187,7 @@ def test_checkpoints_written_before_they_held_rest_restore_and_resume(finished_r
     import orbax.checkpoint as ocp
 
     run, config, summary = finished_run
-    run = _copy(run, tmp_path)
+    run = _interrupted(_copy(run, tmp_path))
     checkpoints = train.Checkpoints(run / "checkpoints", keep=3)
     template = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
     state, meta = checkpoints._restore(2, template)
@@ -280,7 +291,7 @@ def test_resume_checks_the_config_and_the_directory(finished_run, tmp_path):
 
 def test_partial_last_metrics_line_is_dropped_on_resume(finished_run, tmp_path):
     run, config, _ = finished_run
-    run = _copy(run, tmp_path)
+    run = _interrupted(_copy(run, tmp_path))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "split": "tr')  # a kill during a write
     (run / "curves.png").unlink()
@@ -413,3 +424,289 @@ def test_cli_errors_are_one_line(finished_run, tmp_path, capsys):
     for size in ("-4", "0"):
         eval_fails("--checkpoint", str(empty), "--batch-size", size, fragment="--batch-size")
     eval_fails("--checkpoint", str(finished_run[0]), "--split", "nosuch", fragment="bad split")
+
+
+# Issue 35: nothing overwritten, nothing nonsensical accepted. Each refusal is one line, before
+# the run directory exists; the CLI returns 1 for a refused run and argparse's 2 for a bad flag.
+
+TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """The exit code and stderr of ``addervit ARGV`` (argparse's and absl's exits included)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    if isinstance(code, str):  # SystemExit("message"): Python prints it and exits with 1
+        code, err = 1, err + code
+    return code, err.strip()
+
+
+def _one_line(err: str) -> str:
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _strict(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def _files(run: pathlib.Path) -> dict[str, bytes]:
+    """The bytes of a run's files (not the lock, which each process that locks it rewrites)."""
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, "train", "--workdir=", "--config.total_steps=1")
+    assert code == 1 and "workdir='' is empty" in _one_line(err)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="workdir='' is empty"):
+        train.train(_config(), "")
+
+
+def test_a_run_without_checkpoints_is_never_overwritten_and_overwrite_moves_it_aside(
+    finished_run, tmp_path, capsys
+):
+    import shutil
+
+    run = _copy(finished_run[0], tmp_path)
+    shutil.rmtree(run / "checkpoints")  # the params-only layout a repository keeps of a run
+    before = _files(run)
+    with pytest.raises(FileExistsError, match=r"holds a run \(config.json, params.msgpack, sum"):
+        train.train(_config(**{"config.total_steps": 1}), run)
+    code, err = _cli(capsys, "train", "--workdir", str(run), *TINY_FLAGS, "--config.total_steps=1")
+    assert code == 1 and "already holds a run" in _one_line(err) and "--overwrite" in err
+    code, err = _cli(capsys, "train", "--workdir", str(run), "--resume", "--overwrite")
+    assert code == 1 and "cannot be combined with resume=True" in _one_line(err)
+    assert _files(run) == before
+    # --overwrite: the old run moves, whole, to a sibling; the new one starts in an empty folder
+    flags = [*TINY_FLAGS, "--config.total_steps=1"]
+    assert _cli(capsys, "train", "--workdir", str(run), "--overwrite", *flags)[0] == 0
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert _files(aside) == before
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 1
+    assert [(r["split"], r["step"]) for r in logs.read_metrics(run)] == [("train", 1), ("eval", 1)]
+    # overwrite=True where there is no run: a plain new run, nothing moved
+    assert train.train(_config(**{"config.total_steps": 1}), tmp_path / "new", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run", aside.name]
+
+
+def test_resume_of_a_finished_run_reads_it_back_and_writes_nothing(finished_run, tmp_path, capsys):
+    run, config, _ = finished_run
+    run = _copy(run, tmp_path)
+    before = _files(run)
+    assert train.train(config, run, resume=True) == json.loads((run / "summary.json").read_text())
+    flags = [*TINY_FLAGS, "--config.total_steps=4", "--config.checkpoint_every_steps=2"]
+    assert _cli(capsys, "train", "--workdir", str(run), "--resume", *flags)[0] == 0
+    assert _files(run) == before  # no second final evaluation in metrics.jsonl
+
+
+@pytest.mark.parametrize("where", ["parameters", "evaluation"])
+def test_a_model_that_is_not_finite_is_never_saved_nor_finished(
+    where, tmp_path, monkeypatch, capsys
+):
+    import math
+
+    from addervit_jax import optim
+    from addervit_jax.train import loop
+
+    if where == "parameters":
+        make_schedule = optim.make_schedule
+
+        def nan_at_the_last_step(**kwargs):
+            # the last update makes the model NaN behind a finite loss (what
+            # end_lr_fraction=nan did before validate_config refused it)
+            schedule = make_schedule(**kwargs)
+            last = kwargs["total_steps"] - 1
+            return lambda count: jnp.where(count >= last, jnp.nan, schedule(count))
+
+        monkeypatch.setattr(optim, "make_schedule", nan_at_the_last_step)
+        problem = "the parameters or optimiser state became non-finite by step 3"
+    else:
+        evaluate = loop.evaluate
+        monkeypatch.setattr(
+            loop, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "loss": math.inf}
+        )
+        problem = "the evaluation loss became inf by step 3"
+    run = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--config.total_steps=3", "--config.checkpoint_every_steps=2"]
+    code, err = _cli(capsys, "train", "--workdir", str(run), *flags)
+    message = err.splitlines()[-1]  # after the progress bar
+    assert code == 1 and message.startswith("addervit train: " + problem), err
+    assert "the last good checkpoint, step 2, is kept" in message
+    assert "the state of step 3 was not saved" in message
+    assert _steps(run) == [2] and not (run / train.PARAMS_FILE).exists()
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=_strict)
+    assert summary["status"] == "diverged" and summary["steps"] == 3
+    assert summary["last_good_step"] == 2 and "eval_accuracy" not in summary
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=_strict)
+    state, meta, _ = train.restore(run)  # what a reader gets: the last good model
+    assert meta["step"] == 2
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_metrics_and_summaries_are_strict_json(tmp_path):
+    import math
+
+    log = logs.RunLog(tmp_path, total_steps=2, start_step=0)
+    log.train(1, {"loss": np.float32("nan"), "accuracy": 0.5}, images_per_second=math.inf)
+    log.eval(2, {"accuracy": 0.5, "loss": math.nan, "count": 3})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    first, second = (json.loads(line, parse_constant=_strict) for line in lines)
+    assert first["loss"] is None and first["images_per_second"] is None and first["accuracy"] == 0.5
+    assert second["loss"] is None and second["accuracy"] == 0.5
+    logs.write_summary(tmp_path, {"eval_loss": math.nan, "curve": [-math.inf, 1.0]})
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=_strict)
+    assert summary == {"eval_loss": None, "curve": [None, 1.0]}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"config.label_smoothing": 2.0}, "label_smoothing=2.0 must be a finite number in [0, 1)"),
+        ({"config.label_smoothing": -1.0}, "label_smoothing=-1.0 must be a finite number in"),
+        ({"config.weight_decay": -5.0}, "weight_decay=-5.0 must be a finite number >= 0"),
+        ({"config.warmup_epochs": -1.0}, "warmup_epochs=-1.0 must be a finite number >= 0"),
+        ({"config.warmup_epochs": float("nan")}, "warmup_epochs=nan must be a finite number"),
+        ({"config.grad_clip": -1.0}, "grad_clip=-1.0 must be a finite number >= 0 (0: no clip"),
+        ({"config.grad_clip": float("nan")}, "grad_clip=nan must be a finite number >= 0"),
+        ({"config.learning_rate": float("inf")}, "learning_rate=inf must be a finite number > 0"),
+        ({"config.num_epochs": float("inf")}, "num_epochs=inf must be a finite number > 0"),
+        ({"config.end_lr_fraction": float("nan")}, "end_lr_fraction=nan must be a finite number"),
+        ({"config.end_lr_fraction": 1.5}, "end_lr_fraction=1.5 must be a finite number in [0, 1]"),
+        ({"config.adaptive_eta": 0.0}, "adaptive_eta=0.0 must be a finite number > 0"),
+        ({"config.momentum": 1.0}, "momentum=1.0 must be a finite number in [0, 1)"),
+        ({"config.momentum": float("nan")}, "momentum=nan must be a finite number in [0, 1)"),
+        ({"config.crop_padding": -1}, "crop_padding=-1 must be an integer >= 0"),
+        ({"config.distill.temperature": float("inf")}, "distill.temperature=inf must be a finite"),
+        ({"config.distill.weight": float("nan")}, "distill.weight=nan must be a finite number"),
+        ({"config.model.num_classes": 5}, "model.num_classes=5 but digits has 10 classes"),
+        ({"config.model.channels": 3}, "model.channels=3 but digits has 1 image channels"),
+        ({"config.model.image_size": 16}, "model.image_size=16 but the digits images are 8 px"),
+        ({"config.eval_split": "train[0:0]"}, "eval_split='train[0:0]' selects no examples"),
+        ({"config.train_split": "train[0:0]"}, "train_split='train[0:0]' selects no examples"),
+        ({"config.eval_split": ""}, "eval_split='' must name a split"),
+    ],
+)
+def test_nonsensical_numbers_and_models_are_refused_before_the_run_directory_exists(
+    tmp_path, overrides, fragment
+):
+    with pytest.raises(ValueError) as info:
+        train.train(_config(**overrides), tmp_path / "run")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_of_another_dataset_is_refused_through_every_door(tmp_path, capsys):
+    five = tmp_path / "five_classes.py"
+    five.write_text(
+        "from addervit_jax.configs import digits\n\n\ndef get_config():\n"
+        "    c = digits.get_config()\n    c.model.num_classes = 5\n    return c\n"
+    )
+    code, err = _cli(capsys, "train", "--config", str(five), "--workdir", str(tmp_path / "run"))
+    assert code == 1 and "model.num_classes=5 but digits has 10 classes" in _one_line(err)
+    config = configs.override(_config(), {"model.num_classes": 5})  # the experiments' --set
+    with pytest.raises(ValueError, match="model.num_classes=5 but digits has 10 classes"):
+        train.validate_config(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_empty_splits_huge_batches_and_repeated_calibration(
+    finished_run, tmp_path, capsys
+):
+    run = finished_run[0]
+    before = _files(run)
+    for args, expected, fragment in (
+        (["--split", "train[0:0]"], 1, "eval_split='train[0:0]' selects no examples of digits"),
+        (["--split", ""], 2, "--split is empty"),
+        (
+            ["--batch-size", "100000"],
+            1,
+            "batch_size=100000 is larger than the 360 examples of digits 'test'; use at most 360",
+        ),
+        (
+            ["--int8", "--calibration-batches", "100"],
+            1,
+            "calibration_batches=100 of 32 images (3200) would repeat the 1437 training examples "
+            "of digits 'train'; use at most 44",
+        ),
+    ):
+        code, err = _cli(capsys, "eval", "--checkpoint", str(run), *args)
+        assert code == expected and fragment in err.splitlines()[-1], (args, err)
+        assert "Traceback" not in err
+    assert _files(run) == before
+    damaged = _copy(run, tmp_path)
+    (damaged / "config.json").write_text('{"variant": "qkv_2ffn",')  # cut short
+    code, err = _cli(capsys, "eval", "--checkpoint", str(damaged))
+    assert code == 1 and f"{damaged / 'config.json'} is damaged: not JSON" in _one_line(err)
+    with pytest.raises(ValueError, match="config.json is damaged: not JSON"):
+        train.train(finished_run[1], damaged, resume=True)
+
+
+def test_a_teacher_with_a_damaged_summary_or_an_unknown_variant_is_named(finished_run, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(finished_run[0], teacher)
+    student = _config(**{"config.total_steps": 1, "config.distill.teacher": str(teacher)})
+    summary = (teacher / "summary.json").read_text()
+    (teacher / "summary.json").write_text(summary[: len(summary) // 2])
+    with pytest.raises(ValueError, match=r"teacher/summary.json is damaged: not JSON"):
+        train.train(student, tmp_path / "student")
+    (teacher / "summary.json").write_text(summary)
+    saved = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**saved, "variant": "nosuch"}))
+    with pytest.raises(ValueError, match=r"the teacher's .*config.json names variant 'nosuch'"):
+        train.train(student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_config_file_that_is_not_python_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.json").write_text("{}")
+    code, err = _cli(capsys, "train", "--config", str(tmp_path / "run.json"))
+    assert code == 1 and "run.json is not a Python file (.py)" in _one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_models_refuse_integer_images():
+    model = models.build(
+        "qkv_2ffn",
+        rngs=nnx.Rngs(0),
+        image_size=8,
+        channels=1,
+        patch_size=2,
+        dim=16,
+        depth=1,
+        heads=2,
+        dim_head=8,
+        mlp_dim=32,
+        num_classes=10,
+    )
+    images = jnp.zeros((2, 8, 8, 1), jnp.uint8)
+    with pytest.raises(ValueError, match="expected float images, got uint8: preprocess them"):
+        model(images)
+    assert model(images.astype(jnp.float32)).shape == (2, 10)
+
+
+def test_cli_numbers_and_output_folders_are_checked_before_any_work(tmp_path, capsys):
+    for flag, value in (("--tokens", "-1"), ("--tokens", "0"), ("--features", "0")):
+        code, err = _cli(capsys, "demo", flag, value)
+        assert code == 2 and f"argument {flag}: must be a positive integer, got {value}" in err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code, err = _cli(capsys, "check-kernels", "--sass", "--out", str(a_file))
+    assert code == 2 and f"--out {a_file}: is a file, not a directory" in err  # not after a sweep
+    code, err = _cli(capsys, "check-kernels", "--out", str(tmp_path / "sass"))
+    assert code == 2 and "--out is for --sass" in err
+    assert a_file.read_text() == "" and not (tmp_path / "sass").exists()

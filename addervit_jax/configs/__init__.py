@@ -42,6 +42,10 @@ def load(name_or_path: str) -> ml_collections.ConfigDict:
 
     file, _, arg = path(name_or_path).partition(":")
     spec = importlib.util.spec_from_file_location("_addervit_config", file)
+    if spec is None or not file.endswith(".py"):
+        raise ValueError(
+            f"config file {file} is not a Python file (.py) with a get_config() function"
+        )
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -123,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.warmup_epochs = 5.0
     c.end_lr_fraction = 0.1
-    c.grad_clip = 1.0
+    c.grad_clip = 1.0  # clip of the raw gradients' global norm (optim.make_optimizer); 0: none
     c.adaptive_lr = ml_collections.FieldReference(None, field_type=bool)  # None: the variant's
     c.adaptive_eta = 0.2
     # learning rate of the adder weights W relative to every other parameter (optim.make_optimizer)

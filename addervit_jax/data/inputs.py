@@ -20,6 +20,8 @@ class Inputs:
     ``train_batches(start_step)`` yields ``(step, batch)`` from ``start_step`` on, forever, in the
     :class:`~addervit_jax.data.order.BatchOrder` of ``(seed, step)``; ``eval_batches()`` yields
     every evaluation example once, with a ``mask``. Both paths give the same batches.
+    ``streamed``: read through Grain (images resized to the model's size) rather than held in
+    memory (images of the dataset's size).
     """
 
     info: datasets.DatasetInfo
@@ -30,6 +32,7 @@ class Inputs:
         repr=False
     )
     _eval: Callable[[], Iterator[dict[str, np.ndarray]]] = dataclasses.field(repr=False)
+    streamed: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -62,13 +65,20 @@ def make_inputs(
       image_size, num_workers: for streaming only (see :func:`~addervit_jax.data.stream_batches`).
 
     Splits are decoded on first use (and cached per process by :func:`~addervit_jax.data.load`),
-    so evaluating a checkpoint never decodes the training split.
+    so evaluating a checkpoint never decodes the training split. A split that selects no
+    examples (``"train[0:0]"``) is refused here, before anything trains or evaluates on it.
     """
     info = datasets._dataset_info(name)
     sizes = (
         datasets.num_examples(name, train_split, data_dir=data_dir),
         datasets.num_examples(name, eval_split, data_dir=data_dir),
     )
+    for field, split, size in (
+        ("train_split", train_split, sizes[0]),
+        ("eval_split", eval_split, sizes[1]),
+    ):
+        if size < 1:
+            raise ValueError(f"{field}={split!r} selects no examples of {name}")
     if stream is None:
         stream = datasets.is_streamed(name)
     if not stream:
@@ -95,4 +105,4 @@ def make_inputs(
         def evaluate():
             return streaming.stream_eval_batches(name, eval_split, batch_size=batch_size, **common)
 
-    return Inputs(info, batch_size, *sizes, train, evaluate)
+    return Inputs(info, batch_size, *sizes, train, evaluate, streamed=stream)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from addervit_jax import layers, ops
@@ -109,6 +110,12 @@ def _check_options(cfg, fields) -> None:
 
 def _check_images(images, channels, patch, size=None) -> None:
     shape = tuple(images.shape)
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        # uint8 pixels would be embedded as 0..255 without normalisation: a silently wrong model
+        raise ValueError(
+            f"expected float images, got {images.dtype}: preprocess them first "
+            "(data.preprocess: scale to [0, 1] and normalise by the dataset's mean and std)"
+        )
     if len(shape) != 4 or shape[3] != channels:
         raise ValueError(f"expected images of shape (B, H, W, {channels}), got {shape}")
     if shape[1] % patch or shape[2] % patch:

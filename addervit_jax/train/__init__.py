@@ -1,7 +1,7 @@
 """The one trainer, a package of one job per module; every public name is re-exported here.
 
-``train(config, workdir, resume=False | True | "auto")`` trains any named variant on any dataset
-of ``addervit_jax.data`` on one CPU, one GPU, or many devices and hosts.
+``train(config, workdir, resume=False | True | "auto", overwrite=False)`` trains any named
+variant on any dataset of ``addervit_jax.data`` on one CPU, one GPU, or many devices and hosts.
 
 ==================  =============================================================================
 module              its one job
@@ -11,6 +11,7 @@ module              its one job
 ``distill``         the teacher, the logit and feature distillation terms
 ``step``            the loss, ``train_step`` / ``eval_step`` (pure), the jitted step
 ``checkpoints``     Orbax checkpoints with checksums, ``params.msgpack``, ``restore``, run lock
+``workdir``         what a run directory holds; what a new, resumed or overwriting run may do
 ``evaluation``      ``evaluate``, ``evaluate_workdir`` (``addervit eval``), ``load_teacher``
 ``convert``         a new run started from a finished run of another variant (``init_from``)
 ``loop``            ``train``: a run to its end, resumable at any step
@@ -18,6 +19,7 @@ module              its one job
 
 Dependencies point one way: ``config`` <- ``state`` <- ``distill`` <- ``step``;
 {``state``, ``checkpoints``, ``step``} <- ``evaluation`` <- ``convert`` <- ``loop``;
+{``config``, ``checkpoints``} <- ``workdir`` <- ``loop``;
 ``addervit eval`` needs nothing of the loop.
 """
 
@@ -28,11 +30,13 @@ from addervit_jax.train.checkpoints import (
     RunDirectoryBusy,
     RunLock,
     load_params,
+    read_json,
     restore,
     save_params,
 )
 from addervit_jax.train.config import (
     RESUMABLE_CHANGES,
+    check_inputs,
     config_differences,
     make_inputs,
     model_overrides,
@@ -56,12 +60,22 @@ from addervit_jax.train.state import (
     shard_state,
 )
 from addervit_jax.train.step import StepRecipe, eval_step, jit_train_step, train_step
+from addervit_jax.train.workdir import (
+    RUN_FILES,
+    check_sources_outside,
+    check_workdir,
+    finished_summary,
+    has_checkpoints,
+    move_aside,
+    run_files,
+)
 
 __all__ = [
     "FEATURE_KERNELS",
     "PARAMS_FILE",
     "RESUMABLE_CHANGES",
     "RESUME_MODES",
+    "RUN_FILES",
     "Checkpoints",
     "RunDirectoryBusy",
     "RunLock",
@@ -69,15 +83,20 @@ __all__ = [
     "Teacher",
     "TrainState",
     "TrainingDiverged",
+    "check_inputs",
+    "check_sources_outside",
+    "check_workdir",
     "config_differences",
     "convert",
     "create_train_state",
     "distill_loss",
     "eval_step",
     "feature_loss",
+    "finished_summary",
     "evaluate",
     "evaluate_workdir",
     "global_batch",
+    "has_checkpoints",
     "inference_model",
     "jit_train_step",
     "load_params",
@@ -85,8 +104,11 @@ __all__ = [
     "make_inputs",
     "make_mesh",
     "model_overrides",
+    "move_aside",
     "params_checksum",
+    "read_json",
     "restore",
+    "run_files",
     "save_params",
     "shard_state",
     "train",

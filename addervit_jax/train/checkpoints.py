@@ -33,11 +33,28 @@ __all__ = [
     "RunDirectoryBusy",
     "RunLock",
     "load_params",
+    "read_json",
     "restore",
     "save_params",
 ]
 
 PARAMS_FILE = "params.msgpack"
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """A run's JSON file (``config.json``, ``summary.json``, ...) as a dict; a file that is not a
+    JSON object raises ``ValueError`` naming it, not a bare ``JSONDecodeError``."""
+    try:
+        value = json.loads(pathlib.Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is damaged: not JSON ({err.msg}, line {err.lineno} column {err.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is damaged: not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged: a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -313,7 +330,7 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{workdir} is not a training run: no config.json")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = ml_collections.ConfigDict(read_json(config_path))
     template = shard_state(
         create_train_state(config, total_steps=1, steps_per_epoch=1), make_mesh(), False
     )
@@ -337,7 +354,7 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
             stacklevel=2,
         )
     summary_path = workdir / "summary.json"
-    step = json.loads(summary_path.read_text())["steps"] if summary_path.exists() else None
+    step = read_json(summary_path).get("steps") if summary_path.exists() else None
     state = load_params(params_path, template)
     state = shard_state(state.replace(step=jnp.asarray(step or 0, jnp.int32)), make_mesh(), False)
     return state, {"step": step, "source": PARAMS_FILE}, config

@@ -19,6 +19,7 @@ from addervit_jax.train.distill import FEATURE_KERNELS
 
 __all__ = [
     "RESUMABLE_CHANGES",
+    "check_inputs",
     "config_differences",
     "make_inputs",
     "model_overrides",
@@ -45,6 +46,40 @@ def uses_adaptive_lr(config) -> bool:
     return models.VARIANTS[config.variant].adaptive_lr
 
 
+def _real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The recipe's numbers, each finite: (field, whether 0 is allowed, upper bound or None, whether
+# the bound is allowed, what 0 means).
+_RANGES = (
+    ("num_epochs", False, None, False, ""),
+    ("learning_rate", False, None, False, ""),
+    ("weight_decay", True, None, False, ""),
+    ("momentum", True, 1.0, False, ""),
+    ("warmup_epochs", True, None, False, ""),
+    ("end_lr_fraction", True, 1.0, True, ""),
+    ("grad_clip", True, None, False, " (0: no clipping)"),
+    ("adaptive_eta", False, None, False, ""),
+    ("adder_lr_scale", False, None, False, ""),
+    ("label_smoothing", True, 1.0, False, ""),
+)
+
+
+def _range_problem(field: str, value, zero_ok, high, high_ok, zero_means) -> str | None:
+    """``field=value must be ...`` where ``value`` is not a finite number in its range."""
+    ok = _real(value) and (value >= 0 if zero_ok else value > 0)
+    if ok and high is not None:
+        ok = value <= high if high_ok else value < high
+    if ok:
+        return None
+    if high is None:
+        bound = ">= 0" if zero_ok else "> 0"
+    else:
+        bound = f"in {'[' if zero_ok else '('}0, {high:g}{']' if high_ok else ')'}"
+    return f"{field}={value!r} must be a finite number {bound}{zero_means}"
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fail before any compute on an impossible configuration, naming the fields."""
     problems = []
@@ -54,28 +89,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"dataset={config.dataset!r} (known: {sorted(data.DATASETS)})")
     if config.optimizer not in optim.OPTIMIZERS:
         problems.append(f"optimizer={config.optimizer!r} (known: {optim.OPTIMIZERS})")
-    for field in ("batch_size", "num_epochs", "log_every_steps", "keep_checkpoints"):
+    for field in ("train_split", "eval_split"):
+        if not isinstance(config[field], str) or not config[field].strip():
+            problems.append(f"{field}={config[field]!r} must name a split, e.g. 'test'")
+    for field in ("batch_size", "log_every_steps", "keep_checkpoints"):
         if not config[field] > 0:
             problems.append(f"{field}={config[field]} must be positive")
     for field in ("total_steps", "eval_every_steps", "checkpoint_every_steps"):
         if config.get(field, 0) < 0:
             problems.append(f"{field}={config[field]} must be 0 (the default) or positive")
-    if not config.learning_rate > 0:
-        problems.append(f"learning_rate={config.learning_rate} must be positive")
+    for field, *bounds in _RANGES:
+        problem = _range_problem(field, config.get(field, 1.0), *bounds)
+        if problem:
+            problems.append(problem)
+    crop = config.crop_padding
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+        problems.append(f"crop_padding={crop!r} must be an integer >= 0 (0: no crop)")
     if config.batch_size % jax.device_count():
         problems.append(
             f"batch_size={config.batch_size} must be divisible by the {jax.device_count()} "
             "devices of the data-parallel mesh"
         )
     distill = config.get("distill")
-    if distill is not None and distill.teacher is not None:
-        if not distill.weight > 0:
-            problems.append(f"distill.weight={distill.weight} must be positive with a teacher")
-        if not distill.temperature > 0:
-            problems.append(f"distill.temperature={distill.temperature} must be positive")
     if distill is not None:
+        for field in ("weight", "temperature"):
+            value = distill[field]
+            if not _real(value):
+                problems.append(f"distill.{field}={value!r} must be a finite number")
+            elif distill.teacher is not None and not value > 0:
+                problems.append(f"distill.{field}={value} must be positive with a teacher")
         feature_weight = distill.get("feature_weight", 0.0)
-        if not (math.isfinite(feature_weight) and feature_weight >= 0):
+        if not (_real(feature_weight) and feature_weight >= 0):
             problems.append(f"distill.feature_weight={feature_weight} must be 0 (off) or positive")
         elif feature_weight > 0 and distill.teacher is None:
             problems.append(
@@ -90,16 +134,52 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             value = config[field]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{field}={value!r} must be a positive integer with init_from")
-    if not config.get("adder_lr_scale", 1.0) > 0:
-        problems.append(f"adder_lr_scale={config.adder_lr_scale} must be positive")
     if config.randaugment is not None and len(tuple(config.randaugment)) != 2:
         problems.append(f"randaugment={config.randaugment} must be (num_ops, magnitude) or None")
+    if config.dataset in data.DATASETS:
+        problems += _dataset_mismatches(config)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     try:
         models.config(config.variant, **model_overrides(config))
     except (ValueError, TypeError) as err:
         raise ValueError(f"invalid config: model: {err}") from err
+
+
+def _dataset_mismatches(config) -> list[str]:
+    """A ``model.num_classes`` or ``model.channels`` that is not the dataset's: the labels and the
+    pixels are the dataset's, so such a model trains on nonsense (5 classes of 10 train to 34%)
+    or fails after the run directory exists. ``model.image_size`` is checked against the batches
+    when training (:func:`check_inputs`: a streamed dataset is resized to it)."""
+    info = data.DATASETS[config.dataset]
+    model = dict(config.model) if config.get("model") else {}
+    found = {
+        "num_classes": (info.num_classes, "classes"),
+        "channels": (info.image_shape[2], "image channels"),
+    }
+    return [
+        f"model.{field}={model[field]!r} but {config.dataset} has {value} {what}"
+        for field, (value, what) in found.items()
+        if field in model and model[field] != value
+    ]
+
+
+def check_inputs(config: ml_collections.ConfigDict, inputs: data.Inputs) -> None:
+    """Fail before the run directory exists when the batches of ``inputs`` cannot train
+    ``config``'s model: a batch larger than the training split, images of another size than the
+    model's ``image_size`` (in-memory datasets keep their size; a model built for another one
+    fails at its first step)."""
+    if inputs.steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
+            f"examples of {config.dataset} {config.train_split}"
+        )
+    size = model_overrides(config)["image_size"]
+    if not inputs.streamed and size != inputs.info.image_shape[0]:
+        raise ValueError(
+            f"invalid config: model.image_size={size!r} but the {config.dataset} images are "
+            f"{inputs.info.image_shape[0]} px (only a streamed dataset is resized)"
+        )
 
 
 def make_inputs(
@@ -109,8 +189,8 @@ def make_inputs(
     return data.make_inputs(
         config.dataset,
         train_split=config.train_split,
-        eval_split=eval_split or config.eval_split,
-        batch_size=batch_size or config.batch_size,
+        eval_split=config.eval_split if eval_split is None else eval_split,
+        batch_size=config.batch_size if batch_size is None else batch_size,
         seed=config.seed,
         data_dir=config.data_dir,
         stream=config.get("stream"),

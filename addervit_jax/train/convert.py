@@ -38,7 +38,7 @@ from flax import nnx
 
 from addervit_jax import data, models
 from addervit_jax.models import sites
-from addervit_jax.train.checkpoints import restore
+from addervit_jax.train.checkpoints import read_json, restore
 from addervit_jax.train.distill import inference_model
 from addervit_jax.train.evaluation import feature_shapes
 from addervit_jax.train.state import TrainState
@@ -60,10 +60,10 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             f"init_from={str(workdir)!r} is not a finished training run: no summary.json and "
             "config.json"
         )
-    status = json.loads(summary_path.read_text()).get("status")
+    status = read_json(summary_path).get("status")
     if status != "finished":
         raise ValueError(f"init_from={str(workdir)!r} did not finish (status {status!r})")
-    source = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    source = ml_collections.ConfigDict(read_json(config_path))
     family = models.VARIANTS[config.variant].family
     if source.variant not in models.VARIANTS or models.VARIANTS[source.variant].family != family:
         raise ValueError(

@@ -8,7 +8,6 @@ Imports nothing of the training loop: ``addervit eval`` reads a run without it.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pathlib
 
@@ -20,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from addervit_jax import data, models
-from addervit_jax.train.checkpoints import restore
+from addervit_jax.train.checkpoints import read_json, restore
 from addervit_jax.train.config import make_inputs, model_overrides
 from addervit_jax.train.distill import Teacher, inference_model
 from addervit_jax.train.state import TrainState, global_batch, make_mesh
@@ -56,13 +55,25 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
         raise FileNotFoundError(
             f"distill.teacher={str(workdir)!r} is not a finished training run: no summary.json"
         )
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
     if summary.get("status") != "finished":
         raise ValueError(
             f"distill.teacher={str(workdir)!r} did not finish (status "
             f"{summary.get('status')!r}); resume it first"
         )
-    teacher_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"distill.teacher={str(workdir)!r} is not a training run: no config.json"
+        )
+    teacher_config = ml_collections.ConfigDict(read_json(config_path))
+    for field, known in (("variant", models.VARIANTS), ("dataset", data.DATASETS)):
+        if teacher_config.get(field) not in known:
+            raise ValueError(
+                f"distill.teacher={str(workdir)!r}: the teacher's {config_path} names "
+                f"{field} {teacher_config.get(field)!r}, which this version does not know "
+                f"(known: {sorted(known)})"
+            )
     mine, theirs = model_overrides(config), model_overrides(teacher_config)
     for field in ("image_size", "channels", "num_classes"):
         if config.dataset != teacher_config.dataset or mine[field] != theirs[field]:
@@ -130,18 +141,37 @@ def evaluate_workdir(
     run on integers), ``"float_sites"`` (every similarity site left float, ``"path (kind)"``:
     euclid sites, attention scores and values, ...) and the calibration (0 images where there is
     no adder site to calibrate).
+
+    Refused before anything is computed: an empty ``split`` or one that selects no examples, a
+    ``batch_size`` larger than the split (the batches are padded to it: a huge one allocates for
+    nothing), and, with ``int8``, calibration batches that would draw a training image twice
+    (more than one epoch of the training split).
     """
+    if split is not None and not split.strip():
+        raise ValueError("split='' is empty; name a split (e.g. 'test') or leave it out")
+    if calibration_batches < 1:
+        raise ValueError(f"calibration_batches must be positive, got {calibration_batches}")
     state, meta, config = restore(workdir)
-    split = split or config.eval_split
+    split = config.eval_split if split is None else split
     inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
+    if batch_size is not None and batch_size > inputs.num_eval:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {inputs.num_eval} examples of "
+            f"{config.dataset} {split!r}; use at most {inputs.num_eval}"
+        )
+    if int8 and calibration_batches > inputs.steps_per_epoch:
+        raise ValueError(
+            f"calibration_batches={calibration_batches} of {inputs.batch_size} images "
+            f"({calibration_batches * inputs.batch_size}) would repeat the {inputs.num_train} "
+            f"training examples of {config.dataset} {config.train_split!r}; use at most "
+            f"{inputs.steps_per_epoch} (or a smaller batch_size)"
+        )
     mesh = make_mesh()
     head = {"workdir": str(workdir), "step": meta["step"], "split": split}
     with jax.set_mesh(mesh):
         result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
         if not int8:
             return {**head, **result}
-        if calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be positive, got {calibration_batches}")
         calibrated = []  # the images quantize drew (only adder sites are calibrated)
 
         def calibration():

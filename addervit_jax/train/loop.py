@@ -11,7 +11,7 @@ and its summary counts the time, the images and the best evaluation of every ses
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
 import os
 import pathlib
@@ -27,9 +27,15 @@ from jax.sharding import PartitionSpec as P
 
 from addervit_jax import timing
 from addervit_jax.train import convert
-from addervit_jax.train.checkpoints import PARAMS_FILE, Checkpoints, RunLock, save_params
+from addervit_jax.train.checkpoints import (
+    PARAMS_FILE,
+    Checkpoints,
+    RunLock,
+    read_json,
+    save_params,
+)
 from addervit_jax.train.config import (
-    config_differences,
+    check_inputs,
     make_inputs,
     uses_adaptive_lr,
     validate_config,
@@ -37,6 +43,13 @@ from addervit_jax.train.config import (
 from addervit_jax.train.evaluation import evaluate, load_teacher
 from addervit_jax.train.state import create_train_state, global_batch, make_mesh, shard_state
 from addervit_jax.train.step import eval_step, jit_train_step
+from addervit_jax.train.workdir import (
+    check_sources_outside,
+    check_workdir,
+    finished_summary,
+    move_aside,
+    run_files,
+)
 
 __all__ = ["RESUME_MODES", "TrainingDiverged", "params_checksum", "train"]
 
@@ -44,7 +57,9 @@ RESUME_MODES = (False, True, "auto")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a parameter or the evaluation loss became NaN or infinite; the last good
+    checkpoint is kept, the state that is not finite is never saved, and ``summary.json`` says
+    ``"status": "diverged"``."""
 
 
 class _StopSignals:
@@ -128,6 +143,26 @@ def params_checksum(params) -> float:
     return float(np.asarray(total.addressable_data(0)))
 
 
+@functools.cache
+def _all_finite(mesh):
+    """A jitted ``tree -> bool``: whether every floating-point array of ``tree`` is finite."""
+
+    def all_finite(tree):
+        leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return functools.reduce(
+            jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in leaves], jnp.bool_(True)
+        )
+
+    return jax.jit(all_finite, out_shardings=NamedSharding(mesh, P()))
+
+
+def _finite(state, mesh) -> bool:
+    """Whether the state a checkpoint holds (parameters, optimiser state, non-trainable
+    variables) is finite: a last update can make it NaN while the loss of its step is finite."""
+    ok = _all_finite(mesh)((state.params, state.opt_state, state.rest))
+    return bool(np.asarray(ok.addressable_data(0)))
+
+
 def _device_description() -> str:
     """The devices (with the CPU model on CPU), JAX version and process count, for summaries."""
     return f"{timing.describe_device()}, {jax.process_count()} process(es)"
@@ -138,21 +173,40 @@ def train(
     workdir: str | os.PathLike,
     *,
     resume: bool | str = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train ``config`` in ``workdir``; returns the summary (also written to summary.json).
 
-    ``resume``: ``False`` starts a new run (and refuses a directory that holds checkpoints);
+    ``resume``: ``False`` starts a new run (and refuses a directory that holds one);
     ``True`` continues the run in ``workdir`` from its newest checkpoint that restores (the config
     may differ from the run's only in :data:`~addervit_jax.train.config.RESUMABLE_CHANGES`);
     ``"auto"`` takes the run to its end whatever state it is in: a finished run is read back
     (its summary returned, nothing trained), a run with checkpoints resumes, and a directory
     without either starts; a directory that holds a run of another config is refused, naming the
-    fields that differ.
+    fields that differ. ``True`` on a finished run reads it back too.
+
+    A directory that holds a run (``config.json``, ``params.msgpack``, ``summary.json``,
+    ``metrics.jsonl`` or checkpoints) is never written by a new run: without ``resume`` it is
+    refused, unless ``overwrite`` (``--overwrite``), which moves that run aside to the sibling
+    directory ``<workdir>.replaced-<date>-<time>`` (nothing is deleted) once every check has
+    passed, then starts anew in an empty ``workdir``.
     """
     from addervit_jax import logs  # matplotlib and tqdm only when training
 
     if resume not in RESUME_MODES:
         raise ValueError(f"resume={resume!r}; expected one of {RESUME_MODES}")
+    if overwrite not in (False, True):
+        raise ValueError(f"overwrite={overwrite!r}; expected True or False")
+    if overwrite and resume:
+        raise ValueError(
+            f"overwrite=True (--overwrite) starts a new run; it cannot be combined with "
+            f"resume={resume!r} (--resume)"
+        )
+    if not os.fspath(workdir).strip():
+        raise ValueError(
+            f"workdir={os.fspath(workdir)!r} is empty: name the run directory (--workdir DIR), "
+            "or leave --workdir out for a new one under ./runs"
+        )
     if config.get("distributed"):
         # None/unset values are auto-detected by JAX on SLURM, Kubernetes, Cloud TPU, ...
         jax.distributed.initialize(
@@ -163,29 +217,35 @@ def train(
     # Everything that can be checked is checked before the run directory is created.
     validate_config(config)
     workdir = pathlib.Path(workdir)
-    if resume == "auto":
-        finished = _finished_summary(config, workdir)
-        if finished is not None:
+    auto = resume == "auto"
+    if auto:
+        resume = bool(run_files(workdir))
+    check_workdir(config, workdir, resume, overwrite=overwrite, auto=auto)
+    if resume:
+        finished = finished_summary(workdir)
+        if finished is not None:  # nothing to train, nothing written (no second final eval)
             print(f"{workdir}: finished before, read back", flush=True)
             return finished
-        resume = _has_checkpoints(workdir)
-    _check_workdir(config, workdir, resume)
+    if overwrite:
+        check_sources_outside(config, workdir)
     teacher, teacher_info = None, None
     if config.get("distill") is not None and config.distill.teacher is not None:
         teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
     if config.get("init_from") is not None:
         convert.check_source(config)  # fails here on a run that cannot be converted
-    inputs = make_inputs(config)
-    if inputs.steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
-            f"examples of {config.dataset} {config.train_split}"
-        )
+    inputs = make_inputs(config)  # fails here on a split that selects no examples
+    check_inputs(config, inputs)
+    is_main = jax.process_index() == 0
+    replace = overwrite and bool(run_files(workdir))
+    _barrier("addervit: run directory checked")  # by every process, before any writes into it
+    if replace:
+        if is_main:
+            move_aside(workdir)
+        _barrier("addervit: the old run moved aside")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot create --workdir {workdir}: {err.strerror or err}") from err
-    is_main = jax.process_index() == 0
     if is_main:
         try:  # a read-only or foreign directory fails here, not at the first checkpoint
             probe = workdir / f".write_test_{os.getpid()}"
@@ -196,58 +256,10 @@ def train(
                 f"cannot write into --workdir {workdir}: {err.strerror or err}"
             ) from err
     with RunLock(workdir) if is_main else contextlib.nullcontext():
-        _check_workdir(config, workdir, resume)  # again: it may have changed before the lock
         if is_main:
+            check_workdir(config, workdir, resume)  # again: it may have changed before the lock
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         return _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs)
-
-
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
-    directory = workdir / "checkpoints"
-    return directory.is_dir() and any(directory.iterdir())
-
-
-def _finished_summary(config, workdir: pathlib.Path) -> dict | None:
-    """For ``resume="auto"``: the summary of the finished run in ``workdir``, None where there is
-    none; refuses a directory that holds a run of another config."""
-    saved = workdir / "config.json"
-    if not saved.is_file():
-        return None
-    differences = config_differences(json.loads(saved.read_text()), config)
-    if differences:
-        raise ValueError(
-            f"{workdir} holds a run of another config: {'; '.join(differences)}. Use another "
-            "--workdir, or delete that run to train this config there"
-        )
-    summary_path = workdir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    return summary if summary is not None and summary.get("status") == "finished" else None
-
-
-def _check_workdir(config, workdir: pathlib.Path, resume: bool) -> None:
-    """Refuse a run directory that this run cannot use, naming why and what to do instead."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} is a file, not a directory")
-    if not resume:
-        if _has_checkpoints(workdir):
-            raise FileExistsError(
-                f"{workdir} already holds checkpoints; pass --resume to continue that run or "
-                "choose another --workdir"
-            )
-        return
-    saved = workdir / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(
-            f"--resume: {workdir} holds no run to resume (no config.json); drop --resume to start "
-            "a new run there"
-        )
-    differences = config_differences(json.loads(saved.read_text()), config)
-    if differences:
-        raise ValueError(
-            f"--resume: the config differs from that of the run in {workdir}: "
-            f"{'; '.join(differences)}. Resume with the run's config (its config.json), or start "
-            "a new run in another --workdir"
-        )
 
 
 def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
@@ -277,6 +289,16 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
             f"{inputs.num_eval} eval images), {total_steps} steps of {config.batch_size}, "
             f"{_device_description()}"
         )
+        head = {
+            "variant": config.variant,
+            "dataset": config.dataset,
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+        }
+
+        def diverged(problem: str, step: int):
+            _diverged(problem, step, config, checkpoints, log, {**head, **clock.summary()})
+
         status = "finished"
         with _StopSignals() as stop:
             for step, batch in inputs.train_batches(int(state.step)):
@@ -292,9 +314,11 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
                 if save or evaluate_now or log_now:
                     window, rate, bad_loss = clock.lap(config.batch_size)
                     if bad_loss is not None:
-                        _diverged(bad_loss, done, config, checkpoints, log)
+                        diverged(f"loss became {bad_loss}", done)
                     log.train(done, window, images_per_second=rate)
                     if save:
+                        if not _finite(state, mesh):
+                            diverged("the parameters or optimiser state became non-finite", done)
                         checkpoints.save(state, **clock.totals())
                     if evaluate_now:
                         log.eval(done, evaluate_all(state))
@@ -303,11 +327,21 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
                     status = f"interrupted by {stop.name}" if stop.received else "preempted"
                     break
 
+        # A last update can leave a NaN model behind a finite loss: a model that is not finite,
+        # or whose evaluation loss is not, is never saved nor reported "finished".
+        if not _finite(state, mesh):
+            diverged("the parameters or optimiser state became non-finite", int(state.step))
+        result = None
+        if status == "finished":  # (an interrupted run saves first: its grace time is short)
+            result = evaluate_all(state)
+            if not math.isfinite(result["loss"]):
+                diverged(f"the evaluation loss became {result['loss']}", int(state.step))
         checkpoints.save(state, **clock.totals())
         checkpoints.wait()
         save_params(state, workdir / PARAMS_FILE)
-        result = evaluate_all(state)
-        if status == "finished":
+        if result is None:
+            result = evaluate_all(state)
+        else:
             log.eval(int(state.step), result)
         summary = {
             "variant": config.variant,
@@ -329,7 +363,7 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
         if teacher_info is not None:
             summary["teacher"] = teacher_info
         if (workdir / convert.CONVERSION_FILE).is_file():
-            summary["conversion"] = json.loads((workdir / convert.CONVERSION_FILE).read_text())
+            summary["conversion"] = read_json(workdir / convert.CONVERSION_FILE)
     log.finish(summary)
     checkpoints.close()
     if stop.received:
@@ -339,6 +373,14 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
 
 def _is_main() -> bool:
     return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process of a multi-process run (nothing in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs):
@@ -371,8 +413,10 @@ def _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs):
     return state, _Clock()
 
 
-def _diverged(loss: float, step: int, config, checkpoints: Checkpoints, log) -> None:
-    """Stop a run whose loss is no longer finite, naming the last good checkpoint."""
+def _diverged(problem: str, step: int, config, checkpoints: Checkpoints, log, head: dict):
+    """Stop a run whose loss, state or evaluation is no longer finite: nothing of that step is
+    saved, ``summary.json`` says ``"status": "diverged"``, and the message names the last good
+    checkpoint."""
     checkpoints.wait()
     log.close()
     saved = checkpoints.manager.latest_step()
@@ -381,7 +425,21 @@ def _diverged(loss: float, step: int, config, checkpoints: Checkpoints, log) -> 
         if saved is not None
         else "no checkpoint had been written yet"
     )
-    raise TrainingDiverged(
-        f"loss became {loss} by step {step} (variant {config.variant}, learning_rate "
-        f"{config.learning_rate}); {kept}"
+    message = (
+        f"{problem} by step {step} (variant {config.variant}, learning_rate "
+        f"{config.learning_rate}); {kept}; the state of step {step} was not saved"
     )
+    if _is_main():
+        from addervit_jax import logs
+
+        summary = {
+            **head,
+            "steps": step,
+            "status": "diverged",
+            "reason": message,
+            "last_good_step": saved,
+            "device": _device_description(),
+            "workdir": str(log.workdir),
+        }
+        logs.write_summary(log.workdir, summary)
+    raise TrainingDiverged(message)
