@@ -38,9 +38,9 @@ from flax import nnx
 
 from addervit_jax import data, models
 from addervit_jax.models import sites
-from addervit_jax.train.checkpoints import read_json, restore
+from addervit_jax.train.checkpoints import restore
 from addervit_jax.train.distill import inference_model
-from addervit_jax.train.evaluation import feature_shapes
+from addervit_jax.train.evaluation import feature_shapes, finished_run
 from addervit_jax.train.state import TrainState
 
 __all__ = ["CONVERSION_FILE", "check_source", "convert"]
@@ -51,21 +51,13 @@ _LEARNING_RATE = 1e-2  # of the fit's Adam; the distance weights start from N(0,
 
 
 def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config of the finished run ``config.init_from``, refused (``ValueError`` naming the
-    field and why) unless it finished and is of the same family, dataset and feature shapes."""
+    """The config of the finished run ``config.init_from``, refused, naming the field and why,
+    unless it is a finished run (``evaluation.finished_run``, as a teacher is checked) of the same
+    family, dataset and feature shapes."""
     workdir = pathlib.Path(config.init_from)
-    summary_path, config_path = workdir / "summary.json", workdir / "config.json"
-    if not (summary_path.is_file() and config_path.is_file()):
-        raise ValueError(
-            f"init_from={str(workdir)!r} is not a finished training run: no summary.json and "
-            "config.json"
-        )
-    status = read_json(summary_path).get("status")
-    if status != "finished":
-        raise ValueError(f"init_from={str(workdir)!r} did not finish (status {status!r})")
-    source = ml_collections.ConfigDict(read_json(config_path))
+    _, source = finished_run("init_from", workdir, whose="its")
     family = models.VARIANTS[config.variant].family
-    if source.variant not in models.VARIANTS or models.VARIANTS[source.variant].family != family:
+    if models.VARIANTS[source.variant].family != family:
         raise ValueError(
             f"init_from={str(workdir)!r} is a {source.variant!r} run, not a {family} like "
             f"{config.variant!r}"

@@ -25,7 +25,7 @@ from addervit_jax.train.distill import Teacher, inference_model
 from addervit_jax.train.state import TrainState, global_batch, make_mesh
 from addervit_jax.train.step import eval_step
 
-__all__ = ["evaluate", "evaluate_workdir", "feature_shapes", "load_teacher"]
+__all__ = ["evaluate", "evaluate_workdir", "feature_shapes", "finished_run", "load_teacher"]
 
 
 def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:
@@ -43,6 +43,37 @@ def evaluate(state: TrainState, batches, *, mesh, info, jitted=None) -> dict:
     }
 
 
+def finished_run(
+    field: str, workdir: pathlib.Path, *, whose: str
+) -> tuple[dict, ml_collections.ConfigDict]:
+    """The summary and config of the finished run in ``workdir``, which the config's ``field``
+    names (a teacher, a run to convert); refused, naming ``field``, when it holds no summary.json
+    or config.json (``FileNotFoundError``), did not finish, or names a variant or dataset this
+    version does not know (``ValueError``; ``whose`` says whose config.json it is)."""
+    summary_path = workdir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(
+            f"{field}={str(workdir)!r} is not a finished training run: no summary.json"
+        )
+    summary = read_json(summary_path)
+    if summary.get("status") != "finished":
+        raise ValueError(
+            f"{field}={str(workdir)!r} did not finish (status {summary.get('status')!r}); "
+            "resume it first"
+        )
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{field}={str(workdir)!r} is not a training run: no config.json")
+    config = ml_collections.ConfigDict(read_json(config_path))
+    for name, known in (("variant", models.VARIANTS), ("dataset", data.DATASETS)):
+        if config.get(name) not in known:
+            raise ValueError(
+                f"{field}={str(workdir)!r}: {whose} {config_path} names {name} "
+                f"{config.get(name)!r}, which this version does not know (known: {sorted(known)})"
+            )
+    return summary, config
+
+
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
     """The model of the finished run ``config.distill.teacher`` and a description of it.
 
@@ -50,30 +81,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Teacher, dict]:
     same image shape and number of classes) as ``config``.
     """
     workdir = pathlib.Path(config.distill.teacher)
-    summary_path = workdir / "summary.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(
-            f"distill.teacher={str(workdir)!r} is not a finished training run: no summary.json"
-        )
-    summary = read_json(summary_path)
-    if summary.get("status") != "finished":
-        raise ValueError(
-            f"distill.teacher={str(workdir)!r} did not finish (status "
-            f"{summary.get('status')!r}); resume it first"
-        )
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"distill.teacher={str(workdir)!r} is not a training run: no config.json"
-        )
-    teacher_config = ml_collections.ConfigDict(read_json(config_path))
-    for field, known in (("variant", models.VARIANTS), ("dataset", data.DATASETS)):
-        if teacher_config.get(field) not in known:
-            raise ValueError(
-                f"distill.teacher={str(workdir)!r}: the teacher's {config_path} names "
-                f"{field} {teacher_config.get(field)!r}, which this version does not know "
-                f"(known: {sorted(known)})"
-            )
+    summary, teacher_config = finished_run("distill.teacher", workdir, whose="the teacher's")
     mine, theirs = model_overrides(config), model_overrides(teacher_config)
     for field in ("image_size", "channels", "num_classes"):
         if config.dataset != teacher_config.dataset or mine[field] != theirs[field]:
