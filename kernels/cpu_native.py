@@ -23,8 +23,10 @@ compiler and its version, the flags, the CPU (model and feature flags, which ``-
 depends on) and the JAX version, so an edit, an upgrade or another machine sharing the cache
 rebuilds. A build writes a temporary file that is renamed into place, so concurrent processes
 never load a half-written library, and records the library's sha256 beside it (``.sha256``),
-checked before every load: a damaged library (cut short, which would crash the loading process
-with SIGBUS) is rebuilt with a warning instead of loaded. It is loaded with :mod:`ctypes` and its
+checked before every load with the library's own ELF headers (every byte they point to must be
+there, which a checksum recorded again after the damage does not show): a damaged library (cut
+short, which would crash the loading process with SIGBUS) is rebuilt with a warning instead of
+loaded. It is loaded with :mod:`ctypes` and its
 handlers registered with :func:`jax.ffi.register_ffi_target` (the JAX FFI tutorial's route).
 
 Without a compiler, or if the build fails, :func:`available` returns False after one warning and
@@ -57,6 +59,7 @@ import pathlib
 import platform
 import shlex
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -154,15 +157,11 @@ def build() -> pathlib.Path:
     target = cache_dir() / f"cpu_native-{key.hexdigest()[:20]}.so"
     digest_file = target.with_suffix(".sha256")
     if target.exists():
-        if digest_file.exists() and digest_file.read_text().strip() == _file_digest(target):
+        damage = _damage(target, digest_file)
+        if damage is None:
             return target
         # a cut-short or altered library would crash the process that loads it (SIGBUS): rebuild
-        warnings.warn(
-            f"{target} does not match its recorded checksum (damaged or written by an older "
-            "version); rebuilding it",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"{target} {damage}; rebuilding it", RuntimeWarning, stacklevel=2)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -189,6 +188,53 @@ def build() -> pathlib.Path:
 
 def _file_digest(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _damage(library: pathlib.Path, digest_file: pathlib.Path) -> str | None:
+    """Why ``library`` must not be loaded, or None: its recorded checksum must match, and, since a
+    checksum recorded again after the damage would match too, an ELF file must hold every byte
+    its own headers point to (:func:`_elf_shortfall`)."""
+    if not digest_file.exists() or digest_file.read_text().strip() != _file_digest(library):
+        return "does not match its recorded checksum (damaged or written by an older version)"
+    shortfall = _elf_shortfall(library.read_bytes())
+    if shortfall:
+        return f"is cut short ({shortfall}) although its checksum matches"
+    return None
+
+
+def _elf_shortfall(data: bytes) -> str | None:
+    """What an ELF shared library lacks of the bytes its headers point to, or None if it is whole
+    or not ELF (another platform's format is not checked).
+
+    The ELF header (at 0) gives the program header table (``e_phoff``, ``e_phentsize``,
+    ``e_phnum``) and the section header table (``e_shoff`` ...), which linkers write last; each
+    program header gives the file bytes of its segment (``p_offset + p_filesz``). Loading a file
+    cut short of those maps pages past its end, and the first touch of one kills the process
+    with SIGBUS.
+    """
+    if data[:4] != b"\x7fELF":
+        return None
+    if len(data) < 64 or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return f"{len(data)} bytes, not even a whole ELF header"
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    header = struct.Struct(order + ("QQQIHHHHHH" if wide else "IIIIHHHHHH"))
+    _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = header.unpack_from(data, 24)
+    ends = {
+        "section headers": shoff + shentsize * shnum,
+        "program headers": phoff + phentsize * phnum,
+    }
+    if ends["program headers"] <= len(data):
+        for i in range(phnum):
+            at = phoff + i * phentsize
+            if wide:  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz
+                offset, filesz = struct.unpack_from(order + "QQQQ", data, at + 8)[0::3]
+            else:  # p_type, p_offset, p_vaddr, p_paddr, p_filesz
+                offset, filesz = struct.unpack_from(order + "IIII", data, at + 4)[0::3]
+            ends[f"segment {i}"] = offset + filesz
+    needed, what = max((end, what) for what, end in ends.items())
+    if needed > len(data):
+        return f"{len(data)} of the {needed} bytes its {what} end at"
+    return None
 
 
 def available() -> bool:

@@ -3,6 +3,7 @@ resume checks, partial logs, a damaged kernel cache, float64, and one-line error
 overwritten, nothing nonsensical accepted (issue 35): runs never replaced without --overwrite,
 models that are not finite never finished, numbers and splits checked before anything exists."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ from train_worker import TINY
 
 from addervit_jax import cli, configs, logs, models, ops, train
 from addervit_jax.configs import digits
+from addervit_jax.kernels import cpu_native
 
 
 def _config(**overrides):
@@ -335,6 +337,23 @@ def test_truncated_native_kernel_in_the_cache_is_rebuilt(tmp_path):
     out = run()
     assert "OK -24.0" in out and "does not match its recorded checksum" in out
     assert "OK -24.0 []" in run()  # rebuilt once, whole again
+    # cut short with a checksum recorded again after the damage: loading it would end in SIGBUS
+    whole = library.read_bytes()
+    library.write_bytes(whole[: len(whole) // 2])  # the old code died here with SIGBUS (rc 135)
+    library.with_suffix(".sha256").write_text(hashlib.sha256(library.read_bytes()).hexdigest())
+    out = run()
+    assert "OK -24.0" in out and "is cut short" in out and "although its checksum matches" in out
+    assert "OK -24.0 []" in run()
+
+
+def test_elf_shortfall_names_what_a_cut_library_lacks():
+    whole = pathlib.Path(sys.executable).resolve().read_bytes()
+    assert cpu_native._elf_shortfall(whole) is None
+    assert cpu_native._elf_shortfall(b"library") is None  # not ELF: not checked
+    assert "not even a whole ELF header" in cpu_native._elf_shortfall(whole[:40])
+    for cut in (100, len(whole) // 2, len(whole) - 1):
+        message = cpu_native._elf_shortfall(whole[:cut])
+        assert message.startswith(f"{cut} of the ") and "bytes its" in message
 
 
 @pytest.mark.parametrize("backend", ["cpu_native", "xla", "auto"])
