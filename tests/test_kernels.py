@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 import zlib
 
 import jax
@@ -22,6 +23,7 @@ import pytest
 from train_worker import run_worker, train_losses
 
 from addervit_jax import ops
+from addervit_jax.adder import backends, selfcheck
 from addervit_jax.kernels import adder_pallas as K
 from addervit_jax.kernels import compat
 
@@ -347,6 +349,116 @@ def test_auto_picks_pallas_on_a_gpu(monkeypatch):
     assert ops.resolve_backend("auto") == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert ops.resolve_backend("auto") == "cpu_native"  # tests/test_cpu_native.py: or "xla"
+
+
+# ---------------------------------------------------------------------------------------------
+# backend="auto" on a GPU: each kernel checked once per process (addervit_jax/adder/selfcheck.py)
+# ---------------------------------------------------------------------------------------------
+
+KERNELS = ("forward", "x_grad", "w_grad_exact")
+
+
+@pytest.fixture
+def auto_on_a_gpu(monkeypatch):
+    """``"auto"`` as on a GPU: it chooses the Pallas kernels, which, not interpreted, cannot
+    compile on this CPU. Each test starts with no kernel checked and no trace of the op that
+    JAX would reuse (the backend is chosen while tracing), and leaves none behind."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    selfcheck.kernel_backend.cache_clear()
+    jax.clear_caches()
+    yield
+    selfcheck.kernel_backend.cache_clear()
+    jax.clear_caches()
+
+
+def _interpreted(kernel, wrong_by=0.0):
+    """A Pallas backend function that runs interpreted whatever it is asked (a GPU's kernel that
+    compiles, on this CPU), ``wrong_by`` off in its first element."""
+
+    def run(*args, interpret, **options):
+        del interpret
+        return kernel(*args, interpret=True, **options).at[0, 0].add(wrong_by)
+
+    return run
+
+
+def _exact_vjp(x, w, e, g, backend="auto"):
+    """y, dL/dx, dL/dw, dL/dE of the exact rule, which runs all three kernels."""
+    fn = functools.partial(ops.adder, grad="exact", backend=backend)
+    y, pullback = jax.vjp(lambda x, w, e: fn(x, w, stretch=e), x, w, e)
+    return y, *pullback(g)
+
+
+def _float64_vjp(x, w, e, g):
+    return ref.adder(ref.float64(x)[0] * e, w), *ref.adder_stretch_grads(x, w, e, g, "exact")
+
+
+def test_auto_on_a_gpu_runs_xla_for_a_kernel_that_does_not_compile(auto_on_a_gpu):
+    x, w, g, e = map(jnp.asarray, ref.operands(21, 13, 9, 6))
+    with pytest.raises(Exception) as raised:  # what the kernel itself raises on this CPU
+        ops.adder(x, w, backend="pallas")
+    with pytest.warns(RuntimeWarning) as record:
+        got = _exact_vjp(x, w, e, g)
+    assert len(record) == 3  # one per kernel
+    for kernel, warning in zip(KERNELS, record, strict=True):
+        message = str(warning.message)
+        assert f"backend='auto' chose the 'pallas' kernel {kernel} (" in message
+        assert f"this process runs the 'xla' backend's {kernel} in its place" in message
+        assert message.endswith(
+            f"The kernel failed to compile or run: {type(raised.value).__name__}: {raised.value}"
+        )
+    assert "grad='exact', clip_scale=4.0, interpret=False; float32 operands, stretched" in str(
+        record[1].message
+    )
+    for a, b, c in zip(got, _exact_vjp(x, w, e, g, "xla"), _float64_vjp(x, w, e, g), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert ref.rel_err(a, c) < TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once per process: no second warning
+        again = _exact_vjp(x, w, e, g)
+    for a, b in zip(got, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    jaxpr = jax.make_jaxpr(_exact_vjp)(x, w, e, g)
+    assert "pallas_call" not in str(jaxpr)
+
+
+def test_auto_on_a_gpu_replaces_only_the_kernel_with_a_wrong_result(auto_on_a_gpu, monkeypatch):
+    pallas = backends.get("pallas")
+    for kernel in KERNELS:
+        wrong_by = 1.0 if kernel == "forward" else 0.0
+        monkeypatch.setattr(pallas, kernel, _interpreted(getattr(pallas, kernel), wrong_by))
+    x, w, g, e = map(jnp.asarray, ref.operands(22, 13, 9, 6))
+    with pytest.warns(RuntimeWarning) as record:
+        got = _exact_vjp(x, w, e, g)
+    [warning] = record
+    message = str(warning.message)
+    assert "the 'pallas' kernel forward (interpret=False; float32 operands, stretched)" in message
+    assert "The kernel's result differs from the 'xla' backend's by up to 1 (" in message
+    assert "tolerance 0.0001" in message
+    for a, b in zip(got, _float64_vjp(x, w, e, g), strict=True):
+        assert ref.rel_err(a, b) < TOL
+    # the forward of "xla", the backward kernels of "pallas"
+    np.testing.assert_array_equal(got[0], ops.adder(x, w, stretch=e, backend="xla"))
+    assert str(jax.make_jaxpr(_exact_vjp)(x, w, e, g)).count("pallas_call") == 2
+    # a backend asked for by name is not checked: the wrong kernel runs, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = ops.adder(x, w, stretch=e, backend="pallas")
+    np.testing.assert_allclose(named[0, 0] - got[0][0, 0], 1.0, rtol=1e-5)
+
+
+def test_auto_on_a_gpu_runs_the_kernels_that_pass(auto_on_a_gpu, monkeypatch):
+    pallas = backends.get("pallas")
+    for kernel in KERNELS:
+        monkeypatch.setattr(pallas, kernel, _interpreted(getattr(pallas, kernel)))
+    x, w, g, e = map(jnp.asarray, ref.operands(23, 13, 9, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _exact_vjp(x, w, e, g)
+        jaxpr = jax.make_jaxpr(_exact_vjp)(x, w, e, g)
+    assert str(jaxpr).count("pallas_call") == 3
+    for a, b in zip(got, _float64_vjp(x, w, e, g), strict=True):
+        assert ref.rel_err(a, b) < TOL
 
 
 def test_interpret_mode_selects_the_pallas_kernels_under_auto():

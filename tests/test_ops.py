@@ -212,6 +212,48 @@ def test_remat_gives_same_gradients(grad):
         np.testing.assert_array_equal(a, b)
 
 
+def _gradient_of_gradient(x, w, **settings):
+    """d/dx sum(dL/dx) of L = sum(adder(x, w) ** 2): a gradient penalty's derivative."""
+
+    def loss(x):
+        return jnp.sum(ops.adder(x, w, **settings) ** 2)
+
+    return jax.grad(lambda x: jnp.sum(jax.grad(loss)(x)))(x)
+
+
+@pytest.mark.parametrize("grad", ["exact", "clipped"])
+def test_gradient_of_gradient_with_the_xla_backend(grad):
+    x, w, _ = _inputs(12, (5,), 7, 4)
+    got = jax.jit(functools.partial(_gradient_of_gradient, grad=grad, backend="xla"))(x, w)
+    # sum(dL/dx) = sum_{l,i,d} g[l,d] s(w[i,d] - x[l,i]) with g = 2 y and the rule's surrogate s.
+    # Its derivative: through s (s' is zero for sign), and through y, whose derivative is the
+    # rule's again: dL/dx of the adder for the cotangent 2 S, S[l,d] = sum_i s(w[i,d] - x[l,i]).
+    x64, w64 = ref.float64(x, w)
+    diff = w64[None] - x64[:, :, None]  # (L, D_in, D_out): w[i, d] - x[l, i]
+    if grad == "exact":
+        s, ds = np.sign(diff), np.zeros_like(diff)
+    else:
+        s, ds = ref.hardtanh(4 * diff), 4.0 * (np.abs(4 * diff) < 1)
+    g = 2 * ref.adder(x64, w64)
+    through_s = -np.einsum("ld,lid->li", g, ds)
+    through_y = 2 * ref.adder_grads(x64, w64, s.sum(axis=1), grad)[0]
+    assert ref.rel_err(got, through_s + through_y) < TOL
+
+
+@pytest.mark.parametrize("backend", ["cpu_native", "pallas"])
+def test_gradient_of_gradient_on_a_kernel_backend_raises_naming_it(backend):
+    x, w, _ = _inputs(12, (5,), 7, 4)
+    message = (
+        f"adder: backend='{backend}' has no second derivatives: its x_grad kernel .*"
+        r"Use backend='xla' \(plain JAX"
+    )
+    fn = functools.partial(_gradient_of_gradient, backend=backend, interpret=backend == "pallas")
+    with pytest.raises(NotImplementedError, match=message):
+        fn(x, w)
+    with pytest.raises(NotImplementedError, match=message):  # traced, batched
+        jax.jit(jax.vmap(fn, in_axes=(0, None)))(x[None], w)
+
+
 def test_empty_leading_dims():
     x, w = np.zeros((0, 3, 5), np.float32), np.ones((5, 2), np.float32)
     for name in ("adder", "euclid", "dense"):

@@ -7,6 +7,7 @@ backward rules and its backends. Users reach it as ``addervit_jax.ops.adder``.
   every backend;
 * :mod:`.quantized`: :func:`adder_int8` on 8-bit codes (int8 inference), :func:`adder_int8_layer`
   (an int8 adder layer's whole forward) and :func:`int8_codes`;
+* :mod:`.selfcheck`: the once-per-process check of a Pallas kernel that ``"auto"`` chose on a GPU;
 * :mod:`.backends`: one module per backend (``xla``, ``pallas``, ``cpu_native``, ``naive``), each
   with the same protocol; the Pallas and native kernels themselves live in ``kernels/`` (installed
   as ``addervit_jax.kernels``), the Pallas ones each beside its ``*_reference``.

@@ -9,7 +9,6 @@ custom calls per device (:func:`shard_rows`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from addervit_jax.adder import backends
+from addervit_jax.adder import backends, selfcheck
 from addervit_jax.adder.options import BACKENDS, AdderOptions
 from addervit_jax.adder.rules import compute_dtype
 
@@ -68,7 +67,8 @@ def resolve_backend(backend: str) -> str:
 
     ``"auto"`` is ``"pallas"`` on a GPU, ``"cpu_native"`` on a CPU where the native kernels
     build, and ``"xla"`` elsewhere. ``"cpu_native"`` without a working C++ compiler falls back to
-    ``"xla"`` (its ``available()`` warns once).
+    ``"xla"`` (its ``available()`` warns once). On a GPU the op then runs each Pallas kernel only
+    once it has passed a check, once per process (:mod:`addervit_jax.adder.selfcheck`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"adder: unknown backend={backend!r}; expected one of {BACKENDS}")
@@ -87,15 +87,28 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _resolve(options: AdderOptions, *arrays) -> AdderOptions:
-    """``options`` with the backend that will run on ``arrays``: ``interpret`` selects the Pallas
-    kernels under ``"auto"`` (interpret mode exists only for them), then
-    :func:`resolve_backend`, then float64 operands go to ``"xla"``."""
+def _backend(options: AdderOptions, kernel: str, rows: tuple, shared: tuple, **rule) -> str:
+    """The backend that runs ``kernel`` (a protocol function of :mod:`.backends`) on the
+    operands: ``interpret`` selects the Pallas kernels under ``"auto"`` (interpret mode exists
+    only for them), then :func:`resolve_backend`, then float64 operands go to ``"xla"``. A
+    Pallas kernel that ``"auto"`` chose on a GPU runs only if it passes its once-per-process
+    check with these static options (``rule``: ``grad`` and ``clip_scale`` of ``x_grad``), else
+    ``"xla"`` runs in its place (:mod:`.selfcheck`)."""
     backend = options.backend
     if options.interpret and backend == "auto":
         backend = "pallas"
-    backend = _float64_to_xla(resolve_backend(backend), *arrays)
-    return dataclasses.replace(options, backend=backend)
+    resolved = _float64_to_xla(resolve_backend(backend), *rows, *shared)
+    if backend == "auto" and resolved == "pallas":
+        w, e = shared
+        resolved = selfcheck.kernel_backend(
+            resolved,
+            kernel,
+            dtype=jnp.result_type(*rows, w),
+            stretched=e is not None,
+            **rule,
+            interpret=options.interpret,
+        )
+    return resolved
 
 
 def shard_rows(kernel: Callable, rows: tuple, shared: tuple = (), *, sum_rows: bool = False):
@@ -145,40 +158,60 @@ def shard_rows(kernel: Callable, rows: tuple, shared: tuple = (), *, sum_rows: b
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(backend: str, name: str, rows: tuple, shared: tuple, *, sum_rows=False, **options):
-    """``backend``'s protocol function ``name`` on ``(x, w[, g], e)``, given as the operands split
-    by rows (``x``, and ``g`` if any) and the shared ones (``w``, ``e``); per device
-    (:func:`shard_rows`) for a custom call."""
-    fn = partial(getattr(backends.get(backend), name), **options)
+def _run(options: AdderOptions, name: str, rows: tuple, shared: tuple, *, sum_rows=False, **rule):
+    """The protocol function ``name`` (with the ``rule``'s ``grad`` and ``clip_scale`` for
+    ``x_grad``) of the backend that :func:`_backend` picks, on ``(x, w[, g], e)``, given as the
+    operands split by rows (``x``, and ``g`` if any) and the shared ones (``w``, ``e``). A custom
+    call runs per device (:func:`shard_rows`) and refuses to be differentiated
+    (:func:`_first_order_only`)."""
+    backend = _backend(options, name, rows, shared, **rule)
+    module = backends.get(backend)
+    fn = partial(getattr(module, name), **rule, interpret=options.interpret)
 
     def call(*args):
         x, *g, w, e = args  # shard_rows passes the rows first
         return fn(x, w, *g, e)
 
-    if backends.get(backend).CUSTOM_CALL:
-        return shard_rows(call, rows, shared, sum_rows=sum_rows)
+    if module.CUSTOM_CALL:
+        return shard_rows(_first_order_only(call, backend, name), rows, shared, sum_rows=sum_rows)
     return call(*rows, *shared)
+
+
+def _first_order_only(kernel: Callable, backend: str, name: str) -> Callable:
+    """``kernel``, a custom call of ``backend``, whose derivative raises an error naming it.
+
+    The kernels have no derivatives of their own. A gradient only calls them (the custom_vjp
+    below); a derivative of a gradient (a gradient penalty, ``jax.grad`` of ``jax.grad``,
+    ``jax.jacrev`` of ``jax.jacrev``) differentiates the backward pass, and would otherwise fail
+    inside JAX, naming neither the op nor the remedy. (Forward mode, ``jax.jvp`` or
+    ``jax.hessian``, stops earlier on every backend: JAX does not differentiate a custom_vjp in
+    forward mode.)
+    """
+    kernel = jax.custom_jvp(kernel)
+
+    def jvp(primals, tangents):
+        raise NotImplementedError(
+            f"adder: backend={backend!r} has no second derivatives: its {name} kernel is a "
+            f"custom call without a derivative, and a derivative of a gradient (a gradient "
+            f"penalty, jax.grad of jax.grad) differentiates it. Use backend='xla' (plain JAX, "
+            f"differentiable to any order in reverse mode)."
+        )
+
+    kernel.defjvp(jvp)
+    return kernel
 
 
 def _input_grad(x, w, e, g, options: AdderOptions):
     """The rule's dL/du of ``adder(u, w)`` with ``u = x * e``, by the backend, at least float32."""
-    du = _run(
-        options.backend,
-        "x_grad",
-        (x, g),
-        (w, e),
-        grad=options.grad,
-        clip_scale=options.clip_scale,
-        interpret=options.interpret,
-    )
+    du = _run(options, "x_grad", (x, g), (w, e), grad=options.grad, clip_scale=options.clip_scale)
     return du.astype(compute_dtype(x, w, g))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _adder_2d(x, w, e, options: AdderOptions):
     """``-sum_i |x[l, i] * e[i] - w[i, d]|`` (``e`` None: no stretch) with the rule of
-    ``options``, whose backend is resolved (:func:`_resolve`)."""
-    return _run(options.backend, "forward", (x,), (w, e), interpret=options.interpret)
+    ``options``, whose backend is chosen per kernel (:func:`_backend`)."""
+    return _run(options, "forward", (x,), (w, e))
 
 
 def _adder_2d_fwd(x, w, e, options):
@@ -192,15 +225,7 @@ def _adder_2d_bwd(options, residuals, g):
     ec = None if e is None else e.astype(dtype)
     du = _input_grad(x, w, e, g, options)
     if options.grad == "exact":
-        dw = _run(
-            options.backend,
-            "w_grad_exact",
-            (x, g),
-            (w, e),
-            sum_rows=True,
-            interpret=options.interpret,
-        )
-        dw = dw.astype(dtype)
+        dw = _run(options, "w_grad_exact", (x, g), (w, e), sum_rows=True).astype(dtype)
     else:
         # sum_l g[l, d] * (u[l, i] - w[i, d]) = (u^T g)[i, d] - w[i, d] * sum_l g[l, d], and
         # u^T g = e[i] * (x^T g)[i, d]: u = x * e is not formed (XLA:CPU computed it for every
@@ -243,13 +268,17 @@ def adder(
       clip_scale: the factor inside ``hardtanh`` of the ``"clipped"`` x-gradient (4, the
         default, in the *Exploration of AdderViT* study). A positive Python number; ignored by
         other rules.
-      backend: ``"auto"`` (default: ``"pallas"`` on a GPU, ``"cpu_native"`` on a CPU, else
-        ``"xla"``), ``"xla"`` (pure JAX, runs everywhere), ``"pallas"`` (fused GPU kernels),
+      backend: ``"auto"`` (default: ``"pallas"`` on a GPU, where a kernel that fails its check,
+        once per process, is replaced by ``"xla"`` with one warning
+        (:mod:`addervit_jax.adder.selfcheck`); ``"cpu_native"`` on a CPU; else ``"xla"``),
+        ``"xla"`` (pure JAX, runs everywhere), ``"pallas"`` (fused GPU kernels),
         ``"cpu_native"`` (C++ kernels through the XLA FFI, compiled on first use; ``"xla"`` when
         no compiler works, with one warning), or ``"naive"`` (the broadcast formula with plain
         autodiff: a baseline for speed and memory comparisons, which ignores ``grad`` and
         ``clip_scale`` and always has the ``"exact"`` gradient; ``"auto"`` never selects it).
-        Each is a module of :mod:`addervit_jax.adder.backends`.
+        Each is a module of :mod:`addervit_jax.adder.backends`. A derivative of a gradient
+        needs ``"xla"``: the kernels of ``"pallas"`` and ``"cpu_native"`` raise
+        ``NotImplementedError``.
       interpret: run the Pallas kernels in interpret mode (on CPU, for tests; slow); with
         ``backend="auto"`` it selects ``"pallas"``; ignored by other backends. Default False.
       options: the four settings above as one :class:`AdderOptions` (how layers pass them);
@@ -272,8 +301,7 @@ def adder(
                 f"adder: stretch must have shape (D_in,) = ({x.shape[-1]},), got "
                 f"{stretch.shape} (x {x.shape}, w {w.shape})"
             )
-    options = _resolve(options, x, w, stretch)
-    module = backends.get(options.backend)
+    module = backends.get(_backend(options, "forward", (x,), (w, stretch)))
     if module.AUTODIFF:
         return module.forward(x, w, stretch)
     lead, (d_in, d_out) = x.shape[:-1], w.shape
@@ -341,4 +369,4 @@ def adder_scores(
     if options.backend == "naive":
         raise ValueError("adder_scores: backend='naive' is not offered; use 'auto' or 'xla'")
     check_operands("adder_scores", q, k.T)
-    return _scores_2d(q, k, _resolve(options, q, k))
+    return _scores_2d(q, k, options)
