@@ -31,7 +31,9 @@ adder arm of the first eight), whose differences the report gives:
   ``train.convert``: shared parameters copied, each adder site fitted to its multiplication site)
   and fine-tuned for the same 10 epochs; its budget is the teacher's 10 epochs plus these;
 * ``+ features (pkkd)``: feature distillation through token kernel matrices, our reading of PKKD
-  (``distill.feature_kernel="pkkd"``).
+  (``distill.feature_kernel="pkkd"``);
+* ``+ features, norm=batch``: the two that helped first (+2.0 points each over ``qkv_2ffn +
+  distill``, one seed), together.
 
 The other multiplication-free families at ``qkv_2ffn``'s sites, the same recipe:
 
@@ -78,6 +80,11 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
             **distilled,
             "distill.feature_weight": 1.0,
             "distill.feature_kernel": "pkkd",
+        },
+        "qkv_2ffn + distill + features, norm=batch": {
+            **distilled,
+            "distill.feature_weight": 1.0,
+            "model.norm": "batch",
         },
         "qkv_2ffn_ternary": {"variant": "qkv_2ffn_ternary"},
         "qkv_2ffn_ternary + distill": {"variant": "qkv_2ffn_ternary", "distill.teacher": teacher},
