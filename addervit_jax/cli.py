@@ -251,7 +251,18 @@ def _parse_train_flags(argv: list[str]):
         raise SystemExit(f"addervit train: the config has no field {detail}") from err
     if len(rest) > 1:
         raise SystemExit(f"addervit train: unexpected arguments {rest[1:]}")
+    _none_for_optional_tuples(flag_values.config)
     return flag_values
+
+
+def _none_for_optional_tuples(config) -> None:
+    """``--config.randaugment=None`` means None: config_flags parses a tuple field's ``None`` as
+    ``(None,)``, which no tuple field means (and validate_config would refuse)."""
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            _none_for_optional_tuples(value)
+        elif isinstance(value, tuple) and value == (None,):
+            config[key] = None
 
 
 def train_command(argv: list[str]) -> int:

@@ -26,6 +26,7 @@ import variants  # noqa: E402
 
 # a model and budget that train in seconds: these tests check the study machinery, not accuracy
 TINY_RECIPE = [
+    "randaugment=None",  # the digits recipe's RandAugment costs seconds of compilation
     "model.dim=16",
     "model.depth=1",
     "model.heads=2",
@@ -34,7 +35,6 @@ TINY_RECIPE = [
     "total_steps=4",
     "eval_every_steps=2",
     "log_every_steps=1",
-    "randaugment=None",  # the digits recipe's RandAugment costs seconds of compilation
 ]
 
 

@@ -346,6 +346,15 @@ def test_cli_rejects_unknown_config_fields(tmp_path):
         cli.main(["train", "--config", "nonexistent"])
 
 
+def test_cli_none_turns_a_tuple_field_off():
+    # config_flags parses "None" for a tuple field as (None,); the digits recipe's RandAugment
+    # must be switchable off from the command line
+    config = cli._parse_train_flags(["--config.randaugment=None"]).config
+    assert config.randaugment is None
+    config = cli._parse_train_flags(["--config.randaugment=(2, 9)"]).config
+    assert tuple(config.randaugment) == (2, 9)
+
+
 def _shared_tfds():
     root = os.environ.get("TFDS_DATA_DIR") or str(
         pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "tfds"
