@@ -117,7 +117,8 @@ def _quiet_closed_loop_callbacks() -> None:
     tracebacks (197 for a tiny run's two emptied checkpoints; a probe of a larger run counted
     about 18,000 lines) above the reason that matters. The hook installed here drops exactly
     those (that error, raised in asyncio's ``_check_closed``) and hands everything else to the
-    hook that was there before.
+    hook that was there before; the filter of :class:`_UnretrievedReads` goes on the asyncio
+    logger at the same time.
     """
     with _quiet_lock:
         previous = sys.unraisablehook
@@ -139,29 +140,32 @@ def _quiet_closed_loop_callbacks() -> None:
 
         hook._addervit_quiet = True
         sys.unraisablehook = hook
+        logging.getLogger("asyncio").addFilter(_UnretrievedReads())
 
 
-class _UnretrievedFutures(logging.Filter):
-    """Drops asyncio's "Future exception was never retrieved": the reads a failed restore left
-    behind, each holding the error the restore already reported."""
+class _UnretrievedReads(logging.Filter):
+    """Drops asyncio's "Future/Task exception was never retrieved" for the reads a failed restore
+    left behind (their text names Orbax or TensorStore), each holding the error the restore
+    already reported; they come whenever the garbage collector reaches them, even at exit."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Future exception was never retrieved")
+        message = record.getMessage()
+        return not (
+            "exception was never retrieved" in message
+            and ("orbax" in message or "tensorstore" in message)
+        )
 
 
 @contextlib.contextmanager
 def _failed_reads_quiet():
-    """While restores are tried: the closed-loop callbacks dropped (for good, since they can come
-    at any time later: :func:`_quiet_closed_loop_callbacks`), and the failed reads' futures
-    collected before leaving, while asyncio's report of their errors is filtered."""
+    """While restores are tried: the closed-loop callbacks dropped and asyncio's reports of the
+    failed reads filtered, both for good (:func:`_quiet_closed_loop_callbacks`), and the failed
+    reads collected before leaving, so that their echo, if any, comes before the verdict."""
     _quiet_closed_loop_callbacks()
-    logger, dropped = logging.getLogger("asyncio"), _UnretrievedFutures()
-    logger.addFilter(dropped)
     try:
         yield
     finally:
         gc.collect()
-        logger.removeFilter(dropped)
 
 
 class Checkpoints:
