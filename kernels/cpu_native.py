@@ -194,9 +194,11 @@ def _damage(library: pathlib.Path, digest_file: pathlib.Path) -> str | None:
     """Why ``library`` must not be loaded, or None: its recorded checksum must match, and, since a
     checksum recorded again after the damage would match too, an ELF file must hold every byte
     its own headers point to (:func:`_elf_shortfall`)."""
-    if not digest_file.exists() or digest_file.read_text().strip() != _file_digest(library):
+    data = library.read_bytes()  # read once for both checks
+    recorded = digest_file.read_text().strip() if digest_file.exists() else None
+    if recorded != hashlib.sha256(data).hexdigest():
         return "does not match its recorded checksum (damaged or written by an older version)"
-    shortfall = _elf_shortfall(library.read_bytes())
+    shortfall = _elf_shortfall(data)
     if shortfall:
         return f"is cut short ({shortfall}) although its checksum matches"
     return None
