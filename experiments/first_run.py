@@ -35,6 +35,18 @@ DEFAULT_SET = [
     "eval_split=train[1150:]",
 ]
 
+
+def _regularised(learning_rate: float, **more) -> dict:
+    """Round 2's combination (label smoothing 0.1, RandAugment (1, 5)) at ``learning_rate``,
+    with ``more`` fields changed or added."""
+    return {
+        "learning_rate": learning_rate,
+        "label_smoothing": 0.1,
+        "randaugment": (1, 5),
+        **more,
+    }
+
+
 ARMS = {
     "as shipped": {},
     "weight_decay=0.05": {"weight_decay": 0.05},
@@ -51,57 +63,22 @@ ARMS = {
     },
     "randaugment=(2, 9)": {"randaugment": (2, 9)},
     "crop_padding=1": {"crop_padding": 1},
-    "learning_rate=0.004, label_smoothing=0.1, randaugment=(1, 5)": {
-        "learning_rate": 0.004,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-    },
+    "learning_rate=0.004, label_smoothing=0.1, randaugment=(1, 5)": _regularised(0.004),
     # round 3, around the best of round 2
-    "... + weight_decay=0.05": {
-        "learning_rate": 0.004,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-        "weight_decay": 0.05,
-    },
-    "learning_rate=0.006, label_smoothing=0.1, randaugment=(1, 5)": {
-        "learning_rate": 0.006,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-    },
-    "learning_rate=0.004, label_smoothing=0.2, randaugment=(1, 5)": {
-        "learning_rate": 0.004,
-        "label_smoothing": 0.2,
-        "randaugment": (1, 5),
-    },
-    "learning_rate=0.004, label_smoothing=0.1, randaugment=(2, 5)": {
-        "learning_rate": 0.004,
-        "label_smoothing": 0.1,
-        "randaugment": (2, 5),
-    },
+    "... + weight_decay=0.05": _regularised(0.004, weight_decay=0.05),
+    "learning_rate=0.006, label_smoothing=0.1, randaugment=(1, 5)": _regularised(0.006),
+    "learning_rate=0.004, label_smoothing=0.2, randaugment=(1, 5)": _regularised(
+        0.004, label_smoothing=0.2
+    ),
+    "learning_rate=0.004, label_smoothing=0.1, randaugment=(2, 5)": _regularised(
+        0.004, randaugment=(2, 5)
+    ),
     # round 4: the learning rate, which helped in every round
-    "learning_rate=0.008, label_smoothing=0.1, randaugment=(1, 5)": {
-        "learning_rate": 0.008,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-    },
-    "learning_rate=0.012, label_smoothing=0.1, randaugment=(1, 5)": {
-        "learning_rate": 0.012,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-    },
+    "learning_rate=0.008, label_smoothing=0.1, randaugment=(1, 5)": _regularised(0.008),
+    "learning_rate=0.012, label_smoothing=0.1, randaugment=(1, 5)": _regularised(0.012),
     # round 5, around the best of round 4
-    "lr 0.012, ls 0.1, ra (1, 5) + weight_decay=0.05": {
-        "learning_rate": 0.012,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-        "weight_decay": 0.05,
-    },
-    "lr 0.012, ls 0.1, ra (1, 5) + num_epochs=60": {
-        "learning_rate": 0.012,
-        "label_smoothing": 0.1,
-        "randaugment": (1, 5),
-        "num_epochs": 60.0,
-    },
+    "lr 0.012, ls 0.1, ra (1, 5) + weight_decay=0.05": _regularised(0.012, weight_decay=0.05),
+    "lr 0.012, ls 0.1, ra (1, 5) + num_epochs=60": _regularised(0.012, num_epochs=60.0),
 }
 
 
