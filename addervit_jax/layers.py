@@ -156,10 +156,25 @@ class _DistanceDense(nnx.Module):
         """``similarity(stretch * x, w)`` (``stretch`` None: no stretch)."""
         raise NotImplementedError
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _site_similarity(self, x: jax.Array) -> jax.Array:
         stretch = None if self.stretch is None else self.stretch[...]
         with similarity_scope(self.kind):
-            y = self._similarity(x, self.kernel[...], stretch)
+            return self._similarity(x, self.kernel[...], stretch)
+
+    def set_running_statistics(self, x: jax.Array) -> None:
+        """``norm="batch"``: the running mean and variance set to those of this site's
+        similarities on ``x`` (over every axis but the last), so that evaluation on ``x`` gives
+        what a training step on ``x`` alone gives; nothing for the other norms. Conversion
+        (``train.convert``) calls it on the inputs a fitted site was fitted on."""
+        if self.batch_norm is None:
+            return
+        y = self._site_similarity(x)
+        axes = tuple(range(y.ndim - 1))
+        self.batch_norm.mean[...] = jnp.mean(y, axes)
+        self.batch_norm.var[...] = jnp.var(y, axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self._site_similarity(x)
         if self.norm == "layer":
             # Adder and euclid outputs are large negative sums of D_in distances; the study's
             # layer normalises them over the output features before the mask.

@@ -1,6 +1,7 @@
 """The trainer: sharding, multi-process, checkpoints and resumption, guard rails, end to end."""
 
 import importlib
+import itertools
 import json
 import os
 import pathlib
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 from train_worker import TINY, run_worker, summary_of, train_losses
 
-from addervit_jax import cli, configs, logs, train
+from addervit_jax import cli, configs, data, logs, train
 from addervit_jax.configs import digits
+from addervit_jax.models import sites
 
 
 def _config(**overrides):
@@ -618,4 +620,72 @@ def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path
     )
     with pytest.raises(ValueError, match="did not finish"):
         train.train(config, tmp_path / "refused")
+
+
+def test_conversion_fits_batch_norm_sites_as_they_train_and_evaluates_them_alike(tmp_path):
+    source = tmp_path / "multi"
+    train.train(_config(**{"config.variant": "multi", "config.total_steps": 5}), source)
+    config = _config(
+        **{
+            "config.total_steps": 1,
+            "config.init_from": str(source),
+            "config.init_fit_steps": 60,
+            "config.init_fit_batches": 2,
+            "config.model.norm": "batch",
+        }
+    )
+    inputs = train.make_inputs(config)
+    state = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
+    converted = train.convert.convert(config, state, inputs, tmp_path)
+    record = json.loads((tmp_path / "conversion.json").read_text())
+    assert record["fit"]["tokens_per_site"] < 4096  # every token of the two batches: x below
+    source_model = train.inference_model(
+        *(getattr(train.restore(source)[0], k) for k in ("graphdef", "params", "rest"))
+    )
+    student = train.inference_model(converted.graphdef, converted.params, converted.rest)
+    images = [
+        data.preprocess(None, batch["image"], inputs.info, train=False)
+        for _, batch in itertools.islice(inputs.train_batches(0), 2)
+    ]
+    paths = [tuple(f["site"].split(".")) for f in record["fitted"]]
+    paths = [tuple(int(p) if p.isdigit() else p for p in path) for path in paths]
+    recorded, _ = sites.record_inputs(student, paths, images)
+    for fit, path in zip(record["fitted"], paths, strict=True):
+        assert fit["to"] == "AdderDense"
+        assert fit["relative_error_after"] < 0.5 * fit["relative_error_before"], fit
+        site, x = sites.module_at(student, path), jnp.asarray(recorded[path])
+        target = np.asarray(sites.module_at(source_model, path)(x), np.float64)
+        evaluated = np.asarray(site(x), np.float64)
+        site.train()  # batch statistics of x: what the first training steps see
+        trained = np.asarray(site(x), np.float64)
+        site.eval()
+        error = np.linalg.norm(evaluated - target) / np.linalg.norm(target)
+        assert error == pytest.approx(fit["relative_error_after"], rel=1e-3)
+        np.testing.assert_allclose(trained, evaluated, rtol=1e-3, atol=1e-3 * np.abs(target).max())
+
+    # from a finished norm=batch run: a site of the same type and norm keeps its running
+    # statistics (copied, not fitted); one of the same type but another norm is fitted
+    train.train(config, tmp_path / "batch")
+    finished = train.restore(tmp_path / "batch")[0]
+    for variant, norm, fitted in (("all_adder", "batch", "to_out"), ("qkv_2ffn", "layer", "to_q")):
+        other = _config(
+            **{
+                "config.variant": variant,
+                "config.init_from": str(tmp_path / "batch"),
+                "config.init_fit_steps": 2,
+                "config.init_fit_batches": 1,
+                "config.model.norm": norm,
+            }
+        )
+        state = train.create_train_state(other, total_steps=1, steps_per_epoch=1)
+        (tmp_path / variant).mkdir()
+        result = train.convert.convert(other, state, inputs, tmp_path / variant)
+        record = json.loads((tmp_path / variant / "conversion.json").read_text())
+        assert any(f["site"].endswith(fitted) for f in record["fitted"]), record
+        if norm == "batch":
+            assert not any(f["site"].endswith("to_q") for f in record["fitted"])
+            flat = lambda s: dict(jax.tree_util.tree_leaves_with_path(s))  # noqa: E731
+            mine, theirs = flat(result.rest), flat(finished.rest)
+            stats = [k for k in mine if "to_q" in jax.tree_util.keystr(k)]
+            assert stats and all(np.array_equal(mine[k], theirs[k]) for k in stats)
     assert not (tmp_path / "refused").exists()

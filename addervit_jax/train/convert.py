@@ -5,16 +5,18 @@ its products by additions costs.
 A new run whose config names ``init_from`` (a finished run) starts, instead of from its random
 initialisation, from:
 
-1. every parameter of the finished run whose module has the same type and whose array has the
-   same shape at the same path (embedding, LayerNorms, the sites that stay multiplication, the
-   head) copied;
-2. each site whose type differs (a ``Dense`` that becomes an ``AdderDense``, say) fitted to
-   reproduce the finished run's site on the converted model's own inputs: site by site in the
+1. every parameter (and batch-norm running statistic) of the finished run whose module has the
+   same type and whose array has the same shape at the same path (embedding, LayerNorms, the sites
+   that stay multiplication, the head) copied;
+2. each site whose type or norm differs (a ``Dense`` that becomes an ``AdderDense``, say) fitted
+   to reproduce the finished run's site on the converted model's own inputs: site by site in the
    order the forward pass calls them, each on the inputs it receives once the sites before it are
    fitted, ``init_fit_batches`` training batches without augmentation and without labels, by
    ``init_fit_steps`` full-batch Adam steps on the mean squared error relative to the target's
-   mean square. Each site's relative error (``|y - y_teacher| / |y_teacher|``) before and after
-   the fit goes into ``conversion.json`` and the run's summary.
+   mean square. A ``norm="batch"`` site is fitted as it trains (batch statistics of those inputs)
+   and its running statistics are then set to them (``set_running_statistics``), so that it
+   evaluates as it was fitted. Each site's relative error (``|y - y_teacher| / |y_teacher|``,
+   evaluation mode) before and after the fit goes into ``conversion.json`` and the run's summary.
 
 Then the whole model trains for the config's epochs, with distillation from that run when
 ``distill.teacher`` names it (the screen's conversion arm does). Every multiplication-free family
@@ -77,7 +79,8 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def _copy_parameters(student: nnx.Module, teacher: nnx.Module) -> list[str]:
-    """Copy every parameter of a module of the same type and shape; the dotted names copied."""
+    """Copy every parameter and batch statistic of a module of the same type and shape; the
+    dotted names copied."""
     copied = []
     for path, module in nnx.iter_modules(student):
         try:
@@ -89,8 +92,8 @@ def _copy_parameters(student: nnx.Module, teacher: nnx.Module) -> list[str]:
         for name, variable in vars(module).items():
             other = getattr(theirs, name, None)
             if (
-                isinstance(variable, nnx.Param)
-                and isinstance(other, nnx.Param)
+                isinstance(variable, (nnx.Param, nnx.BatchStat))
+                and type(other) is type(variable)
                 and variable.shape == other.shape
             ):
                 variable[...] = other[...]
@@ -102,17 +105,26 @@ def _relative_error(y, target) -> float:
     return float(jnp.linalg.norm(y - target) / jnp.linalg.norm(target))
 
 
+def _set_running_statistics(site: nnx.Module, x: jax.Array) -> None:
+    if hasattr(site, "set_running_statistics"):
+        site.set_running_statistics(x)
+
+
 def _fit(site: nnx.Module, x: jax.Array, target: jax.Array, steps: int) -> None:
     """Fit ``site``'s parameters in place: Adam on ``mean((site(x) - target)^2)`` relative to
-    ``mean(target^2)``."""
+    ``mean(target^2)``, in training mode (a batch norm normalises by the statistics of ``x``),
+    then the site's running statistics set to those of ``x``."""
+    site.train()
     graphdef, params, rest = nnx.split(site, nnx.Param, ...)
+    site.eval()
     tx = optax.adam(_LEARNING_RATE)
     scale = jnp.mean(jnp.square(target))
 
     @jax.jit
     def step(params, opt_state):
         def loss(params):
-            y = nnx.merge(graphdef, params, rest)(x)
+            # a copy: a batch norm in training mode updates its statistics, which are discarded
+            y = nnx.merge(graphdef, params, rest, copy=True)(x)
             return jnp.mean(jnp.square(y - target)) / scale
 
         grads = jax.grad(loss)(params)
@@ -123,6 +135,15 @@ def _fit(site: nnx.Module, x: jax.Array, target: jax.Array, steps: int) -> None:
     for _ in range(steps):
         params, opt_state = step(params, opt_state)
     nnx.update(site, params)
+    _set_running_statistics(site, x)
+
+
+def _differs(site: nnx.Module, source_site: nnx.Module) -> bool:
+    """Whether a site computes another function than the finished run's: another type, or the
+    same type with another norm."""
+    if type(site) is not type(source_site):
+        return True
+    return getattr(site, "norm", None) != getattr(source_site, "norm", None)
 
 
 def convert(
@@ -139,7 +160,7 @@ def convert(
     to_fit = [
         path
         for path, module in sites.linear_sites(student)
-        if type(sites.module_at(teacher, path)) is not type(module)
+        if _differs(module, sites.module_at(teacher, path))
     ]
     images = [
         data.preprocess(None, batch["image"], inputs.info, train=False)
@@ -156,6 +177,7 @@ def convert(
         x = jnp.asarray(x)
         site, target_site = sites.module_at(student, path), sites.module_at(teacher, path)
         target = target_site(x)
+        _set_running_statistics(site, x)
         before = _relative_error(site(x), target)
         _fit(site, x, target, config.init_fit_steps)
         fits.append(
