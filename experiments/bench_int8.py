@@ -14,7 +14,8 @@ against ``int8 multi`` directly. Codes come from the int8 sites themselves (``ac
 
 Models: inference (jitted forward, batch 256) of the float and int8 forms (``models.quantize``,
 every kind: adder sites on SAD, multi sites as int8 matmuls, ternary sites on int8 codes) of
-``multi``, ``qkv_2ffn``, ``qkv_2ffn_ternary`` and ``all_adder`` (L1 scores with the identity
+``multi``, ``multi_ln``, ``qkv_2ffn`` (per-token and, ``norm=batch``, per-unit norm), ``qkv_2ffn_ternary``,
+``qkv_2ffn_shift`` and ``all_adder`` (L1 scores with the identity
 mapping), each against float ``multi`` of the same size (float ``multi`` against itself: the noise
 of the pairs). Every timing is the median of alternating pairs after warm-up
 (``timing.paired_ratio``), in one process. Weights and calibration images are random (speed does
@@ -45,10 +46,14 @@ from addervit_jax.shapes import parse_shape
 # SimpleViT (dim 128, MLP 256) on a batch of 256 images of 64 patches.
 OP_SHAPES = ["4096x384x1536", "4096x1536x384", "16384x128x128", "16384x128x256", "16384x256x128"]
 CIFAR = {"patch_size": 4, "dim": 128, "depth": 4, "heads": 4, "dim_head": 32, "mlp_dim": 256}
+# every model of the CIFAR-10 studies' tables (their reports read these rows by model graph)
 MODELS = [
     ("multi", {}),
+    ("multi_ln", {}),
     ("qkv_2ffn", {}),
+    ("qkv_2ffn", {"norm": "batch"}),
     ("qkv_2ffn_ternary", {}),
+    ("qkv_2ffn_shift", {}),
     ("all_adder", {"attn": "l1_identity"}),
 ]
 OPS = ("int8 multi", "int8 SAD", "int8 ternary")  # each timed against the float32 matmul
@@ -143,7 +148,9 @@ def bench_models(batch, repeats, size) -> list[dict]:
             ratio, t, t_multi = timing.paired_ratio(fn, multi, (images,), repeats)
             rows.append(
                 {
-                    "model": variant + ("" if not overrides else f" ({overrides['attn']})"),
+                    "model": variant + "".join(f", {k}={v}" for k, v in overrides.items()),
+                    "variant": variant,
+                    "build": {**size, **overrides},
                     "form": form,
                     "ms": 1e3 * t,
                     "multi_float_ms": 1e3 * t_multi,
@@ -253,6 +260,7 @@ def main(argv=None) -> None:
             "cpu_instruction_sets": cpu,
             "xla_kernels": kernels,
             "model_size": size,
+            "batch": args.batch,
             "ops": op_rows,
             "models": model_rows,
         }

@@ -97,7 +97,8 @@ def main(argv=None) -> None:
         label_header="arm",
         recipe=recipe,
         argv=argv,
-        reference="as shipped",
+        references=("as shipped",),
+        inference=study.load_inference(args.inference),
     )
 
 

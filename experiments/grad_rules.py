@@ -45,6 +45,7 @@ def main(argv=None) -> None:
         label_header="rule",
         recipe=recipe,
         argv=argv,
+        inference=study.load_inference(args.inference),
     )
 
 

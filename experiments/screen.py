@@ -111,7 +111,8 @@ def main(argv=None) -> None:
         label_header="arm",
         recipe=recipe,
         argv=argv,
-        reference="qkv_2ffn + distill" if "qkv_2ffn + distill" in dict(chosen) else None,
+        references=("qkv_2ffn + distill",),
+        inference=study.load_inference(args.inference),
     )
 
 

@@ -25,6 +25,10 @@ from flax import nnx
 
 from addervit_jax import configs, counts, logs, models, reports, timing, train
 
+# bench_int8.py's model timings, read (never measured) by the reports: a report is written while
+# trainings share the cores, when no timing is honest
+INFERENCE = pathlib.Path(__file__).parent / "results" / "int8" / "results.json"
+
 
 @dataclasses.dataclass
 class Run:
@@ -53,6 +57,11 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) ->
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", required=True, help="results directory")
+    parser.add_argument(
+        "--inference",
+        default=str(INFERENCE),
+        help="bench_int8.py's results.json, read for the inference columns (default %(default)s)",
+    )
 
 
 def add_arms_flag(parser: argparse.ArgumentParser) -> None:
@@ -137,14 +146,62 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(results: list[dict]) -> list[dict]:
-    """One row per label, in the order of first appearance, over its seeds."""
+def _epochs(summary: dict) -> float:
+    return summary["total_steps"] / summary["steps_per_epoch"]
+
+
+def budget_epochs(config: ml_collections.ConfigDict, summary: dict) -> float:
+    """The epochs that made the run: its own, plus those of the run it was converted from
+    (``init_from``, whose teacher budget it spent)."""
+    epochs = _epochs(summary)
+    if config.get("init_from"):
+        source, source_config = train.evaluation.finished_run(
+            "init_from", pathlib.Path(config.init_from), whose="its"
+        )
+        epochs += budget_epochs(source_config, source)
+    return epochs
+
+
+def load_inference(path) -> dict | None:
+    """bench_int8.py's results (``--out``), or None when there is no such file."""
+    path = pathlib.Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def inference_ratios(config: ml_collections.ConfigDict, inference: dict | None) -> dict:
+    """``{"float": r, "int8": r}``: the inference time of ``config``'s model over float
+    ``multi``'s, from the rows of bench_int8's results whose model has the same graph (variant,
+    shapes, norms: ``nnx.graphdef`` equality); empty when none was timed."""
+    if not inference:
+        return {}
+    mine = nnx.graphdef(abstract_model(config))
+    found = {}
+    for row in inference.get("models", []):
+        if "variant" not in row or row["form"] in found:
+            continue
+        theirs = nnx.eval_shape(
+            lambda row=row: models.build(row["variant"], rngs=nnx.Rngs(0), **row["build"])
+        )
+        if nnx.graphdef(theirs) == mine:
+            found[row["form"]] = row["over_multi"]
+    return found
+
+
+def aggregate(results: list[dict], inference: dict | None = None) -> list[dict]:
+    """One row per label, in the order of first appearance, over its seeds; ``inference`` is
+    bench_int8's results (:func:`inference_ratios`)."""
     rows: dict[str, dict] = {}
     for result in results:
         run, summary = result["run"], result["summary"]
         if run.label not in rows:
             empty = {"seeds": [], "final": [], "best": [], "train": []}
-            rows[run.label] = {"label": run.label, **empty, **model_costs(run.config)}
+            rows[run.label] = {
+                "label": run.label,
+                **empty,
+                **model_costs(run.config),
+                "budget": budget_epochs(run.config, summary),
+                "inference": inference_ratios(run.config, inference),
+            }
         row = rows[run.label]
         row.setdefault("time", []).append(summary["train_seconds"])
         row.setdefault("rate", []).append(summary["images_per_second"])
@@ -207,23 +264,41 @@ def is_test_split(split: str) -> bool:
     return split.split("[")[0].strip() == "test"
 
 
+def _inference_line(inference: dict | None) -> str:
+    if not inference:
+        return "not timed (no bench_int8.py results; `--inference`)"
+    return (
+        f"float and int8 forward time over float multi's, batch {inference.get('batch', 256)}, "
+        f"from `{inference.get('command', 'bench_int8.py')}` on {inference.get('device', '?')} "
+        f"({inference.get('date', 'undated')}); "
+        '"-": that model was not timed'
+    )
+
+
+def _ratio(row: dict, form: str) -> str:
+    return f"{row['inference'][form]:.2f}" if form in row.get("inference", {}) else "-"
+
+
 def markdown_table(rows: list[dict], *, label_header: str, eval_split: str = "validation") -> str:
     """The study's table. Evaluated on a test split, the columns say "test" and the best accuracy
-    over the run is left out: a maximum over evaluations on a test split selects on it."""
+    over the run is left out: a maximum over evaluations on a test split selects on it. Budget:
+    :func:`budget_epochs`; inference: :func:`inference_ratios` ("-": not timed)."""
     test = is_test_split(eval_split)
     name = "test" if test else "val"
     best = "" if test else f" best {name} acc (%) |"
     lines = [
         f"| {label_header} | seeds | final {name} acc (%) |{best} train acc, last epoch"
-        " (%) | train time (s) | images/s | params | energy / image (uJ, fp32) |",
-        "|---|---:|---:|" + ("" if test else "---:|") + "---:|---:|---:|---:|---:|",
+        " (%) | budget (epochs) | train time (s) | images/s | params | energy / image (uJ, fp32)"
+        " | inference float / int8 (x float multi) |",
+        "|---|---:|---:|" + ("" if test else "---:|") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         best = "" if test else f" {_pct(row['best'])} |"
         lines.append(
             f"| {row['label']} | {len(row['seeds'])} | {_pct(row['final'])} |{best} "
-            f"{_pct(row['train'])} | {statistics.fmean(row['time']):.0f} | "
-            f"{statistics.fmean(row['rate']):.0f} | {row['params']:,} | {row['energy_uj']:.1f} |"
+            f"{_pct(row['train'])} | {row['budget']:g} | {statistics.fmean(row['time']):.0f} | "
+            f"{statistics.fmean(row['rate']):.0f} | {row['params']:,} | {row['energy_uj']:.1f} "
+            f"| {_ratio(row, 'float')} / {_ratio(row, 'int8')} |"
         )
     return "\n".join(lines)
 
@@ -317,14 +392,16 @@ def write_report(
     label_header: str,
     recipe: ml_collections.ConfigDict,
     command: str,
-    reference: str | None = None,
+    references: tuple[str, ...] = (),
+    inference: dict | None = None,
 ) -> str:
     """Write ``OUT/<name>.md``, ``OUT/<name>.png`` and ``OUT/<name>.json``; return the table.
 
-    With a ``reference`` label the report adds each arm's difference to it (:func:`gap_table`).
+    For each label of ``references`` the report adds each arm's difference to it
+    (:func:`gap_table`); ``inference``: bench_int8's results, for the table's inference column.
     """
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(results)
+    rows = aggregate(results, inference)
     table = markdown_table(rows, label_header=label_header, eval_split=recipe.eval_split)
     plot_validation(
         results,
@@ -356,11 +433,12 @@ def write_report(
         ),
         f"- training time: {sum(r['summary']['train_seconds'] for r in results) / 3600:.1f} h "
         f"for {len(results)} runs",
+        f"- inference: {_inference_line(inference)}",
         "",
         table,
         "",
     ]
-    if reference is not None:
+    for reference in references:
         header += [
             gap_table(results, reference=reference, eval_split=recipe.eval_split),
             "",
@@ -384,12 +462,16 @@ def run_and_report(
     label_header: str,
     recipe: ml_collections.ConfigDict,
     argv: list[str] | None,
-    reference: str | None = None,
+    references: tuple[str, ...] = (),
+    inference: dict | None = None,
 ) -> str:
     """Train ``runs`` (:func:`run_all`), write the report (:func:`write_report`), print the table.
 
-    ``name`` is also the script's name (``experiments/<name>.py``) in the report's command line.
+    ``name`` is also the script's name (``experiments/<name>.py``) in the report's command line;
+    ``references``: the labels among the runs' to which the report gives paired differences.
     """
+    labels = {run.label for run in runs}
+    references = tuple(r for r in references if r in labels)
     results = run_all(runs, out)
     table = write_report(
         results,
@@ -399,7 +481,8 @@ def run_and_report(
         label_header=label_header,
         recipe=recipe,
         command=reports.command_line(f"{name}.py", argv),
-        reference=reference,
+        references=references,
+        inference=inference,
     )
     print(table)
     return table

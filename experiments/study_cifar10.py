@@ -18,14 +18,18 @@ Arms (labels of the table), every one the ``cifar10`` config with ``--set`` appl
 * ``qkv_2ffn + distill + features, norm=batch``: the best adder recipe of the screen's second part
   (issue 33): feature distillation of every block's output and AdderNet's per-unit batch norm
   added to ``qkv_2ffn + distill``, 66.8% at 10 epochs (seed 0) against 64.7% for each of the two
-  alone, 62.7% without either and 66.9% for ``multi``.
+  alone, 62.7% without either and 66.9% for ``multi``;
+* ``..., converted from multi``: the same recipe started from ``multi`` seed 0's finished run
+  (``init_from``, ``train.convert``) and fine-tuned for the same 30 epochs, both seeds; its budget
+  column counts the teacher's 30 epochs too.
 
 Runs go seed by seed (``multi`` seed 0 first: the teacher), each in ``OUT/runs/<arm>_seed<s>``;
 rerunning the command reads back finished runs and resumes an unfinished one from its
 checkpoints. ``--arms`` trains and reports a subset. A 3-epoch smoke run of the same arms:
 ``--set num_epochs=3 warmup_epochs=0.3 --out experiments/results/study_cifar10/smoke``.
 Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``; the report adds each arm's
-difference to ``multi``, paired by seed (``study.gap_table``).
+difference to ``multi`` and to ``multi_ln``, paired by seed (``study.gap_table``), and float and
+int8 inference speeds from ``bench_int8.py``'s results (``--inference``).
 """
 
 from __future__ import annotations
@@ -41,16 +45,21 @@ TEACHER = ("multi", 0)
 
 def arms(out: pathlib.Path) -> dict[str, dict]:
     teacher = str(out / "runs" / study.Run(*TEACHER, config=None).name)
+    best_adder = {
+        "variant": "qkv_2ffn",
+        "distill.teacher": teacher,
+        "distill.feature_weight": 1.0,
+        "model.norm": "batch",
+    }
     return {
         "multi": {"variant": "multi"},
         "multi_ln": {"variant": "multi_ln"},
         "qkv_2ffn": {"variant": "qkv_2ffn"},
         "qkv_2ffn + distill": {"variant": "qkv_2ffn", "distill.teacher": teacher},
-        "qkv_2ffn + distill + features, norm=batch": {
-            "variant": "qkv_2ffn",
-            "distill.teacher": teacher,
-            "distill.feature_weight": 1.0,
-            "model.norm": "batch",
+        "qkv_2ffn + distill + features, norm=batch": best_adder,
+        "qkv_2ffn + distill + features, norm=batch, converted from multi": {
+            **best_adder,
+            "init_from": teacher,
         },
     }
 
@@ -83,7 +92,8 @@ def main(argv=None) -> None:
         label_header="arm",
         recipe=recipe,
         argv=argv,
-        reference=TEACHER[0] if TEACHER[0] in dict(chosen) else None,
+        references=("multi", "multi_ln"),
+        inference=study.load_inference(args.inference),
     )
 
 

@@ -48,6 +48,7 @@ def main(argv=None) -> None:
         label_header="variant",
         recipe=recipe,
         argv=argv,
+        inference=study.load_inference(args.inference),
     )
 
 

@@ -21,6 +21,7 @@ import grad_rules  # noqa: E402
 import op_counts  # noqa: E402
 import screen  # noqa: E402
 import speed_table  # noqa: E402
+import study  # noqa: E402
 import study_cifar10  # noqa: E402
 import variants  # noqa: E402
 
@@ -208,14 +209,16 @@ def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
 
 def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0(tmp_path):
     args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
-    study_cifar10.main([*args, "--arms", "multi", "qkv_2ffn + distill"])
+    converted = "qkv_2ffn + distill + features, norm=batch, converted from multi"
+    nothing = ["--inference", str(tmp_path / "no_bench_results.json")]
+    study_cifar10.main([*args, *nothing, "--arms", "multi", converted])
     record = json.loads((tmp_path / "study_cifar10.json").read_text())
     # the teacher first, then seed by seed: each seed's comparison is whole before the next begins
     assert [(r["label"], r["seed"]) for r in record] == [
         ("multi", 0),
-        ("qkv_2ffn + distill", 0),
+        (converted, 0),
         ("multi", 1),
-        ("qkv_2ffn + distill", 1),
+        (converted, 1),
     ]
     teacher = str(tmp_path / "runs" / "multi_seed0")
     assert all(r["teacher"]["workdir"] == teacher for r in record if "distill" in r["label"])
@@ -224,13 +227,23 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
     # the gap to multi, paired by seed, with the standard error of the evaluation set alone
     acc = {(r["label"], r["seed"]): r["eval_accuracy"] for r in record}
     n = record[0]["eval_examples"]
-    diffs = [acc["qkv_2ffn + distill", s] - acc["multi", s] for s in (0, 1)]
+    diffs = [acc[converted, s] - acc["multi", s] for s in (0, 1)]
     var = sum(acc[k] * (1 - acc[k]) / n for k in acc)
     gap = (
-        f"| qkv_2ffn + distill | {50 * sum(diffs):+.1f} | {100 * diffs[0]:+.1f} (seed 0), "
+        f"| {converted} | {50 * sum(diffs):+.1f} | {100 * diffs[0]:+.1f} (seed 0), "
         f"{100 * diffs[1]:+.1f} (seed 1) | {100 * var**0.5 / 2:.1f} |"
     )
     assert gap in table, table
+    # the converted arm started from multi seed 0: its budget counts that run's epochs too
+    assert all(r["conversion"]["init_from"] == teacher for r in record if r["label"] == converted)
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if "budget (epochs)" in line)
+    column = lines[start].split(" | ").index("budget (epochs)")
+    main_table = lines[start + 2 : lines.index("", start)]
+    cells = {row.split(" | ")[0].strip("| "): row.split(" | ") for row in main_table}
+    assert float(cells[converted][column]) == 2 * float(cells["multi"][column])
+    # no bench_int8 results there: the inference column says "not timed"
+    assert "- inference: not timed" in table and cells["multi"][-1] == "- / - |"
     # a distilled arm without its teacher, neither trained nor among the runs, is refused
     with pytest.raises(SystemExit):
         study_cifar10.main(
@@ -310,7 +323,15 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
     forms = [(r["model"], r["form"]) for r in record["models"]]
     assert forms == [
         (model, form)
-        for model in ("multi", "qkv_2ffn", "qkv_2ffn_ternary", "all_adder (l1_identity)")
+        for model in (
+            "multi",
+            "multi_ln",
+            "qkv_2ffn",
+            "qkv_2ffn, norm=batch",
+            "qkv_2ffn_ternary",
+            "qkv_2ffn_shift",
+            "all_adder, attn=l1_identity",
+        )
         for form in ("float", "int8")
     ]
     for r in record["models"]:
@@ -323,6 +344,36 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
     assert cpu == bench_int8.cpu_instruction_sets()
     sets = ", ".join(f"{name} {'yes' if have else 'no'}" for name, have in cpu.items())
     assert f"- CPU instruction sets for int8 sums (/proc/cpuinfo): {sets or 'unknown'}" in table
+
+
+def test_study_reports_read_inference_times_of_the_same_model_from_bench_int8():
+    size = dict(bench_int8.CIFAR)
+    inference = {
+        "models": [
+            {"variant": "qkv_2ffn", "build": size, "form": "float", "over_multi": 1.5},
+            {
+                "variant": "qkv_2ffn",
+                "build": {**size, "norm": "batch"},
+                "form": "int8",
+                "over_multi": 0.7,
+            },
+            {"variant": "qkv_2ffn", "build": size, "form": "int8", "over_multi": 0.8},
+            {"variant": "multi", "build": size, "form": "int8", "over_multi": 0.4},
+        ]
+    }
+    recipe = study.load_recipe("cifar10", [])
+    arms = [
+        ("plain", {"variant": "qkv_2ffn"}),
+        ("per-unit", {"variant": "qkv_2ffn", "model.norm": "batch"}),
+        ("wider", {"variant": "qkv_2ffn", "model.mlp_dim": 512}),
+    ]
+    found = {
+        run.label: study.inference_ratios(run.config, inference)
+        for run in study.make_runs(recipe, arms, [0])
+    }
+    # matched by model graph: variant, shapes and norms, not by name
+    assert found == {"plain": {"float": 1.5, "int8": 0.8}, "per-unit": {"int8": 0.7}, "wider": {}}
+    assert study.inference_ratios(recipe, None) == {}
 
 
 def test_bench_ops_times_the_naive_backend(capsys):
