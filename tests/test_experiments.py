@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from addervit_jax import configs, counts, layers, models, reports, timing
+from addervit_jax import configs, counts, layers, models, reports, timing, train
 from addervit_jax.shapes import parse_shape
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
@@ -18,6 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiment
 import bench_int8  # noqa: E402
 import bench_ops  # noqa: E402
 import grad_rules  # noqa: E402
+import int8_accuracy  # noqa: E402
 import op_counts  # noqa: E402
 import screen  # noqa: E402
 import speed_table  # noqa: E402
@@ -374,6 +375,24 @@ def test_study_reports_read_inference_times_of_the_same_model_from_bench_int8():
     # matched by model graph: variant, shapes and norms, not by name
     assert found == {"plain": {"float": 1.5, "int8": 0.8}, "per-unit": {"int8": 0.7}, "wider": {}}
     assert study.inference_ratios(recipe, None) == {}
+
+
+def test_int8_accuracy_tables_float_and_int8_of_finished_runs(tmp_path):
+    config = study.load_recipe("digits", [*TINY_RECIPE, "variant=qkv_2ffn_ternary"])
+    train.train(config, tmp_path / "ternary")
+    int8_accuracy.main([str(tmp_path / "ternary"), "--out", str(tmp_path / "out")])
+    (record,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    direct = train.evaluate_workdir(tmp_path / "ternary", int8=True)
+    assert record["float"] == direct["float"] and record["int8"] == direct["int8"]
+    f, q = record["float"]["accuracy"], record["int8"]["accuracy"]
+    table = (tmp_path / "out" / "accuracy.md").read_text()
+    sites = ", ".join(f"{n} {kind}" for kind, n in direct["int8_sites"].items())
+    assert f"| ternary | qkv_2ffn_ternary | test | {100 * f:.2f} | {100 * q:.2f} | " in table
+    assert f"| {sites} | attention_values, scores_dot |" in table
+    # an unfinished run is refused before anything is evaluated
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        int8_accuracy.main([str(tmp_path / "ternary"), str(tmp_path / "empty")])
 
 
 def test_bench_ops_times_the_naive_backend(capsys):

@@ -1,0 +1,92 @@
+"""Float and int8 accuracy of finished training runs, side by side (``addervit eval --int8`` on
+each, one table).
+
+    TFDS_DATA_DIR=../shared/datasets/tfds python experiments/int8_accuracy.py \\
+        experiments/results/screen_cifar10/runs/* --out experiments/results/int8
+
+Each run is evaluated on its own evaluation split (``train.evaluate_workdir(int8=True)``:
+``models.quantize`` converts every site kind that has an int8 form and names the sites left float;
+adder sites are calibrated on the run's first training batches without augmentation). Writes
+``accuracy.json`` (one record per run) and ``accuracy.md`` under ``--out``. The difference of a
+pair is measured on the same images, so its noise is that of the images whose prediction changed,
+not the standard error of either accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from addervit_jax import reports, train
+
+
+def evaluate(workdirs: list[pathlib.Path], calibration_batches: int) -> list[dict]:
+    records = []
+    for workdir in workdirs:
+        result = train.evaluate_workdir(workdir, int8=True, calibration_batches=calibration_batches)
+        summary = json.loads((workdir / "summary.json").read_text())
+        records.append({"workdir": str(workdir), "variant": summary["variant"], **result})
+        print(
+            f"{workdir}: float {result['float']['accuracy']:.4f}, int8 "
+            f"{result['int8']['accuracy']:.4f}",
+            flush=True,
+        )
+    return records
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = [
+        "| run | variant | split | float acc (%) | int8 acc (%) | int8 - float (points) "
+        "| sites on integers | left float |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in records:
+        f, q = r["float"]["accuracy"], r["int8"]["accuracy"]
+        sites = ", ".join(f"{n} {kind}" for kind, n in r["int8_sites"].items())
+        kinds = sorted({site.rsplit("(", 1)[-1].rstrip(")") for site in r["float_sites"]})
+        lines.append(
+            f"| {pathlib.Path(r['workdir']).name} | {r['variant']} | {r['split']} | "
+            f"{100 * f:.2f} | {100 * q:.2f} | {100 * (q - f):+.2f} | {sites} | "
+            f"{', '.join(kinds) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="work directories of finished training runs")
+    parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--out", default=None, help="directory for accuracy.json and accuracy.md")
+    args = parser.parse_args(argv)
+    workdirs = [pathlib.Path(run) for run in args.runs]
+    for workdir in workdirs:
+        status = None
+        if (workdir / "summary.json").is_file():
+            status = json.loads((workdir / "summary.json").read_text()).get("status")
+        if status != "finished":
+            parser.error(f"{workdir} is not a finished run (status {status!r})")
+    records = evaluate(workdirs, args.calibration_batches)
+    command = reports.command_line("int8_accuracy.py", argv)
+    table = "\n".join(
+        [
+            "# Float and int8 accuracy of trained runs",
+            "",
+            *reports.header_lines(command),
+            "- int8: `models.quantize` (`addervit eval --int8`); kinds left float: the sites that "
+            "have no int8 form (attention scores and values, euclid sites)",
+            "",
+            markdown_table(records),
+            "",
+        ]
+    )
+    print(table)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "accuracy.json").write_text(json.dumps(records, indent=2) + "\n")
+        (out / "accuracy.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
