@@ -14,12 +14,12 @@ against ``int8 multi`` directly. Codes come from the int8 sites themselves (``ac
 
 Models: inference (jitted forward, batch 256) of the float and int8 forms (``models.quantize``,
 every kind: adder sites on SAD, multi sites as int8 matmuls, ternary sites on int8 codes, shift
-sites on shifted int8 codes) of every model of the CIFAR-10 studies (``MODELS``), each against
-float ``multi`` of the same size (float ``multi`` against itself: the noise of the pairs); the
-studies' reports read these rows (``study.inference_ratios``). Every timing is the median of
-alternating pairs after warm-up (``timing.paired_ratio``), in one process. Weights and calibration images are random (speed does
-not depend on them). The header names the CPU's instruction sets for int8 sums (``/proc/cpuinfo``)
-and the kernels XLA compiled the matmuls to.
+sites on shifted int8 codes) of every model of the CIFAR-10 studies (``MODELS``), each against float
+``multi`` of the same size (float ``multi`` against itself: the noise of the pairs); the studies'
+reports read these rows (``study.inference_ratios``). Every timing is the median of alternating
+pairs after warm-up (``timing.paired_ratio``), in one process. Weights and calibration images are
+random (speed does not depend on them). The header names the CPU's instruction sets for int8 sums
+(``/proc/cpuinfo``) and the kernels XLA compiled the matmuls to.
 """
 
 from __future__ import annotations
