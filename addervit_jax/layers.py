@@ -170,8 +170,10 @@ class _DistanceDense(nnx.Module):
             return
         y = self._site_similarity(x)
         axes = tuple(range(y.ndim - 1))
-        self.batch_norm.mean[...] = jnp.mean(y, axes)
-        self.batch_norm.var[...] = jnp.var(y, axes)
+        mean = jnp.mean(y, axes)
+        # as nnx.BatchNorm computes a batch's variance in training (its fast variance)
+        self.batch_norm.mean[...] = mean
+        self.batch_norm.var[...] = jnp.maximum(jnp.mean(jnp.square(y), axes) - mean**2, 0.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self._site_similarity(x)

@@ -233,7 +233,8 @@ def main(argv=None) -> None:
         lines += [
             "",
             f"SimpleViT ({size}) inference, batch {args.batch}; int8: `models.quantize`, every "
-            "kind (adder sites on SAD, multi sites int8 matmuls, ternary sites int8 codes); "
+            "kind (adder sites on SAD, multi sites int8 matmuls, ternary sites int8 codes, shift "
+            "sites shifted int8 codes); "
             "float multi against itself gives the noise of the pairs:",
             "",
             "| model | form | time (ms) | float multi (ms) | time / float multi |",

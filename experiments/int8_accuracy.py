@@ -25,7 +25,7 @@ def evaluate(workdirs: list[pathlib.Path], calibration_batches: int) -> list[dic
     records = []
     for workdir in workdirs:
         result = train.evaluate_workdir(workdir, int8=True, calibration_batches=calibration_batches)
-        summary = json.loads((workdir / "summary.json").read_text())
+        summary, _ = train.finished_run("run", workdir, whose="its")
         records.append({"workdir": str(workdir), "variant": summary["variant"], **result})
         print(
             f"{workdir}: float {result['float']['accuracy']:.4f}, int8 "
@@ -60,13 +60,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="directory for accuracy.json and accuracy.md")
     args = parser.parse_args(argv)
     workdirs = [pathlib.Path(run) for run in args.runs]
-    for workdir in workdirs:
-        status = None
-        if (workdir / "summary.json").is_file():
-            status = json.loads((workdir / "summary.json").read_text()).get("status")
-        if status != "finished":
-            parser.error(f"{workdir} is not a finished run (status {status!r})")
-    records = evaluate(workdirs, args.calibration_batches)
+    for workdir in workdirs:  # every run checked before any is evaluated
+        try:
+            train.finished_run("run", workdir, whose="its")
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+    try:
+        records = evaluate(workdirs, args.calibration_batches)
+    except ValueError as err:  # e.g. more calibration batches than a run's epoch holds
+        parser.error(str(err))
     command = reports.command_line("int8_accuracy.py", argv)
     table = "\n".join(
         [

@@ -150,16 +150,18 @@ def _epochs(summary: dict) -> float:
     return summary["total_steps"] / summary["steps_per_epoch"]
 
 
-def budget_epochs(config: ml_collections.ConfigDict, summary: dict) -> float:
-    """The epochs that made the run: its own, plus those of the run it was converted from
-    (``init_from``, whose teacher budget it spent)."""
+def budget_epochs(summary: dict) -> float:
+    """The epochs that made the run: its own, plus those that made the run it was converted from
+    (``init_from``: ``source_epochs`` of its conversion record; runs converted before that field
+    existed read their source's summary). A distilled run's teacher is not counted."""
     epochs = _epochs(summary)
-    if config.get("init_from"):
-        source, source_config = train.evaluation.finished_run(
-            "init_from", pathlib.Path(config.init_from), whose="its"
-        )
-        epochs += budget_epochs(source_config, source)
-    return epochs
+    conversion = summary.get("conversion")
+    if conversion is None:
+        return epochs
+    if "source_epochs" in conversion:
+        return epochs + conversion["source_epochs"]
+    source, _ = train.finished_run("init_from", pathlib.Path(conversion["init_from"]), whose="its")
+    return epochs + budget_epochs(source)
 
 
 def load_inference(path) -> dict | None:
@@ -170,8 +172,10 @@ def load_inference(path) -> dict | None:
 
 def inference_ratios(config: ml_collections.ConfigDict, inference: dict | None) -> dict:
     """``{"float": r, "int8": r}``: the inference time of ``config``'s model over float
-    ``multi``'s, from the rows of bench_int8's results whose model has the same graph (variant,
-    shapes, norms: ``nnx.graphdef`` equality); empty when none was timed."""
+    ``multi``'s, from the rows of bench_int8's results whose model has the same graph
+    (``nnx.graphdef`` equality: variant, shapes, norms and site options); empty when none was
+    timed. A row this version cannot build (another version's variant or option) matches
+    nothing."""
     if not inference:
         return {}
     mine = nnx.graphdef(abstract_model(config))
@@ -179,9 +183,12 @@ def inference_ratios(config: ml_collections.ConfigDict, inference: dict | None) 
     for row in inference.get("models", []):
         if "variant" not in row or row["form"] in found:
             continue
-        theirs = nnx.eval_shape(
-            lambda row=row: models.build(row["variant"], rngs=nnx.Rngs(0), **row["build"])
-        )
+        try:
+            theirs = nnx.eval_shape(
+                lambda row=row: models.build(row["variant"], rngs=nnx.Rngs(0), **row["build"])
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
         if nnx.graphdef(theirs) == mine:
             found[row["form"]] = row["over_multi"]
     return found
@@ -199,7 +206,7 @@ def aggregate(results: list[dict], inference: dict | None = None) -> list[dict]:
                 "label": run.label,
                 **empty,
                 **model_costs(run.config),
-                "budget": budget_epochs(run.config, summary),
+                "budget": budget_epochs(summary),
                 "inference": inference_ratios(run.config, inference),
             }
         row = rows[run.label]
@@ -267,10 +274,15 @@ def is_test_split(split: str) -> bool:
 def _inference_line(inference: dict | None) -> str:
     if not inference:
         return "not timed (no bench_int8.py results; `--inference`)"
+    if not any("variant" in row for row in inference.get("models", [])):
+        return (
+            "not read: the bench_int8.py results are of an older version that did not record "
+            "each model's graph; rerun `python experiments/bench_int8.py --out "
+            "experiments/results/int8` on an idle machine"
+        )
     return (
-        f"float and int8 forward time over float multi's, batch {inference.get('batch', 256)}, "
-        f"from `{inference.get('command', 'bench_int8.py')}` on {inference.get('device', '?')} "
-        f"({inference.get('date', 'undated')}); "
+        f"float and int8 forward time over float multi's, batch {inference['batch']}, "
+        f"from `{inference['command']}` on {inference['device']} ({inference['date']}); "
         '"-": that model was not timed'
     )
 

@@ -127,6 +127,7 @@ def test_speed_table_rows_times_memory_and_oom(tmp_path):
 
 def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     args = ["--variants", "multi", "qkv_2ffn", "--seeds", "0", "1", "--out", str(tmp_path)]
+    args += ["--inference", str(tmp_path / "no_bench_results.json")]
     variants.main([*args, "--set", *TINY_RECIPE])
     out = capsys.readouterr().out
     report = (tmp_path / "variants.md").read_text()
@@ -166,7 +167,10 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
 
 
 def test_grad_rule_study_runs_each_rule_once(tmp_path):
-    grad_rules.main(["--clip-scales", "1", "4", "--out", str(tmp_path), "--set", *TINY_RECIPE])
+    nothing = ["--inference", str(tmp_path / "no_bench_results.json")]
+    grad_rules.main(
+        ["--clip-scales", "1", "4", "--out", str(tmp_path), *nothing, "--set", *TINY_RECIPE]
+    )
     record = json.loads((tmp_path / "grad_rules.json").read_text())
     labels = [r["label"] for r in record]
     # clip_scale 1 is the addernet rule, listed once
@@ -192,6 +196,7 @@ def test_grad_rule_study_refuses_a_variant_whose_sites_ignore_the_rule(tmp_path)
 
 def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
     args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
+    args += ["--inference", str(tmp_path / "no_bench_results.json")]
     screen.main([*args, "--arms", "multi", "multi_ln", "qkv_2ffn + distill"])
     record = {r["label"]: r for r in json.loads((tmp_path / "screen.json").read_text())}
     assert list(record) == ["multi", "multi_ln", "qkv_2ffn + distill"]
@@ -299,7 +304,7 @@ def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
 
 
 def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
-    tiny = ["dim=16", "depth=1", "heads=2", "dim_head=8", "mlp_dim=32", "image_size=8"]
+    tiny = ["dim=16", "depth=1", "heads=2", "dim_head=8", "mlp_dim=32", "patch_size=8"]
     argv = ["--shapes", "9x5x7", "--batch", "2", "--repeats", "2", "--set", *tiny]
     bench_int8.main([*argv, "--out", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
@@ -340,7 +345,15 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
         assert f"| {r['model']} | {r['form']} | {r['ms']:.1f} |" in table
         if r["form"] == "int8":  # every linear site on integers, the attention products float
             assert set(r["float_sites"]) <= {"scores_dot", "scores_l1", "attention_values"}
-    assert record["model_size"]["dim"] == 16 and record["model_size"]["patch_size"] == 4
+    assert record["model_size"]["dim"] == 16 and record["model_size"]["patch_size"] == 8
+    # the studies' reports find these rows by model graph: a cifar10 recipe of the same size
+    recipe = study.load_recipe("cifar10", [f"model.{item}" for item in tiny])
+    rows = {(r["model"], r["form"]): r["over_multi"] for r in record["models"]}
+    for label, fields in [("qkv_2ffn", {}), ("qkv_2ffn, norm=batch", {"model.norm": "batch"})]:
+        (run,) = study.make_runs(recipe, [(label, {"variant": "qkv_2ffn", **fields})], [0])
+        assert study.inference_ratios(run.config, record) == {
+            form: rows[label, form] for form in ("float", "int8")
+        }
     cpu = record["cpu_instruction_sets"]
     assert cpu == bench_int8.cpu_instruction_sets()
     sets = ", ".join(f"{name} {'yes' if have else 'no'}" for name, have in cpu.items())

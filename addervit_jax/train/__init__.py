@@ -50,7 +50,12 @@ from addervit_jax.train.distill import (
     feature_loss,
     inference_model,
 )
-from addervit_jax.train.evaluation import evaluate, evaluate_workdir, load_teacher
+from addervit_jax.train.evaluation import (
+    evaluate,
+    evaluate_workdir,
+    finished_run,
+    load_teacher,
+)
 from addervit_jax.train.loop import RESUME_MODES, TrainingDiverged, params_checksum, train
 from addervit_jax.train.state import (
     TrainState,
@@ -92,6 +97,7 @@ __all__ = [
     "distill_loss",
     "eval_step",
     "feature_loss",
+    "finished_run",
     "finished_summary",
     "evaluate",
     "evaluate_workdir",

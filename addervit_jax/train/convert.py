@@ -8,15 +8,16 @@ initialisation, from:
 1. every parameter (and batch-norm running statistic) of the finished run whose module has the
    same type and whose array has the same shape at the same path (embedding, LayerNorms, the sites
    that stay multiplication, the head) copied;
-2. each site whose type or norm differs (a ``Dense`` that becomes an ``AdderDense``, say) fitted
-   to reproduce the finished run's site on the converted model's own inputs: site by site in the
-   order the forward pass calls them, each on the inputs it receives once the sites before it are
-   fitted, ``init_fit_batches`` training batches without augmentation and without labels, by
-   ``init_fit_steps`` full-batch Adam steps on the mean squared error relative to the target's
-   mean square. A ``norm="batch"`` site is fitted as it trains (batch statistics of those inputs)
-   and its running statistics are then set to them (``set_running_statistics``), so that it
-   evaluates as it was fitted. Each site's relative error (``|y - y_teacher| / |y_teacher|``,
-   evaluation mode) before and after the fit goes into ``conversion.json`` and the run's summary.
+2. each site whose type or structure differs (a ``Dense`` that becomes an ``AdderDense``, a
+   ``norm="layer"`` site that becomes ``norm="batch"``) fitted to reproduce the finished run's site
+   on the converted model's own inputs: site by site in the order the forward pass calls them, each
+   on the inputs it receives once the sites before it are fitted, ``init_fit_batches`` training
+   batches without augmentation and without labels, by ``init_fit_steps`` full-batch Adam steps on
+   the mean squared error relative to the target's mean square. A ``norm="batch"`` site is fitted as
+   it trains (batch statistics of those inputs) and its running statistics are then set to them
+   (``set_running_statistics``), so that it evaluates as it was fitted. Each site's relative error
+   (``|y - y_teacher| / |y_teacher|``, evaluation mode) before and after the fit goes into
+   ``conversion.json`` and the run's summary.
 
 Then the whole model trains for the config's epochs, with distillation from that run when
 ``distill.teacher`` names it (the screen's conversion arm does). Every multiplication-free family
@@ -140,10 +141,8 @@ def _fit(site: nnx.Module, x: jax.Array, target: jax.Array, steps: int) -> None:
 
 def _differs(site: nnx.Module, source_site: nnx.Module) -> bool:
     """Whether a site computes another function than the finished run's: another type, or the
-    same type with another norm."""
-    if type(site) is not type(source_site):
-        return True
-    return getattr(site, "norm", None) != getattr(source_site, "norm", None)
+    same type with another structure (norm, E or F present or not, options)."""
+    return nnx.graphdef(site) != nnx.graphdef(source_site)
 
 
 def convert(
@@ -152,6 +151,7 @@ def convert(
     """``state`` (a new run's) started from the finished run ``config.init_from`` (the module's
     docstring); writes ``workdir/conversion.json``."""
     source_state, _, _ = restore(config.init_from)
+    source_summary, _ = finished_run("init_from", pathlib.Path(config.init_from), whose="its")
     teacher = inference_model(source_state.graphdef, source_state.params, source_state.rest)
     # a copy: the parameters of ``state`` itself are left as they are
     params, rest = jax.tree.map(jnp.copy, (state.params, state.rest))
@@ -191,6 +191,9 @@ def convert(
         )
     record = {
         "init_from": str(config.init_from),
+        # the training that made the source, its own source's included: a converted run's budget
+        "source_epochs": source_summary["total_steps"] / source_summary["steps_per_epoch"]
+        + source_summary.get("conversion", {}).get("source_epochs", 0),
         "copied": len(copied),
         "fitted": fits,
         "fit": {
