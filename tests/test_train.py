@@ -614,6 +614,15 @@ def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path
     config.init_from = str(tmp_path / "deeper")
     with pytest.raises(ValueError, match=r"init_from=.*deeper.* not of this run's shape"):
         train.train(config, tmp_path / "refused")
+    # a wider FFN has the same features but sites of other shapes: refused, naming the first
+    config.init_from = str(source)
+    config.model.mlp_dim = 64
+    with pytest.raises(
+        ValueError, match=r"its site blocks.0.ffn.fc1 is 16 -> 32 features, this run's is 16 -> 64"
+    ):
+        train.train(config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    config.model.mlp_dim, config.init_from = 32, str(tmp_path / "deeper")
     summary_path = tmp_path / "deeper" / "summary.json"
     summary_path.write_text(
         json.dumps({**json.loads(summary_path.read_text()), "status": "preempted"})

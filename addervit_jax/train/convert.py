@@ -42,6 +42,7 @@ from flax import nnx
 from addervit_jax import data, models
 from addervit_jax.models import sites
 from addervit_jax.train.checkpoints import restore
+from addervit_jax.train.config import model_overrides
 from addervit_jax.train.distill import inference_model
 from addervit_jax.train.evaluation import feature_shapes, finished_run
 from addervit_jax.train.state import TrainState
@@ -76,7 +77,28 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             f"init_from={str(workdir)!r}: its model ({source.variant}, features {theirs}) is "
             f"not of this run's shape ({config.variant}, features {mine})"
         )
+    # every site is fitted to (or copied from) the source's site at its path: same in and out
+    source_sites = dict(_site_shapes(source))
+    for path, shape in _site_shapes(config):
+        if source_sites.get(path) != shape:
+            raise ValueError(
+                f"init_from={str(workdir)!r}: its site {'.'.join(map(str, path))} is "
+                f"{_describe(source_sites.get(path))}, this run's is {_describe(shape)} "
+                f"({source.variant} -> {config.variant}); a converted site keeps its shape"
+            )
     return source
+
+
+def _site_shapes(config: ml_collections.ConfigDict) -> list[tuple[tuple, tuple[int, int]]]:
+    """``(path, (in_features, out_features))`` of every linear site of ``config``'s model."""
+    model = nnx.eval_shape(
+        lambda: models.build(config.variant, rngs=nnx.Rngs(0), **model_overrides(config))
+    )
+    return [(p, (m.in_features, m.out_features)) for p, m in sites.linear_sites(model)]
+
+
+def _describe(shape) -> str:
+    return "absent" if shape is None else f"{shape[0]} -> {shape[1]} features"
 
 
 def _copy_parameters(student: nnx.Module, teacher: nnx.Module) -> list[str]:
