@@ -33,7 +33,10 @@ adder arm of the first eight), whose differences the report gives:
 * ``+ features (pkkd)``: feature distillation through token kernel matrices, our reading of PKKD
   (``distill.feature_kernel="pkkd"``);
 * ``+ features, norm=batch``: the two that helped first (+2.0 points each over ``qkv_2ffn +
-  distill``, one seed), together.
+  distill``, one seed), together;
+* ``+ features, norm=batch, equal-energy width`` and ``..., converted from multi``: that pair with
+  each of the two later methods that helped (equal-energy width +1.8, conversion); not all four
+  at once, since a converted site keeps the teacher's shape and the wider FFN has no such teacher.
 
 The other multiplication-free families at ``qkv_2ffn``'s sites, the same recipe:
 
@@ -60,6 +63,7 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
     teacher = str(out / "runs" / "multi_seed0")
     identity = {"variant": "all_adder", "model.attn": "l1_identity"}
     distilled = {"variant": "qkv_2ffn", "distill.teacher": teacher}
+    both = {**distilled, "distill.feature_weight": 1.0, "model.norm": "batch"}
     return {
         "multi": {"variant": "multi"},
         "multi_ln": {"variant": "multi_ln"},
@@ -81,10 +85,14 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
             "distill.feature_weight": 1.0,
             "distill.feature_kernel": "pkkd",
         },
-        "qkv_2ffn + distill + features, norm=batch": {
-            **distilled,
-            "distill.feature_weight": 1.0,
-            "model.norm": "batch",
+        "qkv_2ffn + distill + features, norm=batch": both,
+        "qkv_2ffn + distill + features, norm=batch, equal-energy width": {
+            **both,
+            "model.mlp_dim": study.equal_energy_mlp_dim(recipe, "qkv_2ffn"),
+        },
+        "qkv_2ffn + distill + features, norm=batch, converted from multi": {
+            **both,
+            "init_from": teacher,
         },
         "qkv_2ffn_ternary": {"variant": "qkv_2ffn_ternary"},
         "qkv_2ffn_ternary + distill": {"variant": "qkv_2ffn_ternary", "distill.teacher": teacher},
