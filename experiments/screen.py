@@ -35,7 +35,7 @@ adder arm of the first eight), whose differences the report gives:
 * ``+ features, norm=batch``: the two that helped first (+2.0 points each over ``qkv_2ffn +
   distill``, one seed), together;
 * ``+ features, norm=batch, equal-energy width`` and ``..., converted from multi``: that pair with
-  each of the two later methods that helped (equal-energy width +1.8, conversion); not all four
+  each of the two later methods that helped (equal-energy width +1.7, conversion +6.3); not all four
   at once, since a converted site keeps the teacher's shape and the wider FFN has no such teacher.
 
 The other multiplication-free families at ``qkv_2ffn``'s sites, the same recipe:
