@@ -35,6 +35,13 @@ def evaluate(workdirs: list[pathlib.Path], calibration_batches: int) -> list[dic
     return records
 
 
+def _name(workdir: str) -> str:
+    """A run's folder, with its study's when it lies in ``STUDY/runs/`` (two studies may each
+    have a ``multi_seed0``)."""
+    path = pathlib.Path(workdir)
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "runs" else path.name
+
+
 def markdown_table(records: list[dict]) -> str:
     lines = [
         "| run | variant | split | float acc (%) | int8 acc (%) | int8 - float (points) "
@@ -46,7 +53,7 @@ def markdown_table(records: list[dict]) -> str:
         sites = ", ".join(f"{n} {kind}" for kind, n in r["int8_sites"].items())
         kinds = sorted({site.rsplit("(", 1)[-1].rstrip(")") for site in r["float_sites"]})
         lines.append(
-            f"| {pathlib.Path(r['workdir']).name} | {r['variant']} | {r['split']} | "
+            f"| {_name(r['workdir'])} | {r['variant']} | {r['split']} | "
             f"{100 * f:.2f} | {100 * q:.2f} | {100 * (q - f):+.2f} | {sites} | "
             f"{', '.join(kinds) or 'none'} |"
         )
