@@ -21,11 +21,12 @@ import pathlib
 from addervit_jax import reports, train
 
 
-def evaluate(workdirs: list[pathlib.Path], calibration_batches: int) -> list[dict]:
+def evaluate(runs: dict[pathlib.Path, dict], calibration_batches: int) -> list[dict]:
+    """One record per run (``{workdir: its summary}``): its variant and ``evaluate_workdir``'s
+    float and int8 results."""
     records = []
-    for workdir in workdirs:
+    for workdir, summary in runs.items():
         result = train.evaluate_workdir(workdir, int8=True, calibration_batches=calibration_batches)
-        summary, _ = train.finished_run("run", workdir, whose="its")
         records.append({"workdir": str(workdir), "variant": summary["variant"], **result})
         print(
             f"{workdir}: float {result['float']['accuracy']:.4f}, int8 "
@@ -66,14 +67,14 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--out", default=None, help="directory for accuracy.json and accuracy.md")
     args = parser.parse_args(argv)
-    workdirs = [pathlib.Path(run) for run in args.runs]
-    for workdir in workdirs:  # every run checked before any is evaluated
+    runs = {}
+    for workdir in map(pathlib.Path, args.runs):  # every run checked before any is evaluated
         try:
-            train.finished_run("run", workdir, whose="its")
+            runs[workdir], _ = train.finished_run("run", workdir, whose="its")
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
     try:
-        records = evaluate(workdirs, args.calibration_batches)
+        records = evaluate(runs, args.calibration_batches)
     except ValueError as err:  # e.g. more calibration batches than a run's epoch holds
         parser.error(str(err))
     command = reports.command_line("int8_accuracy.py", argv)

@@ -146,22 +146,16 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _epochs(summary: dict) -> float:
-    return summary["total_steps"] / summary["steps_per_epoch"]
-
-
 def budget_epochs(summary: dict) -> float:
-    """The epochs that made the run: its own, plus those that made the run it was converted from
-    (``init_from``: ``source_epochs`` of its conversion record; runs converted before that field
-    existed read their source's summary). A distilled run's teacher is not counted."""
-    epochs = _epochs(summary)
+    """``train.convert.budget_epochs`` (a run's epochs plus those that made the run it was
+    converted from), also for runs converted before their conversion record held
+    ``source_epochs``: those read their source's summary. A distilled run's teacher is not
+    counted."""
     conversion = summary.get("conversion")
-    if conversion is None:
-        return epochs
-    if "source_epochs" in conversion:
-        return epochs + conversion["source_epochs"]
+    if conversion is None or "source_epochs" in conversion:
+        return train.convert.budget_epochs(summary)
     source, _ = train.finished_run("init_from", pathlib.Path(conversion["init_from"]), whose="its")
-    return epochs + budget_epochs(source)
+    return train.convert.budget_epochs(summary) + budget_epochs(source)
 
 
 def load_inference(path) -> dict | None:

@@ -569,7 +569,10 @@ def test_params_only_run_evaluates_and_teaches(tmp_path):
         train.train(student, tmp_path / "features3")
 
 
-def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path):
+def _convert_from_multi(tmp_path, **overrides):
+    """A 5-step ``multi`` run in ``tmp_path/multi``, and a ``qkv_2ffn`` config (``overrides``)
+    converted from it into ``tmp_path`` (60 fit steps on 2 batches): ``(source, config, inputs,
+    initial state, converted state, conversion record)``."""
     source = tmp_path / "multi"
     train.train(_config(**{"config.variant": "multi", "config.total_steps": 5}), source)
     config = _config(
@@ -578,12 +581,18 @@ def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path
             "config.init_from": str(source),
             "config.init_fit_steps": 60,
             "config.init_fit_batches": 2,
+            **overrides,
         }
     )
     inputs = train.make_inputs(config)
     state = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
     converted = train.convert.convert(config, state, inputs, tmp_path)
     record = json.loads((tmp_path / "conversion.json").read_text())
+    return source, config, inputs, state, converted, record
+
+
+def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path):
+    source, config, inputs, state, converted, record = _convert_from_multi(tmp_path)
     teacher = train.restore(source)[0]
     flat = lambda s: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(s)}  # noqa: E731
     mine, theirs, initial = flat(converted.params), flat(teacher.params), flat(state.params)
@@ -632,21 +641,9 @@ def test_conversion_copies_matching_parameters_and_fits_the_other_sites(tmp_path
 
 
 def test_conversion_fits_batch_norm_sites_as_they_train_and_evaluates_them_alike(tmp_path):
-    source = tmp_path / "multi"
-    train.train(_config(**{"config.variant": "multi", "config.total_steps": 5}), source)
-    config = _config(
-        **{
-            "config.total_steps": 1,
-            "config.init_from": str(source),
-            "config.init_fit_steps": 60,
-            "config.init_fit_batches": 2,
-            "config.model.norm": "batch",
-        }
+    source, config, inputs, _, converted, record = _convert_from_multi(
+        tmp_path, **{"config.model.norm": "batch"}
     )
-    inputs = train.make_inputs(config)
-    state = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
-    converted = train.convert.convert(config, state, inputs, tmp_path)
-    record = json.loads((tmp_path / "conversion.json").read_text())
     assert record["fit"]["tokens_per_site"] < 4096  # every token of the two batches: x below
     source_model = train.inference_model(
         *(getattr(train.restore(source)[0], k) for k in ("graphdef", "params", "rest"))

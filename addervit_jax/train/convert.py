@@ -47,7 +47,7 @@ from addervit_jax.train.distill import inference_model
 from addervit_jax.train.evaluation import feature_shapes, finished_run
 from addervit_jax.train.state import TrainState
 
-__all__ = ["CONVERSION_FILE", "check_source", "convert"]
+__all__ = ["CONVERSION_FILE", "budget_epochs", "check_source", "convert"]
 
 CONVERSION_FILE = "conversion.json"
 _MAX_TOKENS = 4096  # of each site's inputs, drawn with the run's seed
@@ -122,6 +122,14 @@ def _copy_parameters(student: nnx.Module, teacher: nnx.Module) -> list[str]:
                 variable[...] = other[...]
                 copied.append(".".join(map(str, (*path, name))))
     return copied
+
+
+def budget_epochs(summary: dict) -> float:
+    """The epochs of training that made a finished run (its ``summary.json``): its own, plus, for
+    a converted run, those that made its source (``source_epochs`` of its conversion record,
+    which this function computed for the source when it was converted)."""
+    own = summary["total_steps"] / summary["steps_per_epoch"]
+    return own + summary.get("conversion", {}).get("source_epochs", 0)
 
 
 def _relative_error(y, target) -> float:
@@ -213,9 +221,7 @@ def convert(
         )
     record = {
         "init_from": str(config.init_from),
-        # the training that made the source, its own source's included: a converted run's budget
-        "source_epochs": source_summary["total_steps"] / source_summary["steps_per_epoch"]
-        + source_summary.get("conversion", {}).get("source_epochs", 0),
+        "source_epochs": budget_epochs(source_summary),
         "copied": len(copied),
         "fitted": fits,
         "fit": {
