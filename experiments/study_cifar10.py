@@ -18,10 +18,13 @@ Arms (labels of the table), every one the ``cifar10`` config with ``--set`` appl
 * ``qkv_2ffn + distill + features, norm=batch``: the best adder recipe of the screen's second part
   (issue 33): feature distillation of every block's output and AdderNet's per-unit batch norm
   added to ``qkv_2ffn + distill``, 66.8% at 10 epochs (seed 0) against 64.7% for each of the two
-  alone, 62.7% without either and 66.9% for ``multi``;
+  alone, 62.7% without either and 66.9% for ``multi``. The same pair with the FFN widened to
+  ``multi``'s energy reached 67.1%, a tie within noise at 2.2x the parameters and about 1.6x the
+  training time, and a wider site cannot be converted from ``multi``; PKKD's kernel form of the
+  feature term reached 63.6%;
 * ``..., converted from multi``: the same recipe started from ``multi`` seed 0's finished run
   (``init_from``, ``train.convert``) and fine-tuned for the same 30 epochs, both seeds; its budget
-  column counts the teacher's 30 epochs too;
+  column counts the teacher's 30 epochs too (69.3% in the screen, with 10 + 10 epochs);
 * ``qkv_2ffn_ternary + distill``: the other families' recipe, BitNet b1.58's ternary sites at
   ``qkv_2ffn``'s places distilled from ``multi``: 70.8% at 10 epochs (seed 0) against 68.5%
   without distillation and 66.9% / 69.5% for ``multi`` / ``multi_ln``. DeepShift's power-of-two
