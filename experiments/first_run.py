@@ -4,8 +4,8 @@ on a validation slice of digits' training split, never on its test split.
     python experiments/first_run.py --seeds 0 1 --out experiments/results/first_run_digits
 
 Every arm is the ``digits`` config as it was before this study (lr 0.002, no label smoothing, no
-RandAugment; the arms' fields are relative to it) with ``--set`` applied (default: fit on
-``train[:1150]``, validate on the other 287 training images, ``train[1150:]``). The arms are the
+RandAugment; the arms' fields are relative to it), fit on ``train[:1150]`` and validated on the
+other 287 training images, ``train[1150:]`` (``--set`` items apply after these). The arms are the
 changes a researcher tries first against the overfitting of that recipe (train accuracy 1.00,
 validation 0.82), in five rounds, each around the best of the one before: decoupled weight decay,
 label smoothing, light RandAugment, the learning rate, fewer or more epochs, one-pixel patches,
@@ -84,11 +84,10 @@ ARMS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    study.add_recipe_flags(parser, default_config="digits")
-    parser.set_defaults(set=DEFAULT_SET)
+    study.add_recipe_flags(parser, default_config="digits", default_set=DEFAULT_SET)
     study.add_arms_flag(parser)
-    args = parser.parse_args(argv)
-    recipe = study.load_recipe(args.config, args.set)
+    args = study.parse_recipe_args(parser, argv)
+    recipe = args.recipe
     study.run_and_report(
         study.make_runs(recipe, study.choose_arms(parser, ARMS, args.arms), args.seeds),
         pathlib.Path(args.out),

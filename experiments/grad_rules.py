@@ -27,9 +27,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="qkv_2ffn", choices=sorted(models.VARIANTS))
     parser.add_argument("--clip-scales", nargs="+", type=float, default=[2.0, 4.0, 16.0])
     study.add_recipe_flags(parser, default_config="digits")
-    args = parser.parse_args(argv)
-
-    recipe = study.load_recipe(args.config, args.set)
+    args = study.parse_recipe_args(parser, argv)
+    recipe = args.recipe
     recipe.variant = args.variant
     rules = [("exact", "exact", 4.0), ("addernet (= clipped, clip_scale 1)", "addernet", 1.0)]
     rules += [(f"clipped, clip_scale {c:g}", "clipped", c) for c in args.clip_scales if c != 1.0]

@@ -3,8 +3,9 @@
     TFDS_DATA_DIR=../shared/datasets/tfds python experiments/screen.py \\
         --out experiments/results/screen_cifar10
 
-Arms (labels of the table), every one the ``cifar10`` config with ``--set`` applied (default:
-10 epochs, 1 warm-up epoch), seed 0, ``train[:45000]`` to fit and ``train[45000:]`` to validate:
+Arms (labels of the table), every one the ``cifar10`` config at 10 epochs with 1 warm-up epoch
+(``--set`` items apply after these), seed 0, ``train[:45000]`` to fit and ``train[45000:]`` to
+validate:
 
 * ``multi``: the multiplication baseline, and the distillation teacher of the ``+ distill`` arms;
 * ``multi_ln``: multi sites with the distance sites' normalisation, gain F and bias b (the
@@ -102,15 +103,14 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    study.add_recipe_flags(parser, default_config="cifar10")
-    parser.set_defaults(set=DEFAULT_SET)
+    study.add_recipe_flags(parser, default_config="cifar10", default_set=DEFAULT_SET)
     study.add_arms_flag(parser)
-    args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
-    recipe = study.load_recipe(args.config, args.set)
+    args = study.parse_recipe_args(parser, argv)
+    out, recipe = pathlib.Path(args.out), args.recipe
     chosen = study.choose_arms(parser, arms(out, recipe), args.arms)
     if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
         parser.error("the distillation arms learn from the multi arm's seed-0 run: use --seeds 0")
+    study.check_teacher(parser, chosen, args.seeds, out, ("multi", 0))
     study.run_and_report(
         study.make_runs(recipe, chosen, args.seeds),
         out,

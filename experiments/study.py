@@ -42,26 +42,73 @@ class Run:
         return re.sub(r"[^A-Za-z0-9.]+", "_", self.label).strip("_") + f"_seed{self.seed}"
 
 
-def add_recipe_flags(parser: argparse.ArgumentParser, *, default_config: str) -> None:
+def add_recipe_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    default_config: str,
+    default_set: tuple[str, ...] = (),
+    default_seeds: tuple[int, ...] = (0,),
+) -> None:
+    """The flags every study shares; :func:`parse_recipe_args` reads them. ``default_set`` is the
+    study's own recipe overrides: ``--set`` items apply after them, so they add to the study's
+    recipe instead of replacing it."""
     parser.add_argument(
         "--config",
         default=default_config,
         help=f"recipe: a config name ({', '.join(configs.names())}) or file (default %(default)s)",
     )
+    study_set = f"; applied after this study's own: {' '.join(default_set)}" if default_set else ""
     parser.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="recipe overrides, e.g. num_epochs=2 model.dim=64 (Python literals or strings)",
+        help="recipe overrides, e.g. num_epochs=2 model.dim=64 (Python literals or strings)"
+        + study_set,
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=_seed,
+        default=list(default_seeds),
+        help="distinct integers >= 0 (default %(default)s)",
+    )
     parser.add_argument("--out", required=True, help="results directory")
     parser.add_argument(
         "--inference",
-        default=str(INFERENCE),
-        help="bench_int8.py's results.json, read for the inference columns (default %(default)s)",
+        default=None,
+        help="bench_int8.py's results.json, read for the inference columns, or 'none' "
+        f"(default: {INFERENCE}, where it exists)",
     )
+    parser.set_defaults(study_set=list(default_set))
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return seed
+
+
+def parse_recipe_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` plus what the shared flags need checked before any training,
+    each problem a usage error naming its flag: repeated ``--seeds``, a ``--config`` or ``--set``
+    that does not load, an ``--inference`` file that is not there. Adds ``args.recipe``
+    (:func:`load_recipe` of the study's own overrides, then ``--set``'s)."""
+    args = parser.parse_args(argv)
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats {repeated}")
+    if args.inference not in (None, "none") and not pathlib.Path(args.inference).is_file():
+        parser.error(f"--inference {args.inference}: no such file ('none': no inference columns)")
+    try:
+        args.recipe = load_recipe(args.config, [*args.study_set, *args.set])
+    except ValueError as err:
+        parser.error(str(err))
+    return args
 
 
 def add_arms_flag(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +126,28 @@ def choose_arms(
     return [(label, fields) for label, fields in table.items() if label in (selected or table)]
 
 
+def check_teacher(
+    parser: argparse.ArgumentParser,
+    chosen: list[tuple[str, dict]],
+    seeds: list[int],
+    out: pathlib.Path,
+    teacher: tuple[str, int],
+) -> None:
+    """An arm distilled or converted from ``teacher``'s run (label, seed) needs that run: a usage
+    error where the study neither trains it first nor finds it under ``out``."""
+    needs = any("distill.teacher" in fields or "init_from" in fields for _, fields in chosen)
+    trains = teacher[0] in dict(chosen) and teacher[1] in seeds
+    run = out / "runs" / Run(*teacher, config=None).name
+    if needs and not trains and not run.exists():
+        parser.error(
+            f"the distilled and converted arms learn from {teacher[0]} seed {teacher[1]}'s run, "
+            f"which is neither in {run} nor among the runs asked for: train it too"
+        )
+
+
 def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.ConfigDict:
-    """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied (dotted keys nest;
-    ``configs.override``)."""
+    """A config file's ``get_config()`` with ``KEY=VALUE`` overrides applied in order (dotted
+    keys nest; ``configs.override``)."""
     config = configs.load(name_or_path)
     for item in overrides:
         try:
@@ -122,8 +188,9 @@ def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
         print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
         try:
             summary = train.train(run.config, workdir, resume="auto")
-        except ValueError as err:  # another recipe's run in the folder: say what to do
-            raise SystemExit(f"{err}; use another --out") from err
+        except (OSError, ValueError, train.RunDirectoryBusy, train.TrainingDiverged) as err:
+            # each names its run folder and what to do
+            raise SystemExit(f"{run.name}: {err} (the study's run folders: {out}/runs)") from err
         if summary.get("status") != "finished":  # interrupted: stop the study here
             raise SystemExit(f"{run.name} {summary['status']}; rerun the command to resume")
         records = logs.read_metrics(workdir)
@@ -158,10 +225,13 @@ def budget_epochs(summary: dict) -> float:
     return train.convert.budget_epochs(summary) + budget_epochs(source)
 
 
-def load_inference(path) -> dict | None:
-    """bench_int8.py's results (``--out``), or None when there is no such file."""
-    path = pathlib.Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
+def load_inference(path: str | None) -> dict | None:
+    """bench_int8.py's results (its ``--out``): ``path``'s (checked by
+    :func:`parse_recipe_args`), or the committed :data:`INFERENCE` where ``path`` is None and that
+    file exists; None for ``"none"`` or when there is none."""
+    if path == "none" or (path is None and not INFERENCE.is_file()):
+        return None
+    return json.loads(pathlib.Path(path or INFERENCE).read_text())
 
 
 def inference_ratios(config: ml_collections.ConfigDict, inference: dict | None) -> dict:

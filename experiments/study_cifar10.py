@@ -3,8 +3,8 @@
     TFDS_DATA_DIR=../shared/datasets/tfds python experiments/study_cifar10.py \\
         --out experiments/results/study_cifar10
 
-Arms (labels of the table), every one the ``cifar10`` config with ``--set`` applied (default:
-30 epochs, 3 warm-up epochs: the screen's 10% warm-up), ``train[:45000]`` to fit and
+Arms (labels of the table), every one the ``cifar10`` config at 30 epochs with 3 warm-up epochs
+(the screen's 10% warm-up; ``--set`` items apply after these), ``train[:45000]`` to fit and
 ``train[45000:]`` (5,000 images) to validate:
 
 * ``multi``: the multiplication baseline; its seed-0 run is the teacher of the distilled arm;
@@ -83,18 +83,14 @@ def order(runs: list[study.Run]) -> list[study.Run]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    study.add_recipe_flags(parser, default_config="cifar10")
-    parser.set_defaults(set=DEFAULT_SET, seeds=[0, 1])
+    study.add_recipe_flags(
+        parser, default_config="cifar10", default_set=DEFAULT_SET, default_seeds=(0, 1)
+    )
     study.add_arms_flag(parser)
-    args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
+    args = study.parse_recipe_args(parser, argv)
+    out, recipe = pathlib.Path(args.out), args.recipe
     chosen = study.choose_arms(parser, arms(out), args.arms)
-    distilled = any("distill.teacher" in fields for _, fields in chosen)
-    teacher_runs = TEACHER[0] in dict(chosen) and TEACHER[1] in args.seeds
-    teacher_dir = out / "runs" / study.Run(*TEACHER, config=None).name
-    if distilled and not teacher_runs and not teacher_dir.exists():
-        parser.error("the distilled arm learns from the multi arm's seed-0 run: train it too")
-    recipe = study.load_recipe(args.config, args.set)
+    study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
     study.run_and_report(
         order(study.make_runs(recipe, chosen, args.seeds)),
         out,

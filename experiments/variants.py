@@ -36,9 +36,8 @@ def main(argv=None) -> None:
         help="default: every SimpleViT variant",
     )
     study.add_recipe_flags(parser, default_config="digits")
-    args = parser.parse_args(argv)
-
-    recipe = study.load_recipe(args.config, args.set)
+    args = study.parse_recipe_args(parser, argv)
+    recipe = args.recipe
     runs = study.make_runs(recipe, [(v, {"variant": v}) for v in args.variants], args.seeds)
     study.run_and_report(
         runs,

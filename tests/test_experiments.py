@@ -127,7 +127,7 @@ def test_speed_table_rows_times_memory_and_oom(tmp_path):
 
 def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     args = ["--variants", "multi", "qkv_2ffn", "--seeds", "0", "1", "--out", str(tmp_path)]
-    args += ["--inference", str(tmp_path / "no_bench_results.json")]
+    args += ["--inference", "none"]
     variants.main([*args, "--set", *TINY_RECIPE])
     out = capsys.readouterr().out
     report = (tmp_path / "variants.md").read_text()
@@ -162,12 +162,12 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     variants.main([*args, "--set", *TINY_RECIPE[:-1], "log_every_steps=2"])
     assert capsys.readouterr().out.count("finished before, read back") == 4
     # ... and another recipe into the same directory would report the old runs: refused
-    with pytest.raises(SystemExit, match=r"another config: learning_rate: .*another --out"):
+    with pytest.raises(SystemExit, match=r"multi_seed0: .*another config: learning_rate: .*runs\)"):
         variants.main([*args, "--set", *TINY_RECIPE, "learning_rate=0.01"])
 
 
 def test_grad_rule_study_runs_each_rule_once(tmp_path):
-    nothing = ["--inference", str(tmp_path / "no_bench_results.json")]
+    nothing = ["--inference", "none"]
     grad_rules.main(
         ["--clip-scales", "1", "4", "--out", str(tmp_path), *nothing, "--set", *TINY_RECIPE]
     )
@@ -196,7 +196,7 @@ def test_grad_rule_study_refuses_a_variant_whose_sites_ignore_the_rule(tmp_path)
 
 def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
     args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
-    args += ["--inference", str(tmp_path / "no_bench_results.json")]
+    args += ["--inference", "none"]
     screen.main([*args, "--arms", "multi", "multi_ln", "qkv_2ffn + distill"])
     record = {r["label"]: r for r in json.loads((tmp_path / "screen.json").read_text())}
     assert list(record) == ["multi", "multi_ln", "qkv_2ffn + distill"]
@@ -216,7 +216,7 @@ def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
 def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0(tmp_path):
     args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
     converted = "qkv_2ffn + distill + features, norm=batch, converted from multi"
-    nothing = ["--inference", str(tmp_path / "no_bench_results.json")]
+    nothing = ["--inference", "none"]
     study_cifar10.main([*args, *nothing, "--arms", "multi", converted])
     record = json.loads((tmp_path / "study_cifar10.json").read_text())
     # the teacher first, then seed by seed: each seed's comparison is whole before the next begins
@@ -228,6 +228,9 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
     ]
     teacher = str(tmp_path / "runs" / "multi_seed0")
     assert all(r["teacher"]["workdir"] == teacher for r in record if "distill" in r["label"])
+    # --set adds to the study's own recipe (30 epochs, 3 warm-up), it does not replace it
+    saved = json.loads((tmp_path / "runs" / "multi_seed0" / "config.json").read_text())
+    assert (saved["num_epochs"], saved["warmup_epochs"], saved["total_steps"]) == (30, 3, 4)
     table = (tmp_path / "study_cifar10.md").read_text()
     assert "| multi | 2 |" in table and "±" in table  # mean ± spread over the two seeds
     # the gap to multi, paired by seed, with the standard error of the evaluation set alone
@@ -255,6 +258,27 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
         study_cifar10.main(
             ["--out", str(tmp_path / "other"), "--arms", "qkv_2ffn + distill", "--seeds", "1"]
         )
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--seeds", "0", "-1"], "argument --seeds: '-1' is not an integer >= 0"),
+        (["--seeds", "0", "1", "0"], "--seeds 0 1 0 repeats [0]"),
+        (["--set", "num_epoch=3"], "--set 'num_epoch=3': the config has no field 'num_epoch'"),
+        (["--config", "nosuch"], "--config 'nosuch' is neither a file nor one of"),
+        (["--inference", "no/such/results.json"], "--inference no/such/results.json: no such"),
+        (["--arms", "qkv_2ffn + distill"], "learn from multi seed 0's run, which is neither in"),
+    ],
+)
+@pytest.mark.parametrize("script", [screen, study_cifar10])
+def test_studies_refuse_bad_flags_before_training_anything(
+    script, flags, fragment, tmp_path, capsys
+):
+    with pytest.raises(SystemExit) as info:
+        script.main(["--out", str(tmp_path), *flags])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_shape_strings_parse_to_three_positive_integers():

@@ -635,6 +635,7 @@ def test_metrics_and_summaries_are_strict_json(tmp_path):
         ({"config.momentum": 1.0}, "momentum=1.0 must be a finite number in [0, 1)"),
         ({"config.momentum": float("nan")}, "momentum=nan must be a finite number in [0, 1)"),
         ({"config.crop_padding": -1}, "crop_padding=-1 must be an integer >= 0"),
+        ({"config.seed": -1}, "seed=-1 must be an integer >= 0"),
         ({"config.distill.temperature": float("inf")}, "distill.temperature=inf must be a finite"),
         ({"config.distill.weight": float("nan")}, "distill.weight=nan must be a finite number"),
         ({"config.model.num_classes": 5}, "model.num_classes=5 but digits has 10 classes"),

@@ -102,6 +102,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         problem = _range_problem(field, config.get(field, 1.0), *bounds)
         if problem:
             problems.append(problem)
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"seed={seed!r} must be an integer >= 0 (it seeds numpy's SeedSequence)")
     crop = config.crop_padding
     if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
         problems.append(f"crop_padding={crop!r} must be an integer >= 0 (0: no crop)")
