@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import signal
 import sys
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from addervit_jax import configs, ops, timing
+from addervit_jax import configs, ops, reports, timing
 from addervit_jax.shapes import parse_shape
 
 DEFAULT_CONFIG = "digits"
@@ -40,22 +39,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def _unwritable(out: str) -> str | None:
-    """Why the directory ``out`` cannot be created or written into, or None: checked before a
-    long computation whose results go there."""
-    path = pathlib.Path(out)
-    if not out.strip():
-        return "is empty"
-    if path.exists() and not path.is_dir():
-        return "is a file, not a directory"
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -147,7 +130,7 @@ def check_kernels(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
     interpret = device.platform != "gpu"
     specs = args.shapes or (CHECK_SHAPES_INTERPRET if interpret else CHECK_SHAPES_GPU)
-    dtype = jnp.dtype(args.dtype)
+    dtype = jnp.dtype(args.dtype or "float32")
     tol = args.tol if args.tol is not None else (1e-5 if dtype == jnp.float32 else 1e-2)
     mode = " (interpret mode: no GPU)" if interpret else ""
     print(f"addervit check-kernels on {timing.describe_device()}{mode}, {dtype.name} inputs")
@@ -157,7 +140,7 @@ def check_kernels(args: argparse.Namespace) -> int:
     failures = 0
     for spec in specs:
         length, d_in, d_out = parse_shape(spec)
-        kx, kw, ke, kg = jax.random.split(jax.random.key(args.seed), 4)
+        kx, kw, ke, kg = jax.random.split(jax.random.key(args.seed or 0), 4)
         x = jax.random.normal(kx, (length, d_in), dtype)
         w = jax.random.normal(kw, (d_in, d_out), dtype)
         e = jax.random.uniform(ke, (d_in,), dtype, 0.5, 1.5)
@@ -315,16 +298,18 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument(
         "--calibration-batches",
         type=int,
-        default=4,
-        help="training batches (of --batch-size) that calibrate --int8 (default 4; at most one "
-        "epoch of the training split: no image is drawn twice)",
+        default=None,
+        help="with --int8: the training batches (of --batch-size) that calibrate it (default 4; "
+        "at most one epoch of the training split: no image is drawn twice)",
     )
     args = parser.parse_args(argv)
     if args.split is not None and not args.split.strip():
         parser.error("--split is empty; name a split (e.g. test, train[:100]) or leave it out")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.calibration_batches < 1:
+    if args.calibration_batches is not None and not args.int8:
+        parser.error("--calibration-batches calibrates the int8 form: add --int8")
+    if args.calibration_batches is not None and args.calibration_batches < 1:
         parser.error(f"--calibration-batches must be positive, got {args.calibration_batches}")
     from addervit_jax import train
 
@@ -334,7 +319,7 @@ def eval_command(argv: list[str]) -> int:
             split=args.split,
             batch_size=args.batch_size,
             int8=args.int8,
-            calibration_batches=args.calibration_batches,
+            calibration_batches=args.calibration_batches or 4,
         )
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"addervit eval: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)
@@ -378,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LxD_INxD_OUT",
         help="LxD_INxD_OUT (default: realistic shapes on a GPU, small ones in interpret mode)",
     )
-    p_check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p_check.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default float32"
+    )
     p_check.add_argument("--tol", type=float, default=None, help="default 1e-5 (bf16: 1e-2)")
-    p_check.add_argument("--seed", type=int, default=0)
+    p_check.add_argument("--seed", type=int, default=None, help="default 0")
     p_check.add_argument(
         "--sass",
         action="store_true",
@@ -398,7 +385,15 @@ def main(argv: list[str] | None = None) -> int:
                 p_check.error(f"--shapes: {err}")
         if args.out is not None and not args.sass:
             p_check.error("--out is for --sass (the table of the machine-code check)")
-        problem = _unwritable(args.out) if args.out is not None else None
+        given = [
+            f"--{n}" for n in ("shapes", "dtype", "tol", "seed") if getattr(args, n) is not None
+        ]
+        if args.sass and given:
+            p_check.error(
+                f"--sass compiles every kernel at its own shapes and dtypes; {', '.join(given)} "
+                "are for the comparison against XLA (without --sass)"
+            )
+        problem = reports.unwritable(args.out) if args.out is not None else None
         if problem:  # before the sweep, not after it
             p_check.error(f"--out {args.out}: {problem}")
     return args.run(args)

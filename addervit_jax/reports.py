@@ -11,12 +11,14 @@ A script adds its own bullets (recipe, model, timing method) after these.
 from __future__ import annotations
 
 import datetime
+import os
+import pathlib
 import shlex
 import sys
 
 from addervit_jax import timing
 
-__all__ = ["command_line", "header_lines", "today"]
+__all__ = ["command_line", "header_lines", "today", "unwritable"]
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -50,3 +52,19 @@ def header_lines(
         f"- {hardware_label}: {hardware}",
         f"- date: {today() if date is None else date}",
     ]
+
+
+def unwritable(out: str) -> str | None:
+    """Why the results directory ``out`` cannot be created or written into, or None: checked
+    before a long computation whose results go there."""
+    path = pathlib.Path(out)
+    if not out.strip():
+        return "is empty"
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

@@ -181,10 +181,23 @@ def main(argv=None) -> None:
             parse_shape(spec)
         except ValueError as err:
             parser.error(f"--shapes: {err}")
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
+        if value < 1:
+            parser.error(f"{flag} must be a positive integer, got {value}")
     try:
         size = {**CIFAR, **configs.parse_overrides(args.set)}
-    except ValueError as err:
-        parser.error(f"--set: {err}")
+        models.config("multi", **size)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--set {' '.join(args.set)}: {err}")
+    if args.out is not None:
+        problem = reports.unwritable(args.out)
+        if problem:  # before the timings, not after them
+            parser.error(f"--out {args.out}: {problem}")
+        if args.skip_models and _model_rows(pathlib.Path(args.out) / "results.json"):
+            parser.error(
+                f"--skip-models would replace the model timings in {args.out}/results.json, which "
+                "the studies' reports read, with none; write to another --out"
+            )
 
     command = reports.command_line("bench_int8.py", argv)
     device, date, cpu = timing.describe_device(), reports.today(), cpu_instruction_sets()
@@ -266,6 +279,14 @@ def main(argv=None) -> None:
         }
         (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         (out / "table.md").write_text(table + "\n")
+
+
+def _model_rows(path: pathlib.Path) -> list:
+    """The model timings of an earlier ``results.json``; none where there is no readable one."""
+    try:
+        return json.loads(path.read_text()).get("models", [])
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def cpu_instruction_sets() -> dict[str, bool]:

@@ -21,19 +21,29 @@ import pathlib
 from addervit_jax import reports, train
 
 
-def evaluate(runs: dict[pathlib.Path, dict], calibration_batches: int) -> list[dict]:
+def evaluate(
+    runs: dict[pathlib.Path, dict], calibration_batches: int
+) -> tuple[list[dict], dict[str, str]]:
     """One record per run (``{workdir: its summary}``): its variant and ``evaluate_workdir``'s
-    float and int8 results."""
-    records = []
+    float and int8 results; and ``{workdir: why}`` for the runs that could not be evaluated
+    (e.g. more calibration batches than their epoch holds), the others evaluated all the same."""
+    records, failures = [], {}
     for workdir, summary in runs.items():
-        result = train.evaluate_workdir(workdir, int8=True, calibration_batches=calibration_batches)
+        try:
+            result = train.evaluate_workdir(
+                workdir, int8=True, calibration_batches=calibration_batches
+            )
+        except ValueError as err:
+            failures[str(workdir)] = str(err)
+            print(f"{workdir}: not evaluated: {err}", flush=True)
+            continue
         records.append({"workdir": str(workdir), "variant": summary["variant"], **result})
         print(
             f"{workdir}: float {result['float']['accuracy']:.4f}, int8 "
             f"{result['int8']['accuracy']:.4f}",
             flush=True,
         )
-    return records
+    return records, failures
 
 
 def _name(workdir: str) -> str:
@@ -67,16 +77,18 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--out", default=None, help="directory for accuracy.json and accuracy.md")
     args = parser.parse_args(argv)
+    if args.calibration_batches < 1:
+        parser.error(f"--calibration-batches must be positive, got {args.calibration_batches}")
+    problem = reports.unwritable(args.out) if args.out is not None else None
+    if problem:  # before the evaluations, not after them
+        parser.error(f"--out {args.out}: {problem}")
     runs = {}
     for workdir in map(pathlib.Path, args.runs):  # every run checked before any is evaluated
         try:
             runs[workdir], _ = train.finished_run("run", workdir, whose="its")
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-    try:
-        records = evaluate(runs, args.calibration_batches)
-    except ValueError as err:  # e.g. more calibration batches than a run's epoch holds
-        parser.error(str(err))
+    records, failures = evaluate(runs, args.calibration_batches)
     command = reports.command_line("int8_accuracy.py", argv)
     table = "\n".join(
         [
@@ -88,6 +100,7 @@ def main(argv=None) -> None:
             "",
             markdown_table(records),
             "",
+            *(f"Not evaluated: {_name(w)}: {why}" for w, why in failures.items()),
         ]
     )
     print(table)
@@ -96,6 +109,8 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "accuracy.json").write_text(json.dumps(records, indent=2) + "\n")
         (out / "accuracy.md").write_text(table)
+    if failures:
+        raise SystemExit(f"int8_accuracy.py: {len(failures)} of {len(runs)} runs not evaluated")
 
 
 if __name__ == "__main__":

@@ -327,6 +327,27 @@ def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
     assert record["command"].startswith("python experiments/bench_int8.py --shapes 9x5x7")
 
 
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (["--batch", "-1"], "--batch must be a positive integer, got -1"),
+        (["--set", "dimm=16"], "--set dimm=16: "),
+        (["--out", "A_FILE"], "is a file, not a directory"),
+        (["--skip-models", "--out", "RESULTS"], "--skip-models would replace the model timings"),
+    ],
+)
+def test_bench_int8_refuses_bad_flags_before_timing_anything(flags, fragment, tmp_path, capsys):
+    (tmp_path / "A_FILE").write_text("")
+    (tmp_path / "RESULTS").mkdir()
+    (tmp_path / "RESULTS" / "results.json").write_text('{"models": [{"model": "multi"}]}')
+    flags = [str(tmp_path / f) if f in ("A_FILE", "RESULTS") else f for f in flags]
+    with pytest.raises(SystemExit) as info:
+        bench_int8.main(["--shapes", "9x5x7", *flags])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and fragment in captured.err and not captured.out
+
+
 def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
     tiny = ["dim=16", "depth=1", "heads=2", "dim_head=8", "mlp_dim=32", "patch_size=8"]
     argv = ["--shapes", "9x5x7", "--batch", "2", "--repeats", "2", "--set", *tiny]
@@ -430,6 +451,18 @@ def test_int8_accuracy_tables_float_and_int8_of_finished_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         int8_accuracy.main([str(tmp_path / "ternary"), str(tmp_path / "empty")])
+    # a run that cannot be evaluated does not cost the others their results
+    train.train(configs.override(config, {"batch_size": 128}), tmp_path / "wide")
+    with pytest.raises(SystemExit, match="1 of 2 runs not evaluated"):
+        # one epoch of digits: 44 batches of 32, 11 of 128
+        int8_accuracy.main(
+            [str(tmp_path / "wide"), str(tmp_path / "ternary"), "--out", str(tmp_path / "out")]
+            + ["--calibration-batches", "20"]
+        )
+    (record,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert record["workdir"] == str(tmp_path / "ternary")
+    table = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "Not evaluated: wide: calibration_batches=20 of 128 images" in table
 
 
 def test_bench_ops_times_the_naive_backend(capsys):

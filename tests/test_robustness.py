@@ -677,6 +677,7 @@ def test_eval_refuses_empty_splits_huge_batches_and_repeated_calibration(
     for args, expected, fragment in (
         (["--split", "train[0:0]"], 1, "eval_split='train[0:0]' selects no examples of digits"),
         (["--split", ""], 2, "--split is empty"),
+        (["--calibration-batches", "8"], 2, "--calibration-batches calibrates the int8 form: add"),
         (
             ["--batch-size", "100000"],
             1,
@@ -757,4 +758,6 @@ def test_cli_numbers_and_output_folders_are_checked_before_any_work(tmp_path, ca
     assert code == 2 and f"--out {a_file}: is a file, not a directory" in err  # not after a sweep
     code, err = _cli(capsys, "check-kernels", "--out", str(tmp_path / "sass"))
     assert code == 2 and "--out is for --sass" in err
+    code, err = _cli(capsys, "check-kernels", "--sass", "--shapes", "8x8x8", "--dtype", "float32")
+    assert code == 2 and "--shapes, --dtype are for the comparison against XLA" in err
     assert a_file.read_text() == "" and not (tmp_path / "sass").exists()
