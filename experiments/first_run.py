@@ -88,8 +88,9 @@ def main(argv=None) -> None:
     study.add_arms_flag(parser)
     args = study.parse_recipe_args(parser, argv)
     recipe = args.recipe
+    chosen = study.choose_arms(parser, ARMS, args.arms)
     study.run_and_report(
-        study.make_runs(recipe, study.choose_arms(parser, ARMS, args.arms), args.seeds),
+        study.make_runs(recipe, list(ARMS.items()), args.seeds),
         pathlib.Path(args.out),
         name="first_run",
         title=f"The first run's recipe, chosen on {recipe.eval_split} of {recipe.dataset}",
@@ -98,6 +99,7 @@ def main(argv=None) -> None:
         argv=argv,
         references=("as shipped",),
         inference=study.load_inference(args.inference),
+        trainable=study.trainable(args, chosen),
     )
 
 

@@ -47,7 +47,8 @@ The other multiplication-free families at ``qkv_2ffn``'s sites, the same recipe:
 
 Runs train one after the other in ``OUT/runs/<arm>_seed<s>`` (the teacher first); rerunning the
 command reads back finished runs and resumes an unfinished one from its checkpoints. ``--arms``
-trains and reports a subset. Writes ``screen.md`` / ``.png`` / ``.json`` under ``--out``.
+trains only a subset (the report keeps the other arms' finished runs); ``--report-only`` trains
+nothing. Writes ``screen.md`` / ``.png`` / ``.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -107,12 +108,14 @@ def main(argv=None) -> None:
     study.add_arms_flag(parser)
     args = study.parse_recipe_args(parser, argv)
     out, recipe = pathlib.Path(args.out), args.recipe
-    chosen = study.choose_arms(parser, arms(out, recipe), args.arms)
-    if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
-        parser.error("the distillation arms learn from the multi arm's seed-0 run: use --seeds 0")
-    study.check_teacher(parser, chosen, args.seeds, out, ("multi", 0))
+    table = arms(out, recipe)
+    chosen = study.choose_arms(parser, table, args.arms)
+    if not args.report_only:
+        if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
+            parser.error("the distillation arms learn from multi's seed-0 run: use --seeds 0")
+        study.check_teacher(parser, chosen, args.seeds, out, ("multi", 0))
     study.run_and_report(
-        study.make_runs(recipe, chosen, args.seeds),
+        study.make_runs(recipe, list(table.items()), args.seeds),
         out,
         name="screen",
         title=f"Screening on {recipe.dataset}",
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
         argv=argv,
         references=("qkv_2ffn + distill",),
         inference=study.load_inference(args.inference),
+        trainable=study.trainable(args, chosen),
     )
 
 

@@ -75,6 +75,12 @@ def add_recipe_flags(
     )
     parser.add_argument("--out", required=True, help="results directory")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the runs already finished in --out (the others are named and "
+        "left out)",
+    )
+    parser.add_argument(
         "--inference",
         default=None,
         help="bench_int8.py's results.json, read for the inference columns, or 'none' "
@@ -112,7 +118,17 @@ def parse_recipe_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 
 
 def add_arms_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms, by label")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="train only these arms, by label; the report keeps the other arms' finished runs",
+    )
+
+
+def trainable(args: argparse.Namespace, chosen: list[tuple[str, dict]]) -> set[str]:
+    """The labels a study may train: those ``--arms`` chose, none with ``--report-only``."""
+    return set() if args.report_only else {label for label, _ in chosen}
 
 
 def choose_arms(
@@ -178,14 +194,19 @@ def make_runs(
     return runs
 
 
-def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
-    """Take every run to its end (``train.train(..., resume="auto")``: a finished run is read
-    back, an interrupted one resumes, a run of another recipe in its folder is refused); one
-    result per run (summary + curves)."""
+def run_all(runs: list[Run], out: pathlib.Path, trainable: set[str] | None = None) -> list[dict]:
+    """Take every run whose label is ``trainable`` (None: every run) to its end
+    (``train.train(..., resume="auto")``: a finished run is read back, an interrupted one resumes,
+    a run of another recipe in its folder is refused); of the others, read back those that are
+    finished and leave the rest out, never training them. One result per run (summary + curves)."""
     results = []
     for i, run in enumerate(runs):
         workdir = out / "runs" / run.name
         print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
+        if trainable is not None and run.label not in trainable:
+            if train.finished_summary(workdir) is None:
+                print(f"{workdir}: not finished; left out (not among the arms to train)")
+                continue
         try:
             summary = train.train(run.config, workdir, resume="auto")
         except (OSError, ValueError, train.RunDirectoryBusy, train.TrainingDiverged) as err:
@@ -540,15 +561,19 @@ def run_and_report(
     argv: list[str] | None,
     references: tuple[str, ...] = (),
     inference: dict | None = None,
+    trainable: set[str] | None = None,
 ) -> str:
-    """Train ``runs`` (:func:`run_all`), write the report (:func:`write_report`), print the table.
+    """Train ``runs`` (:func:`run_all`; only the labels in ``trainable``, every one when None),
+    write the report of the finished ones (:func:`write_report`), print the table.
 
     ``name`` is also the script's name (``experiments/<name>.py``) in the report's command line;
     ``references``: the labels among the runs' to which the report gives paired differences.
     """
-    labels = {run.label for run in runs}
+    results = run_all(runs, out, trainable)
+    if not results:
+        raise SystemExit(f"no finished run in {out}/runs to report")
+    labels = {result["run"].label for result in results}
     references = tuple(r for r in references if r in labels)
-    results = run_all(runs, out)
     table = write_report(
         results,
         out,

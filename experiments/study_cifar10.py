@@ -35,7 +35,8 @@ Arms (labels of the table), every one the ``cifar10`` config at 30 epochs with 3
 
 Runs go seed by seed (``multi`` seed 0 first: the teacher), each in ``OUT/runs/<arm>_seed<s>``;
 rerunning the command reads back finished runs and resumes an unfinished one from its
-checkpoints. ``--arms`` trains and reports a subset. A 3-epoch smoke run of the same arms:
+checkpoints. ``--arms`` trains only a subset (the report keeps the other arms' finished runs);
+``--report-only`` trains nothing. A 3-epoch smoke run of the same arms:
 ``--set num_epochs=3 warmup_epochs=0.3 --out experiments/results/study_cifar10/smoke``.
 Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``; the report adds each arm's
 difference to ``multi`` and to ``multi_ln``, paired by seed (``study.gap_table``), and float and
@@ -89,10 +90,12 @@ def main(argv=None) -> None:
     study.add_arms_flag(parser)
     args = study.parse_recipe_args(parser, argv)
     out, recipe = pathlib.Path(args.out), args.recipe
-    chosen = study.choose_arms(parser, arms(out), args.arms)
-    study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
+    table = arms(out)
+    chosen = study.choose_arms(parser, table, args.arms)
+    if not args.report_only:
+        study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
     study.run_and_report(
-        order(study.make_runs(recipe, chosen, args.seeds)),
+        order(study.make_runs(recipe, list(table.items()), args.seeds)),
         out,
         name="study_cifar10",
         title=f"Adder vs multiplication on {recipe.dataset}",
@@ -101,6 +104,7 @@ def main(argv=None) -> None:
         argv=argv,
         references=("multi", "multi_ln"),
         inference=study.load_inference(args.inference),
+        trainable=study.trainable(args, chosen),
     )
 
 

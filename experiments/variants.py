@@ -48,6 +48,7 @@ def main(argv=None) -> None:
         recipe=recipe,
         argv=argv,
         inference=study.load_inference(args.inference),
+        trainable=set() if args.report_only else None,
     )
 
 

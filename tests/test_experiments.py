@@ -3,6 +3,7 @@
 import datetime
 import json
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -253,6 +254,19 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
     assert float(cells[converted][column]) == 2 * float(cells["multi"][column])
     # no bench_int8 results there: the inference column says "not timed"
     assert "- inference: not timed" in table and cells["multi"][-1] == "- / - |"
+    # --arms trains only its arms, and the report keeps the other arms' finished runs; with
+    # --report-only nothing trains: an unfinished run is left out, not resumed
+    shutil.rmtree(tmp_path / "runs" / "multi_seed1" / "checkpoints", ignore_errors=True)
+    (tmp_path / "runs" / "multi_seed1" / "summary.json").unlink()
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    study_cifar10.main([*args, *nothing, "--report-only"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
+    assert not (tmp_path / "runs" / "multi_seed1" / "summary.json").exists()
+    kept = json.loads((tmp_path / "study_cifar10.json").read_text())
+    assert [(r["label"], r["seed"]) for r in kept] == [("multi", 0), (converted, 0), (converted, 1)]
+    study_cifar10.main([*args, *nothing, "--arms", "multi"])
+    again = json.loads((tmp_path / "study_cifar10.json").read_text())
+    assert [(r["label"], r["seed"]) for r in again] == [(r["label"], r["seed"]) for r in record]
     # a distilled arm without its teacher, neither trained nor among the runs, is refused
     with pytest.raises(SystemExit):
         study_cifar10.main(
