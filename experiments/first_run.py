@@ -89,8 +89,9 @@ def main(argv=None) -> None:
     args = study.parse_recipe_args(parser, argv)
     recipe = args.recipe
     chosen = study.choose_arms(parser, ARMS, args.arms)
+    trainable = study.trainable(args, chosen)
     study.run_and_report(
-        study.make_runs(recipe, list(ARMS.items()), args.seeds),
+        study.make_runs(recipe, list(ARMS.items()), args.seeds, trainable),
         pathlib.Path(args.out),
         name="first_run",
         title=f"The first run's recipe, chosen on {recipe.eval_split} of {recipe.dataset}",
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
         argv=argv,
         references=("as shipped",),
         inference=study.load_inference(args.inference),
-        trainable=study.trainable(args, chosen),
+        trainable=trainable,
     )
 
 

@@ -26,7 +26,8 @@ def evaluate(
 ) -> tuple[list[dict], dict[str, str]]:
     """One record per run (``{workdir: its summary}``): its variant and ``evaluate_workdir``'s
     float and int8 results; and ``{workdir: why}`` for the runs that could not be evaluated
-    (e.g. more calibration batches than their epoch holds), the others evaluated all the same."""
+    (e.g. more calibration batches than their epoch holds), the others evaluated all the same
+    (and printed: ``main`` then writes nothing to ``--out``)."""
     records, failures = [], {}
     for workdir, summary in runs.items():
         try:
@@ -104,13 +105,16 @@ def main(argv=None) -> None:
         ]
     )
     print(table)
+    if failures:  # the table above keeps what was measured; --out's files are not cut short
+        raise SystemExit(
+            f"int8_accuracy.py: {len(failures)} of {len(runs)} runs not evaluated; nothing "
+            "written to --out (the table above holds the others)"
+        )
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "accuracy.json").write_text(json.dumps(records, indent=2) + "\n")
         (out / "accuracy.md").write_text(table)
-    if failures:
-        raise SystemExit(f"int8_accuracy.py: {len(failures)} of {len(runs)} runs not evaluated")
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ def main(argv=None) -> None:
         if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
             parser.error("the distillation arms learn from multi's seed-0 run: use --seeds 0")
         study.check_teacher(parser, chosen, args.seeds, out, ("multi", 0))
+    trainable = study.trainable(args, chosen)
     study.run_and_report(
-        study.make_runs(recipe, list(table.items()), args.seeds),
+        study.make_runs(recipe, list(table.items()), args.seeds, trainable),
         out,
         name="screen",
         title=f"Screening on {recipe.dataset}",
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
         argv=argv,
         references=("qkv_2ffn + distill",),
         inference=study.load_inference(args.inference),
-        trainable=study.trainable(args, chosen),
+        trainable=trainable,
     )
 
 

@@ -101,13 +101,17 @@ def _seed(text: str) -> int:
 
 def parse_recipe_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """``parser.parse_args(argv)`` plus what the shared flags need checked before any training,
-    each problem a usage error naming its flag: repeated ``--seeds``, a ``--config`` or ``--set``
-    that does not load, an ``--inference`` file that is not there. Adds ``args.recipe``
+    each problem a usage error naming its flag: repeated ``--seeds``, an ``--out`` that cannot be
+    written, a ``--config`` or ``--set`` that does not load, an ``--inference`` file that is not
+    there. Adds ``args.recipe``
     (:func:`load_recipe` of the study's own overrides, then ``--set``'s)."""
     args = parser.parse_args(argv)
     repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
     if repeated:
         parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats {repeated}")
+    problem = reports.unwritable(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     if args.inference not in (None, "none") and not pathlib.Path(args.inference).is_file():
         parser.error(f"--inference {args.inference}: no such file ('none': no inference columns)")
     try:
@@ -174,12 +178,17 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> ml_collections.Confi
 
 
 def make_runs(
-    recipe: ml_collections.ConfigDict, settings: list[tuple[str, dict]], seeds: list[int]
+    recipe: ml_collections.ConfigDict,
+    settings: list[tuple[str, dict]],
+    seeds: list[int],
+    trainable: set[str] | None = None,
 ) -> list[Run]:
     """One run per (label, seed): the recipe with the label's dotted fields and the seed set.
 
-    Every run's config is validated first (``train.validate_config``), so a study whose label
-    names a setting the model cannot honour stops before training anything.
+    The config of every run that may train (its label in ``trainable``; None: every label) is
+    validated first (``train.validate_config``), so a study whose label names a setting the model
+    cannot honour stops before training anything; the others are only read back where finished
+    with the same config (:func:`run_all`).
     """
     runs = []
     for label, fields in settings:
@@ -187,7 +196,8 @@ def make_runs(
             config = recipe.copy_and_resolve_references()
             try:  # refuse before any training: e.g. a rule that no site of the variant uses
                 configs.override(config, {**fields, "seed": seed})
-                train.validate_config(config)
+                if trainable is None or label in trainable:
+                    train.validate_config(config)
             except ValueError as err:
                 raise SystemExit(f"{label}: {err}") from err
             runs.append(Run(label, seed, config))
@@ -197,26 +207,45 @@ def make_runs(
 def run_all(runs: list[Run], out: pathlib.Path, trainable: set[str] | None = None) -> list[dict]:
     """Take every run whose label is ``trainable`` (None: every run) to its end
     (``train.train(..., resume="auto")``: a finished run is read back, an interrupted one resumes,
-    a run of another recipe in its folder is refused); of the others, read back those that are
-    finished and leave the rest out, never training them. One result per run (summary + curves)."""
+    a run of another config in its folder is refused); of the others, read back those finished
+    with the same config and leave the rest out, never training them. One result per run
+    (summary + curves)."""
     results = []
     for i, run in enumerate(runs):
         workdir = out / "runs" / run.name
         print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
-        if trainable is not None and run.label not in trainable:
-            if train.finished_summary(workdir) is None:
-                print(f"{workdir}: not finished; left out (not among the arms to train)")
-                continue
+        may_train = trainable is None or run.label in trainable
+        try:
+            differences = _differences(run, workdir)
+            unfinished = train.finished_summary(workdir) is None
+        except ValueError as err:  # a damaged config.json or summary.json
+            if may_train:
+                raise SystemExit(f"{run.name}: {err}") from err
+            differences, unfinished = [str(err)], True
+        if not may_train and (differences or unfinished):
+            why = f"another config ({'; '.join(differences)})" if differences else "not finished"
+            print(f"{workdir}: {why}; left out of the report (not among the arms to train)")
+            continue
+        if differences:
+            raise SystemExit(
+                f"{workdir} holds a run of another config: {'; '.join(differences)}; use another "
+                "--out, or delete that run"
+            )
         try:
             summary = train.train(run.config, workdir, resume="auto")
         except (OSError, ValueError, train.RunDirectoryBusy, train.TrainingDiverged) as err:
-            # each names its run folder and what to do
-            raise SystemExit(f"{run.name}: {err} (the study's run folders: {out}/runs)") from err
+            raise SystemExit(f"{run.name}: {err}") from err  # each says what to do
         if summary.get("status") != "finished":  # interrupted: stop the study here
             raise SystemExit(f"{run.name} {summary['status']}; rerun the command to resume")
         records = logs.read_metrics(workdir)
         results.append({"run": run, "summary": summary, "records": records})
     return results
+
+
+def _differences(run: Run, workdir: pathlib.Path) -> list[str]:
+    """How ``run``'s config differs from that of the run in ``workdir`` (none where none is)."""
+    saved = workdir / "config.json"
+    return train.config_differences(train.read_json(saved), run.config) if saved.is_file() else []
 
 
 def _final_train_accuracy(records: list[dict], total_steps: int, steps_per_epoch: int) -> float:

@@ -94,8 +94,9 @@ def main(argv=None) -> None:
     chosen = study.choose_arms(parser, table, args.arms)
     if not args.report_only:
         study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
+    trainable = study.trainable(args, chosen)
     study.run_and_report(
-        order(study.make_runs(recipe, list(table.items()), args.seeds)),
+        order(study.make_runs(recipe, list(table.items()), args.seeds, trainable)),
         out,
         name="study_cifar10",
         title=f"Adder vs multiplication on {recipe.dataset}",
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
         argv=argv,
         references=("multi", "multi_ln"),
         inference=study.load_inference(args.inference),
-        trainable=study.trainable(args, chosen),
+        trainable=trainable,
     )
 
 

@@ -1,5 +1,6 @@
 """The experiment scripts run end to end on tiny settings and report what the library measures."""
 
+import argparse
 import datetime
 import json
 import pathlib
@@ -18,6 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiment
 
 import bench_int8  # noqa: E402
 import bench_ops  # noqa: E402
+import first_run  # noqa: E402
 import grad_rules  # noqa: E402
 import int8_accuracy  # noqa: E402
 import op_counts  # noqa: E402
@@ -163,7 +165,8 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     variants.main([*args, "--set", *TINY_RECIPE[:-1], "log_every_steps=2"])
     assert capsys.readouterr().out.count("finished before, read back") == 4
     # ... and another recipe into the same directory would report the old runs: refused
-    with pytest.raises(SystemExit, match=r"multi_seed0: .*another config: learning_rate: .*runs\)"):
+    another = r"multi_seed0 holds a run of another config: learning_rate: .*use another --out"
+    with pytest.raises(SystemExit, match=another):
         variants.main([*args, "--set", *TINY_RECIPE, "learning_rate=0.01"])
 
 
@@ -214,7 +217,7 @@ def test_screen_trains_the_teacher_first_and_distils_from_it(tmp_path):
         screen.main([*args, "--arms", "multi", "qkv_2ffn + distill", "--seeds", "1"])
 
 
-def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0(tmp_path):
+def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0(tmp_path, capsys):
     args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
     converted = "qkv_2ffn + distill + features, norm=batch, converted from multi"
     nothing = ["--inference", "none"]
@@ -267,6 +270,15 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
     study_cifar10.main([*args, *nothing, "--arms", "multi"])
     again = json.loads((tmp_path / "study_cifar10.json").read_text())
     assert [(r["label"], r["seed"]) for r in again] == [(r["label"], r["seed"]) for r in record]
+    # a finished run of an arm not trained here but made with another config is left out, named
+    saved = tmp_path / "runs" / "qkv_2ffn_distill_features_norm_batch_converted_from_multi_seed1"
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
+    capsys.readouterr()
+    study_cifar10.main([*args, *nothing, "--arms", "multi"])
+    assert f"{saved}: another config (learning_rate: " in capsys.readouterr().out
+    last = json.loads((tmp_path / "study_cifar10.json").read_text())
+    assert [(r["label"], r["seed"]) for r in last] == [("multi", 0), (converted, 0), ("multi", 1)]
     # a distilled arm without its teacher, neither trained nor among the runs, is refused
     with pytest.raises(SystemExit):
         study_cifar10.main(
@@ -293,6 +305,22 @@ def test_studies_refuse_bad_flags_before_training_anything(
         script.main(["--out", str(tmp_path), *flags])
     assert info.value.code == 2 and fragment in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_set_adds_to_the_study_recipe_and_a_failed_run_is_named(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    study.add_recipe_flags(parser, default_config="digits", default_set=first_run.DEFAULT_SET)
+    args = study.parse_recipe_args(parser, ["--out", str(tmp_path), "--set", "num_epochs=1"])
+    # first_run's validation slice stays: a --set never sends it back to the test split
+    assert (args.recipe.eval_split, args.recipe.num_epochs) == ("train[1150:]", 1)
+
+    def diverges(*args, **kwargs):
+        raise train.TrainingDiverged("the loss became nan by step 3")
+
+    monkeypatch.setattr(train, "train", diverges)
+    (run,) = study.make_runs(args.recipe, [("multi", {"variant": "multi"})], [0])
+    with pytest.raises(SystemExit, match="^multi_seed0: the loss became nan by step 3$"):
+        study.run_all([run], tmp_path)
 
 
 def test_shape_strings_parse_to_three_positive_integers():
@@ -449,7 +477,7 @@ def test_study_reports_read_inference_times_of_the_same_model_from_bench_int8():
     assert study.inference_ratios(recipe, None) == {}
 
 
-def test_int8_accuracy_tables_float_and_int8_of_finished_runs(tmp_path):
+def test_int8_accuracy_tables_float_and_int8_of_finished_runs(tmp_path, capsys):
     config = study.load_recipe("digits", [*TINY_RECIPE, "variant=qkv_2ffn_ternary"])
     train.train(config, tmp_path / "ternary")
     int8_accuracy.main([str(tmp_path / "ternary"), "--out", str(tmp_path / "out")])
@@ -467,16 +495,17 @@ def test_int8_accuracy_tables_float_and_int8_of_finished_runs(tmp_path):
         int8_accuracy.main([str(tmp_path / "ternary"), str(tmp_path / "empty")])
     # a run that cannot be evaluated does not cost the others their results
     train.train(configs.override(config, {"batch_size": 128}), tmp_path / "wide")
-    with pytest.raises(SystemExit, match="1 of 2 runs not evaluated"):
+    before = (tmp_path / "out" / "accuracy.json").read_text()
+    with pytest.raises(SystemExit, match="1 of 2 runs not evaluated; nothing written to --out"):
         # one epoch of digits: 44 batches of 32, 11 of 128
         int8_accuracy.main(
             [str(tmp_path / "wide"), str(tmp_path / "ternary"), "--out", str(tmp_path / "out")]
             + ["--calibration-batches", "20"]
         )
-    (record,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert record["workdir"] == str(tmp_path / "ternary")
-    table = (tmp_path / "out" / "accuracy.md").read_text()
+    table = capsys.readouterr().out  # what was measured is printed, --out's files are kept whole
+    assert f"| ternary | qkv_2ffn_ternary | test | {100 * f:.2f} |" in table
     assert "Not evaluated: wide: calibration_batches=20 of 128 images" in table
+    assert (tmp_path / "out" / "accuracy.json").read_text() == before
 
 
 def test_bench_ops_times_the_naive_backend(capsys):
