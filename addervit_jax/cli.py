@@ -30,15 +30,21 @@ from addervit_jax.shapes import parse_shape
 DEFAULT_CONFIG = "digits"
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a positive integer (argparse names the flag and exits with 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag and exits with 2);
+    the one such check of ``addervit`` and of the experiment scripts."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+
+    return parse
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -284,7 +290,7 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument("--split", default=None, help="dataset split (default: the run's)")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="default: the run's; at most the number of examples of the split",
     )
@@ -297,7 +303,7 @@ def eval_command(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--calibration-batches",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="with --int8: the training batches (of --batch-size) that calibrate it (default 4; "
         "at most one epoch of the training split: no image is drawn twice)",
@@ -305,22 +311,15 @@ def eval_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.split is not None and not args.split.strip():
         parser.error("--split is empty; name a split (e.g. test, train[:100]) or leave it out")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.calibration_batches is not None and not args.int8:
         parser.error("--calibration-batches calibrates the int8 form: add --int8")
-    if args.calibration_batches is not None and args.calibration_batches < 1:
-        parser.error(f"--calibration-batches must be positive, got {args.calibration_batches}")
     from addervit_jax import train
 
+    options = {"split": args.split, "batch_size": args.batch_size, "int8": args.int8}
+    if args.calibration_batches is not None:  # else evaluate_workdir's default
+        options["calibration_batches"] = args.calibration_batches
     try:
-        result = train.evaluate_workdir(
-            args.checkpoint,
-            split=args.split,
-            batch_size=args.batch_size,
-            int8=args.int8,
-            calibration_batches=args.calibration_batches or 4,
-        )
+        result = train.evaluate_workdir(args.checkpoint, **options)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"addervit eval: {str(err).strip(chr(34) + chr(39))}", file=sys.stderr)
         return 1
@@ -347,9 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="train a model (see addervit train --help)")
     commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     p_demo = commands.add_parser("demo", help="the ops and their gradients on toy tensors")
-    p_demo.add_argument("--tokens", type=_positive_int, default=1024, help="L of the timed example")
     p_demo.add_argument(
-        "--features", type=_positive_int, default=128, help="D_in of the timed example"
+        "--tokens", type=int_at_least(1), default=1024, help="L of the timed example"
+    )
+    p_demo.add_argument(
+        "--features", type=int_at_least(1), default=128, help="D_in of the timed example"
     )
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)

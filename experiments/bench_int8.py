@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from addervit_jax import configs, layers, models, ops, reports, timing
+from addervit_jax import cli, configs, layers, models, ops, reports, timing
 from addervit_jax.shapes import parse_shape
 
 # (L, D_in, D_out): a ViT-S MLP on 4,096 tokens (the shape) and the sites of the CIFAR
@@ -164,8 +164,10 @@ def bench_models(batch, repeats, size) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=OP_SHAPES, help="LxD_INxD_OUT")
-    parser.add_argument("--batch", type=int, default=256, help="images per model forward")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--batch", type=cli.int_at_least(1), default=256, help="images per model forward"
+    )
+    parser.add_argument("--repeats", type=cli.int_at_least(1), default=9)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument(
         "--set",
@@ -181,9 +183,6 @@ def main(argv=None) -> None:
             parse_shape(spec)
         except ValueError as err:
             parser.error(f"--shapes: {err}")
-    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
-        if value < 1:
-            parser.error(f"{flag} must be a positive integer, got {value}")
     try:
         size = {**CIFAR, **configs.parse_overrides(args.set)}
         models.config("multi", **size)

@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from addervit_jax import ops, timing
+from addervit_jax import cli, ops, timing
 from addervit_jax.kernels import adder_pallas
 from addervit_jax.shapes import parse_shape
 
@@ -76,11 +76,15 @@ def median_time(fn, inputs: list[tuple], repeats: int) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="LxD_INxD_OUT")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--rotate", type=int, default=3, help="input sets cycled through")
+    parser.add_argument("--repeats", type=cli.int_at_least(1), default=20)
+    parser.add_argument(
+        "--rotate", type=cli.int_at_least(1), default=3, help="input sets cycled through"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--interpret", action="store_true", help="CPU smoke run (no timing value)")
-    parser.add_argument("--cores", type=int, default=None, help="FP32 cores, if not listed")
+    parser.add_argument(
+        "--cores", type=cli.int_at_least(1), default=None, help="FP32 cores, if not listed"
+    )
     parser.add_argument("--clock-ghz", type=float, default=None)
     args = parser.parse_args(argv)
     try:

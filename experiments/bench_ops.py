@@ -18,7 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from addervit_jax import ops, timing
+from addervit_jax import cli, ops, timing
 from addervit_jax.shapes import parse_shape
 
 # (L, D_in, D_out): a ViT-S block on 4,096 tokens (qkv, MLP up, MLP down) and the CIFAR-sized
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--backend", nargs="+", default=["auto"], choices=ops.BACKENDS, help="one row set each"
     )
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=cli.int_at_least(1), default=7)
     parser.add_argument("--naive", action="store_true", help="also time the broadcast formula")
     args = parser.parse_args(argv)
     try:

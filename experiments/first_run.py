@@ -89,9 +89,8 @@ def main(argv=None) -> None:
     args = study.parse_recipe_args(parser, argv)
     recipe = args.recipe
     chosen = study.choose_arms(parser, ARMS, args.arms)
-    trainable = study.trainable(args, chosen)
     study.run_and_report(
-        study.make_runs(recipe, list(ARMS.items()), args.seeds, trainable),
+        study.make_runs(recipe, list(ARMS.items()), args.seeds, study.trainable(args, chosen)),
         pathlib.Path(args.out),
         name="first_run",
         title=f"The first run's recipe, chosen on {recipe.eval_split} of {recipe.dataset}",
@@ -100,7 +99,6 @@ def main(argv=None) -> None:
         argv=argv,
         references=("as shipped",),
         inference=study.load_inference(args.inference),
-        trainable=trainable,
     )
 
 

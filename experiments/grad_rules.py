@@ -37,7 +37,7 @@ def main(argv=None) -> None:
         for label, grad, clip_scale in rules
     ]
     study.run_and_report(
-        study.make_runs(recipe, settings, args.seeds),
+        study.make_runs(recipe, settings, args.seeds, study.trainable(args)),
         pathlib.Path(args.out),
         name="grad_rules",
         title=f"Backward rules, {args.variant} on {recipe.dataset}",
@@ -45,7 +45,6 @@ def main(argv=None) -> None:
         recipe=recipe,
         argv=argv,
         inference=study.load_inference(args.inference),
-        trainable=set() if args.report_only else None,
     )
 
 

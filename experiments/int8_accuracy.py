@@ -18,7 +18,7 @@ import argparse
 import json
 import pathlib
 
-from addervit_jax import reports, train
+from addervit_jax import cli, reports, train
 
 
 def evaluate(
@@ -75,11 +75,9 @@ def markdown_table(records: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="work directories of finished training runs")
-    parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--calibration-batches", type=cli.int_at_least(1), default=4)
     parser.add_argument("--out", default=None, help="directory for accuracy.json and accuracy.md")
     args = parser.parse_args(argv)
-    if args.calibration_batches < 1:
-        parser.error(f"--calibration-batches must be positive, got {args.calibration_batches}")
     problem = reports.unwritable(args.out) if args.out is not None else None
     if problem:  # before the evaluations, not after them
         parser.error(f"--out {args.out}: {problem}")

@@ -114,9 +114,8 @@ def main(argv=None) -> None:
         if any("distill.teacher" in fields for _, fields in chosen) and args.seeds != [0]:
             parser.error("the distillation arms learn from multi's seed-0 run: use --seeds 0")
         study.check_teacher(parser, chosen, args.seeds, out, ("multi", 0))
-    trainable = study.trainable(args, chosen)
     study.run_and_report(
-        study.make_runs(recipe, list(table.items()), args.seeds, trainable),
+        study.make_runs(recipe, list(table.items()), args.seeds, study.trainable(args, chosen)),
         out,
         name="screen",
         title=f"Screening on {recipe.dataset}",
@@ -125,7 +124,6 @@ def main(argv=None) -> None:
         argv=argv,
         references=("qkv_2ffn + distill",),
         inference=study.load_inference(args.inference),
-        trainable=trainable,
     )
 
 

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from addervit_jax import configs, data, models, ops, reports, timing, train
+from addervit_jax import cli, configs, data, models, ops, reports, timing, train
 
 MIB = 2**20
 MODEL_FLAGS = (
@@ -243,9 +243,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         choices=[n for n, v in models.VARIANTS.items() if v.family == "simple_vit"],
         help="the adder model of the naive and project rows (default %(default)s)",
     )
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--batch", type=cli.int_at_least(1), default=64)
+    parser.add_argument(
+        "--steps", type=cli.int_at_least(1), default=10, help="timed steps (median)"
+    )
+    parser.add_argument("--warmup", type=cli.int_at_least(0), default=2, help="untimed steps first")
     parser.add_argument(
         "--config",
         default="cifar10",

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from addervit_jax import configs, counts, logs, models, reports, timing, train
+from addervit_jax import cli, configs, counts, logs, models, reports, timing, train
 
 # bench_int8.py's model timings, read (never measured) by the reports: a report is written while
 # trainings share the cores, when no timing is honest
@@ -35,6 +35,9 @@ class Run:
     label: str
     seed: int
     config: ml_collections.ConfigDict
+    # False: the study only reads this run back where it finished with the same config (--arms,
+    # --report-only), never trains it
+    may_train: bool = True
 
     @property
     def name(self) -> str:
@@ -69,7 +72,7 @@ def add_recipe_flags(
     parser.add_argument(
         "--seeds",
         nargs="+",
-        type=_seed,
+        type=cli.int_at_least(0),
         default=list(default_seeds),
         help="distinct integers >= 0 (default %(default)s)",
     )
@@ -87,16 +90,6 @@ def add_recipe_flags(
         f"(default: {INFERENCE}, where it exists)",
     )
     parser.set_defaults(study_set=list(default_set))
-
-
-def _seed(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
-    return seed
 
 
 def parse_recipe_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -130,9 +123,14 @@ def add_arms_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def trainable(args: argparse.Namespace, chosen: list[tuple[str, dict]]) -> set[str]:
-    """The labels a study may train: those ``--arms`` chose, none with ``--report-only``."""
-    return set() if args.report_only else {label for label, _ in chosen}
+def trainable(
+    args: argparse.Namespace, chosen: list[tuple[str, dict]] | None = None
+) -> set[str] | None:
+    """The labels a study may train (:func:`make_runs`): none with ``--report-only``, else those
+    ``--arms`` chose (``chosen``; None: every label)."""
+    if args.report_only:
+        return set()
+    return None if chosen is None else {label for label, _ in chosen}
 
 
 def choose_arms(
@@ -185,52 +183,39 @@ def make_runs(
 ) -> list[Run]:
     """One run per (label, seed): the recipe with the label's dotted fields and the seed set.
 
-    The config of every run that may train (its label in ``trainable``; None: every label) is
+    A run may train where its label is in ``trainable`` (None: every label); its config is
     validated first (``train.validate_config``), so a study whose label names a setting the model
-    cannot honour stops before training anything; the others are only read back where finished
+    cannot honour stops before training anything. The others are only read back where finished
     with the same config (:func:`run_all`).
     """
     runs = []
     for label, fields in settings:
         for seed in seeds:
             config = recipe.copy_and_resolve_references()
+            may_train = trainable is None or label in trainable
             try:  # refuse before any training: e.g. a rule that no site of the variant uses
                 configs.override(config, {**fields, "seed": seed})
-                if trainable is None or label in trainable:
+                if may_train:
                     train.validate_config(config)
             except ValueError as err:
                 raise SystemExit(f"{label}: {err}") from err
-            runs.append(Run(label, seed, config))
+            runs.append(Run(label, seed, config, may_train))
     return runs
 
 
-def run_all(runs: list[Run], out: pathlib.Path, trainable: set[str] | None = None) -> list[dict]:
-    """Take every run whose label is ``trainable`` (None: every run) to its end
-    (``train.train(..., resume="auto")``: a finished run is read back, an interrupted one resumes,
-    a run of another config in its folder is refused); of the others, read back those finished
-    with the same config and leave the rest out, never training them. One result per run
-    (summary + curves)."""
+def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
+    """Take every run that may train to its end (``train.train(..., resume="auto")``: a finished
+    run is read back, an interrupted one resumes, a run of another config in its folder is
+    refused); of the others, read back those finished with the same config and leave the rest
+    out, never training them. One result per run (summary + curves)."""
     results = []
     for i, run in enumerate(runs):
         workdir = out / "runs" / run.name
         print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
-        may_train = trainable is None or run.label in trainable
-        try:
-            differences = _differences(run, workdir)
-            unfinished = train.finished_summary(workdir) is None
-        except ValueError as err:  # a damaged config.json or summary.json
-            if may_train:
-                raise SystemExit(f"{run.name}: {err}") from err
-            differences, unfinished = [str(err)], True
-        if not may_train and (differences or unfinished):
-            why = f"another config ({'; '.join(differences)})" if differences else "not finished"
+        why = None if run.may_train else _not_reportable(run, workdir)
+        if why:
             print(f"{workdir}: {why}; left out of the report (not among the arms to train)")
             continue
-        if differences:
-            raise SystemExit(
-                f"{workdir} holds a run of another config: {'; '.join(differences)}; use another "
-                "--out, or delete that run"
-            )
         try:
             summary = train.train(run.config, workdir, resume="auto")
         except (OSError, ValueError, train.RunDirectoryBusy, train.TrainingDiverged) as err:
@@ -242,10 +227,19 @@ def run_all(runs: list[Run], out: pathlib.Path, trainable: set[str] | None = Non
     return results
 
 
-def _differences(run: Run, workdir: pathlib.Path) -> list[str]:
-    """How ``run``'s config differs from that of the run in ``workdir`` (none where none is)."""
+def _not_reportable(run: Run, workdir: pathlib.Path) -> str | None:
+    """Why the run in ``workdir`` cannot stand for ``run`` in a report without training (another
+    config, not finished, a damaged file), or None where it can."""
     saved = workdir / "config.json"
-    return train.config_differences(train.read_json(saved), run.config) if saved.is_file() else []
+    try:
+        differences = (
+            train.config_differences(train.read_json(saved), run.config) if saved.is_file() else []
+        )
+        if differences:
+            return f"another config ({'; '.join(differences)})"
+        return "not finished" if train.finished_summary(workdir) is None else None
+    except ValueError as err:  # a damaged config.json or summary.json
+        return str(err)
 
 
 def _final_train_accuracy(records: list[dict], total_steps: int, steps_per_epoch: int) -> float:
@@ -590,15 +584,14 @@ def run_and_report(
     argv: list[str] | None,
     references: tuple[str, ...] = (),
     inference: dict | None = None,
-    trainable: set[str] | None = None,
 ) -> str:
-    """Train ``runs`` (:func:`run_all`; only the labels in ``trainable``, every one when None),
-    write the report of the finished ones (:func:`write_report`), print the table.
+    """Train ``runs`` (:func:`run_all`: those that may train), write the report of the finished
+    ones (:func:`write_report`), print the table.
 
     ``name`` is also the script's name (``experiments/<name>.py``) in the report's command line;
     ``references``: the labels among the runs' to which the report gives paired differences.
     """
-    results = run_all(runs, out, trainable)
+    results = run_all(runs, out)
     if not results:
         raise SystemExit(f"no finished run in {out}/runs to report")
     labels = {result["run"].label for result in results}

@@ -94,9 +94,10 @@ def main(argv=None) -> None:
     chosen = study.choose_arms(parser, table, args.arms)
     if not args.report_only:
         study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
-    trainable = study.trainable(args, chosen)
     study.run_and_report(
-        order(study.make_runs(recipe, list(table.items()), args.seeds, trainable)),
+        order(
+            study.make_runs(recipe, list(table.items()), args.seeds, study.trainable(args, chosen))
+        ),
         out,
         name="study_cifar10",
         title=f"Adder vs multiplication on {recipe.dataset}",
@@ -105,7 +106,6 @@ def main(argv=None) -> None:
         argv=argv,
         references=("multi", "multi_ln"),
         inference=study.load_inference(args.inference),
-        trainable=trainable,
     )
 
 

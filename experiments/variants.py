@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     study.add_recipe_flags(parser, default_config="digits")
     args = study.parse_recipe_args(parser, argv)
     recipe = args.recipe
-    runs = study.make_runs(recipe, [(v, {"variant": v}) for v in args.variants], args.seeds)
+    settings = [(v, {"variant": v}) for v in args.variants]
+    runs = study.make_runs(recipe, settings, args.seeds, study.trainable(args))
     study.run_and_report(
         runs,
         pathlib.Path(args.out),
@@ -48,7 +49,6 @@ def main(argv=None) -> None:
         recipe=recipe,
         argv=argv,
         inference=study.load_inference(args.inference),
-        trainable=set() if args.report_only else None,
     )
 
 

@@ -165,7 +165,9 @@ def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
     variants.main([*args, "--set", *TINY_RECIPE[:-1], "log_every_steps=2"])
     assert capsys.readouterr().out.count("finished before, read back") == 4
     # ... and another recipe into the same directory would report the old runs: refused
-    another = r"multi_seed0 holds a run of another config: learning_rate: .*use another --out"
+    another = (
+        r"multi_seed0 holds a run of another config: learning_rate: .*Use another run directory"
+    )
     with pytest.raises(SystemExit, match=another):
         variants.main([*args, "--set", *TINY_RECIPE, "learning_rate=0.01"])
 
@@ -289,7 +291,8 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (["--seeds", "0", "-1"], "argument --seeds: '-1' is not an integer >= 0"),
+        (["--seeds", "0", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
+        (["--seeds", "one"], "argument --seeds: 'one' is not an integer"),
         (["--seeds", "0", "1", "0"], "--seeds 0 1 0 repeats [0]"),
         (["--set", "num_epoch=3"], "--set 'num_epoch=3': the config has no field 'num_epoch'"),
         (["--config", "nosuch"], "--config 'nosuch' is neither a file nor one of"),
@@ -341,6 +344,25 @@ def test_bench_scripts_refuse_a_malformed_shape_with_a_usage_error(capsys):
         assert "--shapes: shape '10x10': expected LxD_INxD_OUT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("script", "flags", "fragment"),
+    [
+        (bench_ops, ["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+        (speed_table, ["--steps", "two"], "argument --steps: 'two' is not an integer"),
+        (speed_table, ["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+        (
+            int8_accuracy,
+            ["RUN", "--calibration-batches", "0"],
+            "argument --calibration-batches: must be a positive integer, got 0",
+        ),
+    ],
+)
+def test_experiment_counts_are_usage_errors_before_any_work(script, flags, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(flags)
+    assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
+
+
 def test_report_header_names_the_command_hardware_and_date():
     command = reports.command_line("op_counts.py", ["--set", "patch_size=16", "a b"])
     assert command == "python experiments/op_counts.py --set patch_size=16 'a b'"
@@ -372,8 +394,8 @@ def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
-        (["--batch", "-1"], "--batch must be a positive integer, got -1"),
+        (["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+        (["--batch", "-1"], "argument --batch: must be a positive integer, got -1"),
         (["--set", "dimm=16"], "--set dimm=16: "),
         (["--out", "A_FILE"], "is a file, not a directory"),
         (["--skip-models", "--out", "RESULTS"], "--skip-models would replace the model timings"),

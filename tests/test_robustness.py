@@ -679,6 +679,11 @@ def test_eval_refuses_empty_splits_huge_batches_and_repeated_calibration(
         (["--split", ""], 2, "--split is empty"),
         (["--calibration-batches", "8"], 2, "--calibration-batches calibrates the int8 form: add"),
         (
+            ["--int8", "--calibration-batches", "0"],
+            2,
+            "argument --calibration-batches: must be a positive integer, got 0",
+        ),
+        (
             ["--batch-size", "100000"],
             1,
             "batch_size=100000 is larger than the 360 examples of digits 'test'; use at most 360",

@@ -67,7 +67,7 @@ def check_workdir(
         if auto:
             raise ValueError(
                 f"{workdir} holds {', '.join(run_files(workdir))} but no config.json: not a run "
-                "that can be continued; choose another --workdir"
+                "that can be continued; choose another run directory"
             )
         raise FileNotFoundError(
             f"--resume: {workdir} holds no run to resume (no config.json); drop --resume to start "
@@ -77,7 +77,7 @@ def check_workdir(
     if differences and auto:
         raise ValueError(
             f"{workdir} holds a run of another config: {'; '.join(differences)}. Use another "
-            "--workdir, or delete that run to train this config there"
+            "run directory, or delete that run to train this config there"
         )
     if differences:
         raise ValueError(
