@@ -3,7 +3,7 @@
 addervit train [--config NAME_OR_PATH] [--config.key=value ...] [--workdir DIR]
                [--resume | --overwrite]
 addervit eval --checkpoint WORKDIR [--split SPLIT] [--batch-size N] [--int8]
-              [--calibration-batches N]
+              [--calibration-batches N] [--kinds KIND ...]
 addervit demo [--tokens L] [--features D_IN] [--seed S]
               # the similarity operations and the adder backward rules on toy tensors
 addervit check-kernels [--shapes LxD_INxD_OUT ...] [--dtype float32|bfloat16] [--tol TOL]
@@ -308,16 +308,28 @@ def eval_command(argv: list[str]) -> int:
         help="with --int8: the training batches (of --batch-size) that calibrate it (default 4; "
         "at most one epoch of the training split: no image is drawn twice)",
     )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=None,
+        metavar="KIND",
+        help="with --int8: only the sites of these kinds (of models.INT8_KINDS; default all) on "
+        "integers, the others left float, to see which sites an int8 loss comes from",
+    )
     args = parser.parse_args(argv)
     if args.split is not None and not args.split.strip():
         parser.error("--split is empty; name a split (e.g. test, train[:100]) or leave it out")
     if args.calibration_batches is not None and not args.int8:
         parser.error("--calibration-batches calibrates the int8 form: add --int8")
+    if args.kinds is not None and not args.int8:
+        parser.error("--kinds chooses the sites of the int8 form: add --int8")
     from addervit_jax import train
 
     options = {"split": args.split, "batch_size": args.batch_size, "int8": args.int8}
     if args.calibration_batches is not None:  # else evaluate_workdir's default
         options["calibration_batches"] = args.calibration_batches
+    if args.kinds is not None:
+        options["kinds"] = args.kinds
     try:
         result = train.evaluate_workdir(args.checkpoint, **options)
     except (ValueError, FileNotFoundError, KeyError) as err:

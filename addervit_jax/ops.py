@@ -29,6 +29,7 @@ from jax import lax
 from addervit_jax.adder import (
     BACKENDS,
     GRAD_RULES,
+    INT8_LEVELS,
     AdderOptions,
     adder,
     adder_int8,
@@ -45,6 +46,7 @@ __all__ = [
     "BACKENDS",
     "AdderOptions",
     "GRAD_RULES",
+    "INT8_LEVELS",
     "adder",
     "adder_int8",
     "adder_int8_layer",

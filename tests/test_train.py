@@ -321,6 +321,15 @@ def test_cli_trains_on_digits_and_evaluates(tmp_path, capsys):
     assert result["int8"]["count"] == 360
     assert abs(result["int8"]["accuracy"] - result["float"]["accuracy"]) <= 0.03
     assert result["calibration"] == {"split": "train", "images": 4 * 64, "augmentation": False}
+    # only the adder sites on integers: the multiplication sites are named among those left float
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), "--int8", "--kinds", "adder"]) == 0
+    only = json.loads(capsys.readouterr().out)
+    assert set(only["int8_sites"]) == {"adder"}
+    assert only["int8_sites"]["adder"] == result["int8_sites"]["adder"]
+    assert any(site.endswith("(multi)") for site in only["float_sites"])
+    assert only["float"] == result["float"]
+    with pytest.raises(ValueError, match=r"kinds=\('adder',\) chooses the sites .* int8=True"):
+        train.evaluate_workdir(tmp_path, kinds=("adder",))
 
 
 def _tensorboard_scalars(workdir: pathlib.Path) -> dict:

@@ -21,6 +21,7 @@ from addervit_jax.adder.op import (
     shard_rows,
 )
 from addervit_jax.adder.options import BACKENDS, AdderOptions
+from addervit_jax.adder.quantized import LEVELS as INT8_LEVELS
 from addervit_jax.adder.quantized import adder_int8, adder_int8_layer, int8_codes
 from addervit_jax.adder.rules import GRAD_RULES
 
@@ -28,6 +29,7 @@ __all__ = [
     "BACKENDS",
     "AdderOptions",
     "GRAD_RULES",
+    "INT8_LEVELS",
     "adder",
     "adder_int8",
     "adder_int8_layer",

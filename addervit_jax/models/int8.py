@@ -44,7 +44,17 @@ class Int8AdderDense(nnx.Module):
     ``scale``; :mod:`addervit_jax.adder.quantized`). ``E``, ``F``, ``b`` and the normalisation
     stay float. A ``norm="batch"`` site's normalisation, at inference an affine map per unit with
     its running statistics, is folded into ``F`` and ``b``: ``F / sqrt(var + eps)`` and
-    ``b - F * mean / sqrt(var + eps)``. Make one with :meth:`calibrate`."""
+    ``b - F * mean / sqrt(var + eps)``.
+
+    Where the grid ``[low, high]`` (``high = low + 255 * scale``) leaves weights outside, a site
+    whose normalisation is per unit or none (``norm`` ``"batch"`` or ``"none"``) keeps their
+    part outside exactly: for ``u`` on the grid and ``w > high``, ``|u - w| = |u - high| +
+    (w - high)`` (and ``|u - low| + (low - w)`` for ``w < low``), so the codes of ``W`` are
+    clipped to the grid and ``c_d = sum_i (max(w_id - high, 0) + max(low - w_id, 0))``, a
+    constant per output, moves into the bias: ``b - F * c``. The grid then only has to span
+    the inputs (:meth:`calibrate`). A ``norm="layer"`` site normalises over its outputs before
+    ``F`` and ``b``, where a constant per output does not fold; its weights outside the grid are
+    clipped. Make one with :meth:`calibrate`."""
 
     kind = "adder"
 
@@ -61,6 +71,17 @@ class Int8AdderDense(nnx.Module):
         self.stretch, self.mask, self.bias = layer.stretch, layer.mask, layer.bias
         if layer.batch_norm is not None:
             self.mask, self.bias = _fold_batch_norm(layer)
+        if self.folds_outside(self.norm):
+            outside = _outside(layer.kernel[...], low, low + (ops.INT8_LEVELS - 1) * scale)
+            mask = 1.0 if self.mask is None else self.mask[...]
+            bias = 0.0 if self.bias is None else self.bias[...]
+            self.bias = nnx.Variable(jnp.asarray(bias - mask * outside, jnp.float32))
+
+    @staticmethod
+    def folds_outside(norm: str) -> bool:
+        """Whether a site of this ``norm`` keeps the weights' part outside the grid in its bias
+        (every norm but ``"layer"``)."""
+        return norm != "layer"
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value = lambda v: None if v is None else v[...]  # noqa: E731
@@ -92,13 +113,14 @@ class Int8AdderDense(nnx.Module):
         """The int8 form of ``layer`` whose grid makes its output on ``x`` (``(N, D_in)``
         inputs, e.g. tokens of a few training batches) closest to the float layer's.
 
-        Each candidate grid spans ``[min(q_u(f), q_w(f)), max(q_u(1 - f), q_w(1 - f))]``, with
-        ``q_u``, ``q_w`` the quantiles of ``u = E * x`` and of ``W`` and ``f`` one of
-        ``clip_fractions``; the chosen one has the smallest mean squared error of the layer's
-        output (after the normalisation, the mask and the bias: what the next layer sees). Minimum
-        error on the output, rather than a fixed percentile, because clipping trades rounding
-        error on every term against a large error on a few, and which wins depends on the layer:
-        an outlier of ``W`` is used by every token, one of ``u`` by one token. The float layer
+        Each candidate grid spans ``[q_u(f), q_u(1 - f)]``, with ``q_u`` the quantiles of
+        ``u = E * x`` and ``f`` one of ``clip_fractions``: the weights outside it are kept exactly
+        (the class docstring). A ``norm="layer"`` site, which cannot keep them, spans the weights
+        too: ``[min(q_u(f), q_w(f)), max(q_u(1 - f), q_w(1 - f))]``, ``q_w`` the quantiles of
+        ``W``. The chosen grid has the smallest mean squared error of the layer's output (after
+        the normalisation, the mask and the bias: what the next layer sees). Minimum error on the
+        output, rather than a fixed percentile, because clipping trades rounding error on every
+        term against a large error on a few, and which wins depends on the layer. The float layer
         is evaluated as at inference (a batch norm with its running statistics); ``layer`` itself
         is not changed.
         """
@@ -114,14 +136,22 @@ class Int8AdderDense(nnx.Module):
         reference = layer(x)
         best = None
         for f in clip_fractions:
-            low = min(jnp.quantile(u, f), jnp.quantile(w, f))
-            high = max(jnp.quantile(u, 1.0 - f), jnp.quantile(w, 1.0 - f))
-            scale = max(float(high - low), 1e-12) / 255  # 256 codes
+            low, high = jnp.quantile(u, f), jnp.quantile(u, 1.0 - f)
+            if not cls.folds_outside(layer.norm):  # the grid must hold W too
+                low, high = min(low, jnp.quantile(w, f)), max(high, jnp.quantile(w, 1.0 - f))
+            scale = max(float(high - low), 1e-12) / (ops.INT8_LEVELS - 1)
             candidate = cls(layer, float(low), scale, backend=backend)
             error = float(jnp.mean((candidate(x) - reference) ** 2))
             if best is None or error < best[0]:
                 best = (error, candidate)
         return best[1]
+
+
+def _outside(w: jax.Array, low: float, high: float) -> jax.Array:
+    """``c_d = sum_i (max(w_id - high, 0) + max(low - w_id, 0))``: each output's weight distance
+    beyond the grid ``[low, high]`` (:class:`Int8AdderDense`)."""
+    w = jnp.asarray(w, jnp.float32)
+    return jnp.sum(jnp.maximum(w - high, 0.0) + jnp.maximum(low - w, 0.0), axis=0)
 
 
 def _fold_batch_norm(layer: nnx.Module) -> tuple[nnx.Variable, nnx.Variable]:

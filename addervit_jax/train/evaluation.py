@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import pathlib
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -139,16 +140,17 @@ def evaluate_workdir(
     batch_size: int | None = None,
     int8: bool = False,
     calibration_batches: int = 4,
+    kinds: Collection[str] | None = None,
 ) -> dict:
     """Evaluate the latest checkpoint of a training run on its eval split (or ``split``).
 
     With ``int8``, also its int8 form (``models.quantize``: every adder, multiplication, ternary
-    and shift site), its adder sites calibrated on the first ``calibration_batches`` batches of
-    the run's training split without augmentation: the result then holds ``"float"`` and
-    ``"int8"`` (accuracy, loss, count of each), ``"int8_sites"`` (how many sites of each kind
-    run on integers), ``"float_sites"`` (every similarity site left float, ``"path (kind)"``:
-    euclid sites, attention scores and values, ...) and the calibration (0 images where there is
-    no adder site to calibrate).
+    and shift site, or only the sites of ``kinds``, e.g. ``("adder",)``), its adder sites
+    calibrated on the first ``calibration_batches`` batches of the run's training split without
+    augmentation: the result then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of
+    each), ``"int8_sites"`` (how many sites of each kind run on integers), ``"float_sites"``
+    (every similarity site left float, ``"path (kind)"``: euclid sites, attention scores and
+    values, ...) and the calibration (0 images where there is no adder site to calibrate).
 
     Refused before anything is computed: an empty ``split`` or one that selects no examples, a
     ``batch_size`` larger than the split (the batches are padded to it: a huge one allocates for
@@ -159,6 +161,8 @@ def evaluate_workdir(
         raise ValueError("split='' is empty; name a split (e.g. 'test') or leave it out")
     if calibration_batches < 1:
         raise ValueError(f"calibration_batches must be positive, got {calibration_batches}")
+    if kinds is not None and not int8:
+        raise ValueError(f"kinds={tuple(kinds)} chooses the sites of the int8 form: add int8=True")
     state, meta, config = restore(workdir)
     split = config.eval_split if split is None else split
     inputs = make_inputs(config, eval_split=split, batch_size=batch_size)
@@ -177,9 +181,8 @@ def evaluate_workdir(
     mesh = make_mesh()
     head = {"workdir": str(workdir), "step": meta["step"], "split": split}
     with jax.set_mesh(mesh):
-        result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
         if not int8:
-            return {**head, **result}
+            return {**head, **evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)}
         calibrated = []  # the images quantize drew (only adder sites are calibrated)
 
         def calibration():
@@ -189,9 +192,11 @@ def evaluate_workdir(
                 yield images
 
         model = inference_model(state.graphdef, state.params, state.rest)
-        int8_model = models.quantize(model, calibration())
+        # first: it refuses kinds that have no int8 form, or no site, before the evaluations
+        int8_model = models.quantize(model, calibration(), kinds=kinds)
         graphdef, params, rest = nnx.split(int8_model, nnx.Param, ...)
         int8_state = state.replace(graphdef=graphdef, params=params, rest=rest)
+        result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
         quantized = evaluate(int8_state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
     int8_types = (
         models.Int8AdderDense,
