@@ -19,6 +19,7 @@ import json
 import pathlib
 import signal
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from addervit_jax.shapes import parse_shape
 DEFAULT_CONFIG = "digits"
 
 
-def int_at_least(minimum: int):
+def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum`` (argparse names the flag and exits with 2);
     the one such check of ``addervit`` and of the experiment scripts."""
     wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -285,6 +286,8 @@ def train_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
+    from addervit_jax import models, train
+
     parser = argparse.ArgumentParser(prog="addervit eval")
     parser.add_argument("--checkpoint", required=True, help="work directory of a training run")
     parser.add_argument("--split", default=None, help="dataset split (default: the run's)")
@@ -311,10 +314,11 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument(
         "--kinds",
         nargs="+",
+        choices=models.INT8_KINDS,
         default=None,
         metavar="KIND",
-        help="with --int8: only the sites of these kinds (of models.INT8_KINDS; default all) on "
-        "integers, the others left float, to see which sites an int8 loss comes from",
+        help="with --int8: only the sites of these kinds (%(choices)s; default all) on integers, "
+        "the others left float, to see which sites an int8 loss comes from",
     )
     args = parser.parse_args(argv)
     if args.split is not None and not args.split.strip():
@@ -323,7 +327,6 @@ def eval_command(argv: list[str]) -> int:
         parser.error("--calibration-batches calibrates the int8 form: add --int8")
     if args.kinds is not None and not args.int8:
         parser.error("--kinds chooses the sites of the int8 form: add --int8")
-    from addervit_jax import train
 
     options = {"split": args.split, "batch_size": args.batch_size, "int8": args.int8}
     if args.calibration_batches is not None:  # else evaluate_workdir's default

@@ -238,6 +238,21 @@ def test_int8_layer_is_within_its_grid_error_of_the_float64_adder(seed, weight_s
     )
 
 
+def test_a_site_without_gain_or_bias_keeps_the_weights_outside_its_grid_in_a_bias():
+    rng = np.random.default_rng(5)
+    layer = layers.AdderDense(
+        29, 11, stretch=False, mask=False, use_bias=False, norm="none", rngs=nnx.Rngs(5)
+    )
+    layer.kernel[...] = layer.kernel[...] * 10.0  # most weights outside the inputs' range
+    x = jnp.asarray(rng.normal(size=(200, 29)), jnp.float32)
+    q = models.Int8AdderDense.calibrate(layer, x, clip_fractions=(0.0,))
+    low, scale = float(q.low[...]), float(q.scale[...])
+    w = np.asarray(layer.kernel[...], np.float64)
+    np.testing.assert_allclose(q.bias[...], -_outside_ref(w, low, scale), rtol=1e-5, atol=1e-3)
+    similarity = ref.adder(np.asarray(x, np.float64), w)
+    assert np.max(np.abs(np.asarray(q(x), np.float64) - similarity)) <= 29 * scale * (1 + 1e-4)
+
+
 def test_a_layer_normalised_site_spans_its_weights_with_its_grid():
     # a LayerNorm over the outputs comes before F and b: the weights outside a grid of u's range
     # could not be kept, so the grid holds them (and the bias stays the layer's)

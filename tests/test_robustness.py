@@ -679,7 +679,7 @@ def test_eval_refuses_empty_splits_huge_batches_and_repeated_calibration(
         (["--split", ""], 2, "--split is empty"),
         (["--calibration-batches", "8"], 2, "--calibration-batches calibrates the int8 form: add"),
         (["--kinds", "adder"], 2, "--kinds chooses the sites of the int8 form: add --int8"),
-        (["--int8", "--kinds", "nosuch"], 1, "quantize: kinds ['nosuch'] have no int8 form here"),
+        (["--int8", "--kinds", "nosuch"], 2, "argument --kinds: invalid choice: 'nosuch'"),
         (
             ["--int8", "--calibration-batches", "0"],
             2,

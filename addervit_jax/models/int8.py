@@ -68,14 +68,15 @@ class Int8AdderDense(nnx.Module):
         self.low = nnx.Variable(jnp.asarray(low, jnp.float32))
         self.scale = nnx.Variable(jnp.asarray(scale, jnp.float32))
         self.kernel = Int8Codes(ops.int8_codes(layer.kernel[...], low, scale))
-        self.stretch, self.mask, self.bias = layer.stretch, layer.mask, layer.bias
+        mask, bias = layer.mask, layer.bias
         if layer.batch_norm is not None:
-            self.mask, self.bias = _fold_batch_norm(layer)
+            mask, bias = _fold_batch_norm(layer)
         if self.folds_outside(self.norm):
             outside = _outside(layer.kernel[...], low, low + (ops.INT8_LEVELS - 1) * scale)
-            mask = 1.0 if self.mask is None else self.mask[...]
-            bias = 0.0 if self.bias is None else self.bias[...]
-            self.bias = nnx.Variable(jnp.asarray(bias - mask * outside, jnp.float32))
+            gain = 1.0 if mask is None else mask[...]
+            shift = 0.0 if bias is None else bias[...]
+            bias = nnx.Variable(jnp.asarray(shift - gain * outside, jnp.float32))
+        self.stretch, self.mask, self.bias = layer.stretch, mask, bias
 
     @staticmethod
     def folds_outside(norm: str) -> bool:
@@ -98,7 +99,8 @@ class Int8AdderDense(nnx.Module):
                 backend=self.backend,
             )
 
-    # The fractions of the values of u and of W left outside the grid, one candidate grid each.
+    # The fractions of the values of u (and, for norm="layer", of W) left outside the grid, one
+    # candidate grid each.
     CLIP_FRACTIONS = (0.0, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2)
 
     @classmethod
