@@ -380,6 +380,47 @@ def test_report_header_names_the_command_hardware_and_date():
     ]
 
 
+# two processors of a VM that names a Zen 3 EPYC like a Zen 5 one; only the first block is read
+ZEN3_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 fma bmi2
+
+processor\t: 1
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC 9999
+flags\t\t: avx2 avx512f
+"""
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (ZEN3_CPUINFO, "AMD EPYC, family 25 model 1, AVX2"),
+        (
+            "model name\t: Intel(R) Xeon(R) Processor\ncpu family\t: 6\nmodel\t\t: 143\n"
+            "flags\t\t: avx2 avx512f avx512bw amx_tile\n",
+            "Intel(R) Xeon(R) Processor, family 6 model 143, AVX-512",
+        ),
+        ("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: sse2\n", "Some CPU"),
+    ],
+)
+def test_describe_cpu_tells_apart_cpus_that_share_a_name(cpuinfo, expected):
+    assert timing.describe_cpu(cpuinfo) == expected
+    device = timing.describe_device()
+    assert device.startswith(f"cpu ({timing.describe_cpu()}, ") and "cores), jax " in device
+
+
+def test_describe_cpu_without_cpuinfo_falls_back_to_the_platform(monkeypatch):
+    monkeypatch.setattr(timing.platform, "processor", lambda: "")
+    assert timing.describe_cpu("") == "cpu"
+    monkeypatch.setattr(timing.platform, "processor", lambda: "arm")
+    assert timing.describe_cpu("") == "arm"
+
+
 def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
     argv = ["--shapes", "9x5x7", "--skip-models", "--repeats", "1", "--out", str(tmp_path)]
     bench_int8.main(argv)
