@@ -10,7 +10,7 @@ import time
 
 import jax
 
-__all__ = ["describe_cpu", "describe_device", "paired_ratio"]
+__all__ = ["cpuinfo_fields", "describe_cpu", "describe_device", "paired_ratio"]
 
 
 def paired_ratio(f, baseline, args, repeats: int = 7) -> tuple[float, float, float]:
@@ -35,12 +35,10 @@ def paired_ratio(f, baseline, args, repeats: int = 7) -> tuple[float, float, flo
     return statistics.median(ratios), statistics.median(t_f), statistics.median(t_b)
 
 
-def describe_cpu(cpuinfo: str | None = None) -> str:
-    """The CPU as ``/proc/cpuinfo`` names it (``cpuinfo``: that file's text; read when None),
-    with what tells apart machines that share a generic name: the x86 family and model and the
-    widest vector instructions, ``AVX-512`` or ``AVX2``. Virtual machines name a Zen 3 and a Zen 5
-    EPYC alike ("AMD EPYC"), and they train at about half and full speed here. Without the file
-    (not Linux): :func:`platform.processor`, else ``"cpu"``."""
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's block of ``/proc/cpuinfo`` as ``{key: value}`` (``cpuinfo``: that
+    file's text; read when None). Empty without the file (not Linux). Later blocks are ignored:
+    every core of the machines here reports the same."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -54,6 +52,16 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
             break  # the first processor's block ends at an empty line
         if colon:
             fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def describe_cpu(cpuinfo: str | None = None) -> str:
+    """The CPU as ``/proc/cpuinfo`` names it (``cpuinfo``: that file's text; read when None),
+    with what tells apart machines that share a generic name: the x86 family and model and the
+    widest vector instructions, ``AVX-512`` or ``AVX2``. Virtual machines name a Zen 3 and a Zen 5
+    EPYC alike ("AMD EPYC"), and they train at about half and full speed here. Without the file
+    (not Linux): :func:`platform.processor`, else ``"cpu"``."""
+    fields = cpuinfo_fields(cpuinfo)
     parts = [fields.get("model name") or platform.processor() or "cpu"]
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")

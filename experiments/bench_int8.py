@@ -288,18 +288,15 @@ def _model_rows(path: pathlib.Path) -> list:
         return []
 
 
-def cpu_instruction_sets() -> dict[str, bool]:
-    """Which of ``INSTRUCTION_SETS`` this CPU has, from ``/proc/cpuinfo`` (``{}`` where it has
-    none of the lines, e.g. not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in INSTRUCTION_SETS:
-                    have = set(value.split())
-                    return {name: name in have for name in INSTRUCTION_SETS[key.strip()]}
-    except OSError:
-        pass
+def cpu_instruction_sets(cpuinfo: str | None = None) -> dict[str, bool]:
+    """Which of ``INSTRUCTION_SETS`` this CPU has, from the first of its lines in the first
+    processor's block of ``/proc/cpuinfo`` (``cpuinfo``: that file's text; read when None; see
+    :func:`timing.cpuinfo_fields`); ``{}`` where it has none of the lines, e.g. not Linux."""
+    fields = timing.cpuinfo_fields(cpuinfo)
+    for key, names in INSTRUCTION_SETS.items():
+        if key in fields:
+            have = set(fields[key].split())
+            return {name: name in have for name in names}
     return {}
 
 

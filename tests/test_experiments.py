@@ -421,6 +421,34 @@ def test_describe_cpu_without_cpuinfo_falls_back_to_the_platform(monkeypatch):
     assert timing.describe_cpu("") == "arm"
 
 
+def test_cpuinfo_fields_reads_the_first_processor_block_only():
+    fields = timing.cpuinfo_fields(ZEN3_CPUINFO)
+    assert fields["model name"] == "AMD EPYC" and fields["cpu family"] == "25"
+    assert fields["flags"] == "fpu sse2 avx avx2 fma bmi2"
+    assert timing.cpuinfo_fields("") == {}
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (
+            ZEN3_CPUINFO,  # the second processor's avx512 flags must not count
+            {"avx2": True, "avx512bw": False, "avx512_vnni": False, "avx_vnni": False},
+        ),
+        (
+            "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd asimddp i8mm\n",
+            {"asimddp": True, "i8mm": True, "sve": False},
+        ),
+        ("processor\t: 0\nmodel name\t: Some CPU\n", {}),
+        ("", {}),
+    ],
+)
+def test_bench_int8_reads_instruction_sets_through_the_library(cpuinfo, expected):
+    found = bench_int8.cpu_instruction_sets(cpuinfo)
+    assert {name: found[name] for name in expected} == expected
+    assert set(found) == set(expected) | ({"amx_int8"} if "avx2" in expected else set())
+
+
 def test_bench_int8_heads_its_table_with_the_command_and_date(tmp_path):
     argv = ["--shapes", "9x5x7", "--skip-models", "--repeats", "1", "--out", str(tmp_path)]
     bench_int8.main(argv)
