@@ -54,8 +54,9 @@ DEFAULT_SET = ["num_epochs=30", "warmup_epochs=3"]
 TEACHER = ("multi", 0)
 
 
-def arms(out: pathlib.Path) -> dict[str, dict]:
+def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
     teacher = str(out / "runs" / study.Run(*TEACHER, config=None).name)
+    distilled = {"distill.teacher": teacher}
     best_adder = {
         "variant": "qkv_2ffn",
         "distill.teacher": teacher,
@@ -65,14 +66,22 @@ def arms(out: pathlib.Path) -> dict[str, dict]:
     return {
         "multi": {"variant": "multi"},
         "multi_ln": {"variant": "multi_ln"},
+        "multi + distill": {"variant": "multi", **distilled},
+        "multi_ln + distill": {"variant": "multi_ln", **distilled},
+        f"multi, {2 * recipe.num_epochs:g} epochs": {
+            "variant": "multi",
+            "num_epochs": 2 * recipe.num_epochs,
+            "warmup_epochs": 2 * recipe.warmup_epochs,
+        },
         "qkv_2ffn": {"variant": "qkv_2ffn"},
-        "qkv_2ffn + distill": {"variant": "qkv_2ffn", "distill.teacher": teacher},
+        "qkv_2ffn + distill": {"variant": "qkv_2ffn", **distilled},
         "qkv_2ffn + distill + features, norm=batch": best_adder,
         "qkv_2ffn + distill + features, norm=batch, converted from multi": {
             **best_adder,
             "init_from": teacher,
         },
-        "qkv_2ffn_ternary + distill": {"variant": "qkv_2ffn_ternary", "distill.teacher": teacher},
+        "qkv_2ffn_ternary": {"variant": "qkv_2ffn_ternary"},
+        "qkv_2ffn_ternary + distill": {"variant": "qkv_2ffn_ternary", **distilled},
     }
 
 
@@ -90,7 +99,7 @@ def main(argv=None) -> None:
     study.add_arms_flag(parser)
     args = study.parse_recipe_args(parser, argv)
     out, recipe = pathlib.Path(args.out), args.recipe
-    table = arms(out)
+    table = arms(out, recipe)
     chosen = study.choose_arms(parser, table, args.arms)
     if not args.report_only:
         study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
