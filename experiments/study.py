@@ -423,6 +423,29 @@ def markdown_table(rows: list[dict], *, label_header: str, eval_split: str = "va
     return "\n".join(lines)
 
 
+def _final_accuracies(results: list[dict]) -> dict[tuple[str, int], dict]:
+    """Each run's summary by (label, seed)."""
+    return {(r["run"].label, r["run"].seed): r["summary"] for r in results}
+
+
+def _paired(final: dict, label: str, reference: str) -> tuple[list[int], list[float], float]:
+    """The seeds both labels ran, ``label``'s final accuracy minus ``reference``'s on each, and
+    one standard error of their mean from the evaluation images alone (:func:`gap_table`)."""
+    seeds = [s for (lb, s) in final if lb == label and (reference, s) in final]
+    diffs, variance = [], 0.0
+    for seed in seeds:
+        arm, ref = final[label, seed], final[reference, seed]
+        diffs.append(arm["eval_accuracy"] - ref["eval_accuracy"])
+        for summary in (arm, ref):
+            p = summary["eval_accuracy"]
+            variance += p * (1 - p) / summary["eval_examples"]
+    return seeds, diffs, (variance**0.5 / len(seeds) if seeds else float("nan"))
+
+
+def _per_seed(diffs: list[float], seeds: list[int]) -> str:
+    return ", ".join(f"{100 * d:+.1f} (seed {s})" for d, s in zip(diffs, seeds, strict=True))
+
+
 def gap_table(results: list[dict], *, reference: str, eval_split: str = "validation") -> str:
     """Each other label's final accuracy minus ``reference``'s, in points, paired by seed.
 
@@ -432,7 +455,7 @@ def gap_table(results: list[dict], *, reference: str, eval_split: str = "validat
     given the models, and the mean over ``k`` pairs divides the variance by ``k``. The spread of
     the per-seed differences is the other source of noise, which that error does not contain.
     """
-    final = {(r["run"].label, r["run"].seed): r["summary"] for r in results}
+    final = _final_accuracies(results)
     labels = list(dict.fromkeys(label for label, _ in final))
     if reference not in labels:
         raise ValueError(f"reference {reference!r} is not among the labels {labels}")
@@ -443,23 +466,89 @@ def gap_table(results: list[dict], *, reference: str, eval_split: str = "validat
         "|---|---:|---:|---:|",
     ]
     for label in labels:
-        seeds = [s for (lb, s) in final if lb == label and (reference, s) in final]
+        seeds, diffs, se = _paired(final, label, reference)
         if label == reference or not seeds:
             continue
-        diffs, variance = [], 0.0
-        for seed in seeds:
-            arm, ref = final[label, seed], final[reference, seed]
-            diffs.append(arm["eval_accuracy"] - ref["eval_accuracy"])
-            for summary in (arm, ref):
-                p = summary["eval_accuracy"]
-                variance += p * (1 - p) / summary["eval_examples"]
-        se = variance**0.5 / len(seeds)
-        per_seed = ", ".join(
-            f"{100 * d:+.1f} (seed {s})" for d, s in zip(diffs, seeds, strict=True)
-        )
         lines.append(
-            f"| {label} | {100 * statistics.fmean(diffs):+.1f} | {per_seed} | {100 * se:.1f} |"
+            f"| {label} | {100 * statistics.fmean(diffs):+.1f} | {_per_seed(diffs, seeds)} | "
+            f"{100 * se:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def control_table(
+    results: list[dict], controls: list[tuple[str, str]], *, eval_split: str = "validation"
+) -> str:
+    """Each ``(arm, control)`` pair's final accuracy difference, paired by seed, with the standard
+    error of :func:`gap_table`: an arm against the control given the same help (the same teacher,
+    the same budget). A pair that shares no finished seed yet is named below the table, never
+    left out in silence."""
+    final = _final_accuracies(results)
+    name = "test" if is_test_split(eval_split) else "val"
+    lines = [
+        f"| arm | control | final {name} acc, arm minus control (points) | per seed | one SE "
+        f"from the {name} images |",
+        "|---|---|---:|---:|---:|",
+    ]
+    missing = []
+    for label, control in controls:
+        seeds, diffs, se = _paired(final, label, control)
+        if not seeds:
+            missing.append(f"{label} against {control}")
+            continue
+        lines.append(
+            f"| {label} | {control} | {100 * statistics.fmean(diffs):+.1f} | "
+            f"{_per_seed(diffs, seeds)} | {100 * se:.1f} |"
+        )
+    if missing:
+        lines += ["", f"Not yet comparable (no seed finished by both): {'; '.join(missing)}."]
+    return "\n".join(lines)
+
+
+def eval_curves(results: list[dict]) -> dict[tuple[str, int], dict[float, float]]:
+    """Each run's evaluation accuracy by epoch (step over the run's ``steps_per_epoch``)."""
+    curves = {}
+    for result in results:
+        per_epoch = result["summary"]["steps_per_epoch"]
+        curves[result["run"].label, result["run"].seed] = {
+            r["step"] / per_epoch: r["accuracy"] for r in result["records"] if r["split"] == "eval"
+        }
+    return curves
+
+
+def gap_by_epoch_table(
+    results: list[dict],
+    *,
+    reference: str,
+    epochs: tuple[float, ...],
+    eval_split: str = "validation",
+) -> str:
+    """Each other label's evaluation accuracy minus ``reference``'s at the evaluations that close
+    ``epochs``, in points, mean over the seeds both ran to that epoch ("-": none did); how a gap
+    grows or shrinks with training."""
+    curves = eval_curves(results)
+    labels = list(dict.fromkeys(label for label, _ in curves))
+    if reference not in labels:
+        raise ValueError(f"reference {reference!r} is not among the labels {labels}")
+    name = "test" if is_test_split(eval_split) else "val"
+    lines = [
+        f"| arm | {name} acc minus {reference} (points) at epoch "
+        + " | ".join(f"{e:g}" for e in epochs)
+        + " |",
+        "|---|" + "---:|" * len(epochs),
+    ]
+    for label in labels:
+        if label == reference:
+            continue
+        cells = []
+        for epoch in epochs:
+            diffs = [
+                curve[epoch] - curves[reference, seed][epoch]
+                for (lb, seed), curve in curves.items()
+                if lb == label and epoch in curve and epoch in curves.get((reference, seed), {})
+            ]
+            cells.append(f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -513,12 +602,17 @@ def write_report(
     recipe: ml_collections.ConfigDict,
     command: str,
     references: tuple[str, ...] = (),
+    controls: tuple[tuple[str, str], ...] = (),
+    epoch_gaps: tuple[str, tuple[float, ...]] | None = None,
     inference: dict | None = None,
 ) -> str:
     """Write ``OUT/<name>.md``, ``OUT/<name>.png`` and ``OUT/<name>.json``; return the table.
 
-    For each label of ``references`` the report adds each arm's difference to it
-    (:func:`gap_table`); ``inference``: bench_int8's results, for the table's inference column.
+    ``controls``: (arm, control) pairs whose paired differences come first, under the table
+    (:func:`control_table`); for each label of ``references`` the report adds each arm's
+    difference to it (:func:`gap_table`); ``epoch_gaps``: (reference, epochs), each arm's
+    difference to the reference along training (:func:`gap_by_epoch_table`); ``inference``:
+    bench_int8's results, for the table's inference column.
     """
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results, inference)
@@ -558,9 +652,27 @@ def write_report(
         table,
         "",
     ]
+    if controls:
+        header += [
+            "Each arm against the control given the same help (teacher and loss, or budget), "
+            "paired by seed:",
+            "",
+            control_table(results, list(controls), eval_split=recipe.eval_split),
+            "",
+        ]
     for reference in references:
         header += [
             gap_table(results, reference=reference, eval_split=recipe.eval_split),
+            "",
+        ]
+    if epoch_gaps is not None:
+        reference, epochs = epoch_gaps
+        header += [
+            f"The gap to {reference} along training (mean over the seeds both ran that far):",
+            "",
+            gap_by_epoch_table(
+                results, reference=reference, epochs=epochs, eval_split=recipe.eval_split
+            ),
             "",
         ]
     header += [
@@ -583,19 +695,25 @@ def run_and_report(
     recipe: ml_collections.ConfigDict,
     argv: list[str] | None,
     references: tuple[str, ...] = (),
+    controls: tuple[tuple[str, str], ...] = (),
+    epoch_gaps: tuple[str, tuple[float, ...]] | None = None,
     inference: dict | None = None,
 ) -> str:
     """Train ``runs`` (:func:`run_all`: those that may train), write the report of the finished
     ones (:func:`write_report`), print the table.
 
     ``name`` is also the script's name (``experiments/<name>.py``) in the report's command line;
-    ``references``: the labels among the runs' to which the report gives paired differences.
+    ``references``: the labels among the runs' to which the report gives paired differences;
+    ``controls`` and ``epoch_gaps``: :func:`write_report`'s (a reference without runs yet is
+    left out).
     """
     results = run_all(runs, out)
     if not results:
         raise SystemExit(f"no finished run in {out}/runs to report")
     labels = {result["run"].label for result in results}
     references = tuple(r for r in references if r in labels)
+    if epoch_gaps is not None and epoch_gaps[0] not in labels:
+        epoch_gaps = None
     table = write_report(
         results,
         out,
@@ -605,6 +723,8 @@ def run_and_report(
         recipe=recipe,
         command=reports.command_line(f"{name}.py", argv),
         references=references,
+        controls=controls,
+        epoch_gaps=epoch_gaps,
         inference=inference,
     )
     print(table)

@@ -11,6 +11,13 @@ Arms (labels of the table), every one the ``cifar10`` config at 30 epochs with 3
 * ``multi_ln``: multiplication sites with the distance sites' normalisation, gain and bias (the
   control that separates "L1 vs dot product" from "normalised site vs plain Dense"; it led
   ``multi`` by 2.6 points in the 10-epoch screen);
+* ``multi + distill`` and ``multi_ln + distill``: the controls of the distilled arms, with their
+  teacher (``multi`` seed 0) and loss (``config.distill``'s defaults, as for
+  ``qkv_2ffn_ternary + distill``). ``multi + distill`` seed 0 has its teacher's seed, so it
+  starts from the teacher's initial weights and sees its data order: it is still a student
+  trained from scratch, but the closest a student can be to its teacher;
+* ``multi, 60 epochs`` (twice the recipe's epochs and warm-up): the equal-budget control of the
+  converted arm, which trains 30 epochs of ``multi`` and 30 after its conversion;
 * ``qkv_2ffn``: the original study's method (adder q/k/v and FFN, no distillation);
 * ``qkv_2ffn + distill``: the same, distilled from ``multi`` seed 0 (``config.distill``): the
   best adder arm of the screen (``experiments/results/screen_cifar10``, 62.7% against 61.2% for
@@ -25,6 +32,8 @@ Arms (labels of the table), every one the ``cifar10`` config at 30 epochs with 3
 * ``..., converted from multi``: the same recipe started from ``multi`` seed 0's finished run
   (``init_from``, ``train.convert``) and fine-tuned for the same 30 epochs, both seeds; its budget
   column counts the teacher's 30 epochs too (69.3% in the screen, with 10 + 10 epochs);
+* ``qkv_2ffn_ternary``: BitNet b1.58's ternary sites at ``qkv_2ffn``'s places, without
+  distillation (68.5% in the 10-epoch screen): what distillation buys the ternary sites;
 * ``qkv_2ffn_ternary + distill``: the other families' recipe, BitNet b1.58's ternary sites at
   ``qkv_2ffn``'s places distilled from ``multi``: 70.8% at 10 epochs (seed 0) against 68.5%
   without distillation and 66.9% / 69.5% for ``multi`` / ``multi_ln``. DeepShift's power-of-two
@@ -38,9 +47,12 @@ rerunning the command reads back finished runs and resumes an unfinished one fro
 checkpoints. ``--arms`` trains only a subset (the report keeps the other arms' finished runs);
 ``--report-only`` trains nothing. A 3-epoch smoke run of the same arms:
 ``--set num_epochs=3 warmup_epochs=0.3 --out experiments/results/study_cifar10/smoke``.
-Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``; the report adds each arm's
-difference to ``multi`` and to ``multi_ln``, paired by seed (``study.gap_table``), and float and
-int8 inference speeds from ``bench_int8.py``'s results (``--inference``).
+Writes ``study_cifar10.md`` / ``.png`` / ``.json`` under ``--out``. The report's first paired
+table sets each multiplication-free arm against the multiplication arms given the same help
+(:func:`controls`: undistilled against ``multi`` and ``multi_ln``, distilled against their
+distilled forms, converted against ``multi`` at the same budget), then what each help buys;
+then each arm's difference to ``multi`` and to ``multi_ln`` (``study.gap_table``), all paired by
+seed; and float and int8 inference speeds from ``bench_int8.py``'s results (``--inference``).
 """
 
 from __future__ import annotations
@@ -52,6 +64,13 @@ import study
 
 DEFAULT_SET = ["num_epochs=30", "warmup_epochs=3"]
 TEACHER = ("multi", 0)
+BEST_ADDER = "qkv_2ffn + distill + features, norm=batch"
+CONVERTED = f"{BEST_ADDER}, converted from multi"
+
+
+def long_multi(recipe) -> str:
+    """The label of ``multi`` at twice the recipe's epochs: the converted arm's equal budget."""
+    return f"multi, {2 * recipe.num_epochs:g} epochs"
 
 
 def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
@@ -59,7 +78,7 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
     distilled = {"distill.teacher": teacher}
     best_adder = {
         "variant": "qkv_2ffn",
-        "distill.teacher": teacher,
+        **distilled,
         "distill.feature_weight": 1.0,
         "model.norm": "batch",
     }
@@ -68,21 +87,38 @@ def arms(out: pathlib.Path, recipe) -> dict[str, dict]:
         "multi_ln": {"variant": "multi_ln"},
         "multi + distill": {"variant": "multi", **distilled},
         "multi_ln + distill": {"variant": "multi_ln", **distilled},
-        f"multi, {2 * recipe.num_epochs:g} epochs": {
+        long_multi(recipe): {
             "variant": "multi",
             "num_epochs": 2 * recipe.num_epochs,
             "warmup_epochs": 2 * recipe.warmup_epochs,
         },
         "qkv_2ffn": {"variant": "qkv_2ffn"},
         "qkv_2ffn + distill": {"variant": "qkv_2ffn", **distilled},
-        "qkv_2ffn + distill + features, norm=batch": best_adder,
-        "qkv_2ffn + distill + features, norm=batch, converted from multi": {
-            **best_adder,
-            "init_from": teacher,
-        },
+        BEST_ADDER: best_adder,
+        CONVERTED: {**best_adder, "init_from": teacher},
         "qkv_2ffn_ternary": {"variant": "qkv_2ffn_ternary"},
         "qkv_2ffn_ternary + distill": {"variant": "qkv_2ffn_ternary", **distilled},
     }
+
+
+def controls(recipe) -> tuple[tuple[str, str], ...]:
+    """(arm, control) pairs of the report's first paired table: each multiplication-free arm
+    against the multiplication arms given the same help (no teacher, the same teacher and loss,
+    the same budget), then what each help buys an arm."""
+    fair = []
+    for arm in ("qkv_2ffn", "qkv_2ffn_ternary"):
+        fair += [(arm, "multi"), (arm, "multi_ln")]
+    for arm in ("qkv_2ffn + distill", BEST_ADDER, "qkv_2ffn_ternary + distill"):
+        fair += [(arm, "multi + distill"), (arm, "multi_ln + distill")]
+    fair.append((CONVERTED, long_multi(recipe)))
+    helps = [
+        ("multi + distill", "multi"),
+        ("multi_ln + distill", "multi_ln"),
+        ("qkv_2ffn + distill", "qkv_2ffn"),
+        ("qkv_2ffn_ternary + distill", "qkv_2ffn_ternary"),
+        (long_multi(recipe), "multi"),
+    ]
+    return tuple(fair + helps)
 
 
 def order(runs: list[study.Run]) -> list[study.Run]:
@@ -91,15 +127,30 @@ def order(runs: list[study.Run]) -> list[study.Run]:
     return first + sorted((r for r in runs if r not in first), key=lambda r: r.seed)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(
+    argv=None,
+    *,
+    name: str = "study_cifar10",
+    doc: str = __doc__,
+    default_set: tuple[str, ...] = DEFAULT_SET,
+    default_seeds: tuple[int, ...] = (0, 1),
+    labels: tuple[str, ...] | None = None,
+    pairs=controls,
+    epoch_gaps: tuple[str, tuple[float, ...]] | None = None,
+) -> None:
+    """This study; another budget of it (``study_cifar10_100ep.py``) passes its own name, docstring,
+    recipe overrides, seeds, subset of :func:`arms` (``labels``), pairs (as :func:`controls`) and
+    ``epoch_gaps`` (:func:`study.write_report`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     study.add_recipe_flags(
-        parser, default_config="cifar10", default_set=DEFAULT_SET, default_seeds=(0, 1)
+        parser, default_config="cifar10", default_set=default_set, default_seeds=default_seeds
     )
     study.add_arms_flag(parser)
     args = study.parse_recipe_args(parser, argv)
     out, recipe = pathlib.Path(args.out), args.recipe
     table = arms(out, recipe)
+    if labels is not None:
+        table = {label: table[label] for label in labels}
     chosen = study.choose_arms(parser, table, args.arms)
     if not args.report_only:
         study.check_teacher(parser, chosen, args.seeds, out, TEACHER)
@@ -108,12 +159,14 @@ def main(argv=None) -> None:
             study.make_runs(recipe, list(table.items()), args.seeds, study.trainable(args, chosen))
         ),
         out,
-        name="study_cifar10",
-        title=f"Adder vs multiplication on {recipe.dataset}",
+        name=name,
+        title=f"Adder vs multiplication on {recipe.dataset}, {recipe.num_epochs:g} epochs",
         label_header="arm",
         recipe=recipe,
         argv=argv,
         references=("multi", "multi_ln"),
+        controls=tuple((a, c) for a, c in pairs(recipe) if a in table and c in table),
+        epoch_gaps=epoch_gaps,
         inference=study.load_inference(args.inference),
     )
 

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -27,6 +28,7 @@ import screen  # noqa: E402
 import speed_table  # noqa: E402
 import study  # noqa: E402
 import study_cifar10  # noqa: E402
+import study_cifar10_100ep  # noqa: E402
 import variants  # noqa: E402
 
 # a model and budget that train in seconds: these tests check the study machinery, not accuracy
@@ -286,6 +288,87 @@ def test_cifar10_study_goes_seed_by_seed_and_distils_every_seed_from_multi_seed0
         study_cifar10.main(
             ["--out", str(tmp_path / "other"), "--arms", "qkv_2ffn + distill", "--seeds", "1"]
         )
+
+
+def _synthetic(label, seed, accuracies, *, per_epoch=10, n=5000):
+    """A finished run's result as study.run_all returns it: one evaluation per epoch."""
+    records = [
+        {"step": per_epoch * (e + 1), "split": "eval", "accuracy": a}
+        for e, a in enumerate(accuracies)
+    ]
+    summary = {
+        "eval_accuracy": accuracies[-1],
+        "eval_examples": n,
+        "steps_per_epoch": per_epoch,
+    }
+    return {"run": study.Run(label, seed, None), "summary": summary, "records": records}
+
+
+def test_control_and_epoch_gap_tables_pair_by_seed():
+    rng = np.random.default_rng()
+    curves = {(lb, s): rng.uniform(0.5, 0.9, size=4) for lb in ("a", "c") for s in (0, 1)}
+    curves["b", 1] = rng.uniform(0.5, 0.9, size=2)  # a shorter run, of one seed only
+    results = [_synthetic(lb, s, list(c)) for (lb, s), c in curves.items()]
+    table = study.control_table(results, [("a", "c"), ("b", "c"), ("b", "a"), ("a", "d")])
+    diffs = [curves["a", s][-1] - curves["c", s][-1] for s in (0, 1)]
+    var = sum(p * (1 - p) / 5000 for k in ("a", "c") for p in (curves[k, 0][-1], curves[k, 1][-1]))
+    assert (
+        f"| a | c | {50 * sum(diffs):+.1f} | {100 * diffs[0]:+.1f} (seed 0), "
+        f"{100 * diffs[1]:+.1f} (seed 1) | {100 * var**0.5 / 2:.1f} |"
+    ) in table
+    # b ran seed 1 only: paired on that seed alone
+    b = curves["b", 1][-1] - curves["c", 1][-1]
+    assert f"| b | c | {100 * b:+.1f} | {100 * b:+.1f} (seed 1) |" in table
+    assert "Not yet comparable (no seed finished by both): a against d." in table
+    epochs = study.gap_by_epoch_table(results, reference="c", epochs=(1.0, 2.0, 4.0))
+    rows = {line.split(" | ")[0].strip("| "): line for line in epochs.splitlines()[2:]}
+    assert set(rows) == {"a", "b"}
+    mean = [
+        np.mean([curves["a", s][e - 1] - curves["c", s][e - 1] for s in (0, 1)]) for e in (1, 2, 4)
+    ]
+    assert rows["a"] == "| a | " + " | ".join(f"{100 * m:+.1f}" for m in mean) + " |"
+    early = [curves["b", 1][e - 1] - curves["c", 1][e - 1] for e in (1, 2)]
+    assert rows["b"] == f"| b | {100 * early[0]:+.1f} | {100 * early[1]:+.1f} | - |"  # not that far
+    with pytest.raises(ValueError, match="reference 'd' is not among the labels"):
+        study.gap_by_epoch_table(results, reference="d", epochs=(1.0,))
+
+
+def test_cifar10_study_sets_each_arm_against_the_control_with_the_same_help(tmp_path):
+    recipe = study.load_recipe("cifar10", [*study_cifar10.DEFAULT_SET, "num_epochs=4"])
+    table = study_cifar10.arms(tmp_path, recipe)
+    pairs = study_cifar10.controls(recipe)
+    # every pair names two arms of the study; every arm but the plain baselines has a control
+    assert all(a in table and c in table for a, c in pairs)
+    assert {a for a, _ in pairs} == set(table) - {"multi", "multi_ln"}
+    for arm in ("qkv_2ffn + distill", study_cifar10.BEST_ADDER, "qkv_2ffn_ternary + distill"):
+        assert (arm, "multi + distill") in pairs and (arm, "multi_ln + distill") in pairs
+    for arm in ("qkv_2ffn", "qkv_2ffn_ternary"):
+        assert (arm, "multi") in pairs and (arm, "multi_ln") in pairs
+    assert (study_cifar10.CONVERTED, "multi, 8 epochs") in pairs
+    # the equal-budget control: twice the recipe's epochs and warm-up, undistilled
+    assert table["multi, 8 epochs"] == {"variant": "multi", "num_epochs": 8, "warmup_epochs": 6}
+    # the distilled controls learn from the same teacher with the same loss as the ternary arm
+    same = {k: v for k, v in table["qkv_2ffn_ternary + distill"].items() if k != "variant"}
+    for arm in ("multi + distill", "multi_ln + distill"):
+        assert {k: v for k, v in table[arm].items() if k != "variant"} == same
+
+
+def test_100_epoch_study_distils_from_its_own_multi_and_reports_the_gap_along_training(tmp_path):
+    args = ["--config", "digits", "--out", str(tmp_path), "--set", *TINY_RECIPE]
+    study_cifar10_100ep.main([*args, "--inference", "none", "--arms", "multi", "multi + distill"])
+    record = json.loads((tmp_path / "study_cifar10_100ep.json").read_text())
+    assert [(r["label"], r["seed"]) for r in record] == [("multi", 0), ("multi + distill", 0)]
+    assert record[1]["teacher"]["workdir"] == str(tmp_path / "runs" / "multi_seed0")
+    saved = json.loads((tmp_path / "runs" / "multi_seed0" / "config.json").read_text())
+    assert (saved["num_epochs"], saved["warmup_epochs"]) == (100, 10)
+    report = (tmp_path / "study_cifar10_100ep.md").read_text()
+    assert report.startswith("# Adder vs multiplication on digits, 100 epochs")
+    assert "| multi + distill | multi |" in report  # what distillation buys multi
+    # the arms not run yet are named, not dropped
+    assert "qkv_2ffn_ternary + distill against multi + distill" in report
+    # digits evaluates on its test split: the columns say so
+    assert "| arm | test acc minus multi + distill (points) at epoch 10 | 30 | 60 | 100 |" in report
+    assert list(study_cifar10_100ep.LABELS)[:2] == ["multi", "multi + distill"]
 
 
 @pytest.mark.parametrize(
