@@ -12,6 +12,10 @@
   adder layer's inference; codes from ``int8_codes``, the grid explained in
   :mod:`addervit_jax.adder.quantized`), and ``adder_int8_layer``, the int8 layer's whole forward
   in one kernel pass.
+* ``int8_matmul``: ``sums[..., d] = sum_i q[..., i] * w[i, d]`` in int32, with ``q`` the per-token
+  8-bit codes of ``x`` (``quantizers.absmax_int8``) and ``w`` int8: the int8 multi and ternary
+  sites' product, in oneDNN's int8 matmul on a CPU where it is installed
+  (``kernels/cpu_native.py``, the coding fused into the call), else XLA's int8 ``dot_general``.
 * ``euclid``: ``y[..., d] = -sum_i (x[..., i] - w[i, d])^2`` (EuclidNet's squared L2 similarity;
   Li et al., "EuclidNets: An alternative operation for efficient inference of deep learning
   models", 2022), exact gradients by autodiff.
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from addervit_jax import quantizers
 from addervit_jax.adder import (
     BACKENDS,
     GRAD_RULES,
@@ -35,6 +40,7 @@ from addervit_jax.adder import (
     adder_int8,
     adder_int8_layer,
     adder_scores,
+    backends,
     check_operands,
     int8_codes,
     resolve_backend,
@@ -54,6 +60,7 @@ __all__ = [
     "dense",
     "euclid",
     "int8_codes",
+    "int8_matmul",
     "resolve_backend",
     "shard_rows",
 ]
@@ -91,3 +98,52 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     out_dtype = jnp.result_type(x, w)
     y = jnp.matmul(x, w, preferred_element_type=compute_dtype(x, w))
     return y.astype(out_dtype)
+
+
+#: the most terms an int8 product sums exactly in int32 (codes in [-127, 127], weights int8)
+INT8_MATMUL_MAX_TERMS = (2**31 - 1) // (127 * 128)
+
+
+def int8_matmul(
+    x: jax.Array, w: jax.Array, *, backend: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
+    """The int8 product of a site: ``(sums, scale)`` with ``sums[..., d] = sum_i q[..., i] *
+    w[i, d]`` in int32 (exact) and ``q``, ``scale`` (``(..., 1)``) the per-token codes and
+    scale of ``quantizers.absmax_int8(x)``, so ``x @ (w * sw) ~= sums * sw / scale``.
+
+    Args:
+      x: ``(..., D_in)`` floats (computed in float32).
+      w: ``(D_in, D_out)`` int8.
+      backend: ``"auto"`` (the native kernel, oneDNN's int8 matmul with the coding fused, on a
+        CPU where it is built: ``kernels.cpu_native.int8_matmul_path``; else XLA's int8
+        ``dot_general``), ``"cpu_native"`` or ``"xla"``; a backend without an int8 product
+        (``"pallas"``, ``"naive"``) runs ``"xla"``. Both give the same integers.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    shapes = f"x.shape={tuple(x.shape)}, w.shape={tuple(w.shape)}"
+    if w.dtype != jnp.int8 or w.ndim != 2:
+        raise TypeError(f"int8_matmul: w must be 2-D int8, got {w.dtype} ({shapes})")
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"int8_matmul: expected float x (..., D_in) and w (D_in, D_out) with the same D_in, "
+            f"got x {x.dtype} ({shapes})"
+        )
+    if w.shape[0] > INT8_MATMUL_MAX_TERMS:
+        raise ValueError(
+            f"int8_matmul: D_in={w.shape[0]} could overflow int32 (at most "
+            f"{INT8_MATMUL_MAX_TERMS}; {shapes})"
+        )
+    lead, (d_in, d_out) = x.shape[:-1], w.shape
+    module = backends.get(resolve_backend(backend))
+    if getattr(module, "int8_matmul_available", lambda: False)():
+        rows = x.reshape(-1, d_in).astype(jnp.float32)
+        sums, scale = shard_rows(module.int8_matmul, (rows,), (w,))
+        return sums.reshape(*lead, d_out), scale.reshape(*lead, 1)
+    codes, scale = quantizers.absmax_int8(x.astype(jnp.float32))
+    sums = lax.dot_general(
+        codes.astype(jnp.int8),
+        w,
+        (((x.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=jnp.int32,
+    )
+    return sums, scale

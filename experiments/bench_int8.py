@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import pathlib
 import platform
 import re
+import subprocess
+import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from addervit_jax import cli, configs, layers, models, ops, reports, timing
 from addervit_jax.shapes import parse_shape
@@ -55,7 +57,8 @@ MODELS = [
     ("qkv_2ffn_shift", {}),
     ("all_adder", {"attn": "l1_identity"}),
 ]
-OPS = ("int8 multi", "int8 SAD", "int8 ternary")  # each timed against the float32 matmul
+# each timed against the float32 matmul; the oneDNN product only where this build has it
+OPS = ("int8 product (XLA)", "int8 product (oneDNN)", "int8 SAD")
 
 # The /proc/cpuinfo flags that decide which int8 sums have hardware: x86 PSADBW (SSE2, AVX2,
 # AVX-512BW) for the absolute differences; VNNI's VPDPBUSD (AVX-512 or AVX) and AMX's tile
@@ -66,16 +69,16 @@ INSTRUCTION_SETS = {
 }
 
 
-@jax.jit
-def int8_products(codes: jax.Array, w: jax.Array) -> jax.Array:
-    """The int32 sums of int8 codes times int8 weights, the op of ``Int8DenseMulti`` and
-    ``Int8Ternary`` (their ``lax.dot_general``, ``preferred_element_type=int32``)."""
-    return lax.dot_general(codes, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+def int8_product(backend: str):
+    """The int8 multi and ternary sites' product with its activation coding, as they call it:
+    ``ops.int8_matmul`` on float activations and int8 weights, on ``backend``."""
+    return jax.jit(functools.partial(ops.int8_matmul, backend=backend))
 
 
 def bench_ops(shapes, repeats) -> list[dict]:
     rows = []
     sad, f32 = jax.jit(ops.adder_int8), jax.jit(ops.dense)
+    names = [n for n in OPS if n != "int8 product (oneDNN)" or _int8_matmul_path() == "onednn"]
     for spec in shapes:
         length, d_in, d_out = parse_shape(spec)
         rng = np.random.default_rng(0)
@@ -83,19 +86,16 @@ def bench_ops(shapes, repeats) -> list[dict]:
         w = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
         qx = jnp.asarray(rng.integers(0, 256, (length, d_in), np.uint8))
         qw = jnp.asarray(rng.integers(0, 256, (d_in, d_out), np.uint8))
-        multi = models.Int8DenseMulti(layers.Dense(d_in, d_out, rngs=nnx.Rngs(0)))
-        ternary = models.Int8Ternary(layers.TernaryDense(d_in, d_out, rngs=nnx.Rngs(0)))
-        products = {  # (codes, weights) as the int8 sites make them
-            "int8 multi": (multi.activation_codes(x)[0], multi.integer_weights()),
-            "int8 ternary": (ternary.activation_codes(x)[0], ternary.integer_weights()),
-        }
+        # the weights as Int8DenseMulti makes them (a ternary site's are int8 too, in {-1, 0, 1})
+        w8 = models.Int8DenseMulti(layers.Dense(d_in, d_out, rngs=nnx.Rngs(0))).integer_weights()
         calls = {
             "f32 matmul": functools.partial(f32, x, w),
             "int8 SAD": functools.partial(sad, qx, qw),
-            **{name: functools.partial(int8_products, *a) for name, a in products.items()},
+            "int8 product (XLA)": functools.partial(int8_product("xla"), x, w8),
+            "int8 product (oneDNN)": functools.partial(int8_product("cpu_native"), x, w8),
         }
         against_f32 = {}
-        for name in OPS:
+        for name in names:
             ratio, t, t_f32 = timing.paired_ratio(calls[name], calls["f32 matmul"], (), repeats)
             against_f32[name] = {
                 "ms": 1e3 * t,
@@ -103,25 +103,53 @@ def bench_ops(shapes, repeats) -> list[dict]:
                 "over_f32": ratio,
                 "terms_per_ns": length * d_in * d_out / t * 1e-9,
             }
-        to_i8, _, t_i8 = timing.paired_ratio(calls["int8 SAD"], calls["int8 multi"], (), repeats)
         rows.append(
             {
                 "shape": spec,
-                "sad_ms": against_f32["int8 SAD"]["ms"],
-                "f32_matmul_ms": against_f32["int8 SAD"]["f32_matmul_ms"],
-                "int8_matmul_ms": 1e3 * t_i8,
-                "sad_over_f32": against_f32["int8 SAD"]["over_f32"],
-                "sad_over_int8": to_i8,
-                "sad_terms_per_ns": against_f32["int8 SAD"]["terms_per_ns"],
                 "against_f32": against_f32,
                 "xla_kernels": {
                     "f32 matmul": _xla_kernel(f32, x, w),
-                    "int8 multi": _xla_kernel(int8_products, *products["int8 multi"]),
+                    "int8 product (XLA)": _xla_kernel(int8_product("xla"), x, w8),
                 },
             }
         )
         print(rows[-1], flush=True)
     return rows
+
+
+def torch_int_mm(shapes, repeats) -> list[dict]:
+    """The peer: PyTorch's int8 GEMM (``torch._int_mm``, int8 x int8 -> int32; oneDNN on x86)
+    at ``shapes``, median of ``repeats`` after warm-up, on codes made beforehand (no coding).
+    Run in its own process (``--peer``), so that its threads never share this one's."""
+    import time
+
+    import torch
+
+    rows = []
+    for spec in shapes:
+        length, d_in, d_out = parse_shape(spec)
+        a = torch.randint(-127, 128, (length, d_in), dtype=torch.int8)
+        b = torch.randint(-128, 128, (d_in, d_out), dtype=torch.int8)
+        torch._int_mm(a, b)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch._int_mm(a, b)
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        rate = length * d_in * d_out / t * 1e-9
+        rows.append({"shape": spec, "ms": 1e3 * t, "terms_per_ns": rate})
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "ops": rows}
+
+
+def peer_rows(shapes, repeats) -> dict | None:
+    """:func:`torch_int_mm` in a subprocess of this script; None where PyTorch is not installed
+    (it is an optional peer, never a dependency: ``pip install torch``)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    command = [sys.executable, __file__, "--peer-only", "--repeats", str(repeats), "--shapes"]
+    out = subprocess.run(command + list(shapes), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _forward(model):
@@ -170,6 +198,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=cli.int_at_least(1), default=9)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip PyTorch's torch._int_mm (timed in a subprocess where torch is installed)",
+    )
+    parser.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -183,6 +217,9 @@ def main(argv=None) -> None:
             parse_shape(spec)
         except ValueError as err:
             parser.error(f"--shapes: {err}")
+    if args.peer_only:  # the subprocess of peer_rows: its JSON on the last line
+        print(json.dumps(torch_int_mm(args.shapes, args.repeats)))
+        return
     try:
         size = {**CIFAR, **configs.parse_overrides(args.set)}
         models.config("multi", **size)
@@ -202,34 +239,48 @@ def main(argv=None) -> None:
     device, date, cpu = timing.describe_device(), reports.today(), cpu_instruction_sets()
     print(f"device: {device}; SAD path: {_sad_path()}; {_describe_sets(cpu)}")
     op_rows = bench_ops(args.shapes, args.repeats)
+    peer = None if args.no_peer else peer_rows(args.shapes, args.repeats)
     model_rows = [] if args.skip_models else bench_models(args.batch, args.repeats, size)
     kernels = {
         name: ", ".join(sorted({r["xla_kernels"][name] for r in op_rows}))
-        for name in ("f32 matmul", "int8 multi")
+        for name in ("f32 matmul", "int8 product (XLA)")
     }
+    names = list(op_rows[0]["against_f32"])
+    peer_line = (
+        f"PyTorch {peer['torch']}'s `torch._int_mm` ({peer['threads']} threads, its own process, "
+        "codes made beforehand)"
+        if peer
+        else "not timed (PyTorch not installed, or --no-peer)"
+    )
     lines = [
-        "# int8 inference against float: SAD, int8 products, ternary",
+        "# int8 inference against float: int8 products, SAD, models",
         "",
         *reports.header_lines(command, f"{device}; SAD kernel path: {_sad_path()}", date=date),
         f"- CPU instruction sets for int8 sums (/proc/cpuinfo): {_describe_sets(cpu)}",
-        f"- XLA's kernels: f32 matmul {kernels['f32 matmul']}; int8 matmul {kernels['int8 multi']}",
+        f"- XLA's kernels: f32 matmul {kernels['f32 matmul']}; int8 product "
+        f"{kernels['int8 product (XLA)']}; native int8 product: {_int8_matmul_path() or 'none'}",
+        f"- peer: {peer_line}",
         f"- timing: medians of {args.repeats} alternating pairs after warm-up, one process",
         "",
-        "| shape (L x D_in x D_out) | int8 SAD (ms) | f32 matmul (ms) | int8 matmul (ms) "
-        "| SAD / f32 | SAD / int8 | SAD terms per ns |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Multiply-adds (SAD: terms) per ns, each op with what it needs of its inputs' coding (the "
+        "int8 products: `ops.int8_matmul` from float activations, per-token codes included; SAD: "
+        "`ops.adder_int8` on codes made beforehand):",
+        "",
+        "| shape (L x D_in x D_out) | f32 matmul | "
+        + " | ".join(names)
+        + (" | torch._int_mm |" if peer else " |"),
+        "|---|---:|" + "---:|" * (len(names) + bool(peer)),
     ]
-    for r in op_rows:
-        lines.append(
-            f"| {r['shape']} | {r['sad_ms']:.2f} | {r['f32_matmul_ms']:.2f} | "
-            f"{r['int8_matmul_ms']:.2f} | {r['sad_over_f32']:.2f} | {r['sad_over_int8']:.2f} | "
-            f"{r['sad_terms_per_ns']:.0f} |"
-        )
+    for i, r in enumerate(op_rows):
+        length, d_in, d_out = parse_shape(r["shape"])
+        f32_rate = length * d_in * d_out / r["against_f32"][names[0]]["f32_matmul_ms"] * 1e-6
+        cells = [f"{f32_rate:.0f}"] + [f"{r['against_f32'][n]['terms_per_ns']:.0f}" for n in names]
+        if peer:
+            cells.append(f"{peer['ops'][i]['terms_per_ns']:.0f}")
+        lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Each int8 op against the float32 matmul of its shape (int8 multi: `Int8DenseMulti`'s "
-        "int8 `dot_general`, int32 sums; int8 SAD: `ops.adder_int8`; int8 ternary: "
-        "`Int8Ternary`'s sums, the same int8 `dot_general` with weights in {-1, 0, 1}):",
+        "Each int8 op against the float32 matmul of its shape, timed in pairs:",
         "",
         "| shape (L x D_in x D_out) | op | time (ms) | f32 matmul (ms) | time / f32 "
         "| terms per ns |",
@@ -269,6 +320,8 @@ def main(argv=None) -> None:
             "device": device,
             "date": date,
             "sad_path": _sad_path(),
+            "int8_matmul_path": _int8_matmul_path(),
+            "peer": peer,
             "cpu_instruction_sets": cpu,
             "xla_kernels": kernels,
             "model_size": size,
@@ -312,6 +365,14 @@ def _xla_kernel(fn, *args) -> str:
     text = fn.lower(*args).compile().as_text()
     found = re.search(r'"kind":"(__\w+)"', text) or re.search(r'custom_call_target="([^"]+)"', text)
     return found.group(1) if found else "XLA dot"
+
+
+def _int8_matmul_path() -> str | None:
+    if ops.resolve_backend("auto") != "cpu_native":
+        return None
+    from addervit_jax.kernels import cpu_native
+
+    return cpu_native.int8_matmul_path()
 
 
 def _sad_path() -> str:

@@ -49,6 +49,17 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#ifndef ADDERVIT_ONEDNN
+#define ADDERVIT_ONEDNN 0
+#endif
+#if ADDERVIT_ONEDNN
+#include <map>
+#include <tuple>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#endif
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #define ADDERVIT_AVX512 1
 #else
@@ -1031,6 +1042,167 @@ ffi::Error AdderInt8LayerImpl(ffi::ThreadPool pool, F32 x, F32 e, ffi::Buffer<ff
   return sad_driver(pool, rows, w.typed_data(), L, K, N, epilogue, true);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Int8 products (the int8 multi and ternary sites): out[l, n] = sum_k q[l, k] * w[k, n] in int32,
+// with q the per-row absmax codes of x formed here, q = clip(rint(x * s), -128, 127) and
+// s = 127 / max(max_k |x[l, k]|, 1e-5) (quantizers.absmax_int8, round half to even), and w int8.
+// The products run in oneDNN's int8 matmul (s8 x s8 -> s32: VNNI's vpdpbusd on AVX-512 VNNI and
+// AVX-VNNI, AMX tiles on Sapphire Rapids, its AVX2 path elsewhere), a well-kept library instead of
+// a hand-written micro-kernel; this file forms the codes (one pass over x, spread over XLA's pool)
+// and keeps one primitive per shape. Built only where the oneDNN wheels are installed
+// (ADDERVIT_ONEDNN, set by kernels/cpu_native.py); elsewhere the handler reports that and the
+// Python side uses XLA's int8 dot_general.
+// ---------------------------------------------------------------------------------------------
+
+constexpr float kActivationLevels = 127.0f;
+constexpr float kScaleFloor = 1e-5f;
+
+// The codes of one row of K values and their scale, the formula of quantizers.absmax_int8 as
+// XLA computes it in float32: s = 127 / max(peak, 1e-5), q = clip(rint(x * s), -128, 127) with
+// rint rounding half to even. Both loops vectorise: the peak is the largest bit pattern without
+// the sign (which orders finite magnitudes like the floats, and puts infinity and NaN above them),
+// an integer reduction; and since |x * s| <= 127 (plus rounding), adding and subtracting 1.5 * 2^23
+// rounds it half to even exactly. No contraction into an FMA: x * s must round first, as in XLA.
+// A row with an infinity or NaN gets a NaN scale and zero codes (its outputs are NaN).
+__attribute__((optimize("fp-contract=off"))) void absmax_codes(const float* x, long K,
+                                                               int8_t* q, float* scale) {
+  uint32_t peak_bits = 0;
+  for (long k = 0; k < K; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, x + k, sizeof bits);
+    bits &= 0x7fffffffu;
+    peak_bits = bits > peak_bits ? bits : peak_bits;
+  }
+  if (peak_bits >= 0x7f800000u) {
+    *scale = NAN;
+    std::fill(q, q + K, int8_t{0});
+    return;
+  }
+  float peak;
+  std::memcpy(&peak, &peak_bits, sizeof peak);
+  const float s = kActivationLevels / std::max(peak, kScaleFloor);
+  *scale = s;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  for (long k = 0; k < K; ++k) {
+    float v = (x[k] * s + kRound) - kRound;
+    v = std::min(127.0f, std::max(-128.0f, v));
+    q[k] = static_cast<int8_t>(static_cast<int32_t>(v));
+  }
+}
+
+#if ADDERVIT_ONEDNN
+// oneDNN runs each job's block on the thread that owns the job, with one OpenMP thread: the jobs
+// are spread over XLA's pool like every kernel here, and no OpenMP team spins beside XLA's threads
+// (measured: with its own team of 2, a 16384 x 128 x 128 product took 1.5-2x as long between XLA
+// ops as alone).
+struct MatmulKey {
+  long M, K, N, ld;
+  bool operator<(const MatmulKey& o) const {
+    return std::tie(M, K, N, ld) < std::tie(o.M, o.K, o.N, o.ld);
+  }
+};
+
+struct Int8Matmul {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul primitive;
+};
+
+dnnl::engine& onednn_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One primitive per block shape (M rows, K, N columns of weights and outputs whose rows are ld
+// apart), made on first use: at most four per layer (whole and last blocks of rows and columns).
+const Int8Matmul& int8_matmul_primitive(long M, long K, long N, long ld) {
+  static std::mutex lock;
+  static std::map<MatmulKey, Int8Matmul> cache;
+  std::lock_guard<std::mutex> guard(lock);
+  auto found = cache.find({M, K, N, ld});
+  if (found != cache.end()) return found->second;
+  using dt = dnnl::memory::data_type;
+  dnnl::memory::desc a({M, K}, dt::s8, dnnl::memory::format_tag::ab),
+      b({K, N}, dt::s8, dnnl::memory::dims{ld, 1}), c({M, N}, dt::s32, dnnl::memory::dims{ld, 1});
+  dnnl::matmul::primitive_desc pd(onednn_engine(), a, b, c);
+  return cache.emplace(MatmulKey{M, K, N, ld}, Int8Matmul{pd, dnnl::matmul(pd)}).first->second;
+}
+#endif
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w,
+                          ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::F32> scale) {
+  auto dx = x.dimensions(), dw = w.dimensions();
+  if (dx.size() != 2 || dw.size() != 2 || dx[1] != dw[0]) {
+    std::string shape = "(" + std::to_string(dw.size() ? dw[0] : 0) + ", " +
+                        std::to_string(dw.size() > 1 ? dw[1] : 0) + ")";
+    return ffi::Error::InvalidArgument("int8 matmul: expected x (L, K) and w (K, N), got x " +
+                                       shape_of(x) + ", w " + shape);
+  }
+#if ADDERVIT_ONEDNN
+  const long L = dx[0], K = dx[1], N = dw[1];
+  if (L == 0) return ffi::Error::Success();
+  const float* xs = x.typed_data();
+  const int8_t* ws = w.typed_data();
+  int32_t* o = out->typed_data();
+  float* s = scale->typed_data();
+  if (N == 0 || K == 0) {  // no terms: the sums are 0, the scales still those of the rows
+    std::vector<int8_t> unused(K);
+    for (long l = 0; l < L; ++l) absmax_codes(xs + l * K, K, unused.data(), s + l);
+    std::fill(o, o + L * N, 0);
+    return ffi::Error::Success();
+  }
+  // Jobs: blocks of kRows rows, each coded by its job right before its product (the codes stay
+  // in cache); where the rows make fewer jobs than 2 per thread (small batches), the columns are
+  // split too, in multiples of 64, each column job coding its rows again (L * K is small then).
+  constexpr long kRows = 256;
+  long threads = pool.num_threads();
+  if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  if (int cap = max_threads_from_env()) threads = std::min<long>(threads, cap);
+  const long row_blocks = ceil_div(L, kRows);
+  const long col_blocks =
+      std::max<long>(1, std::min(ceil_div(N, 64), ceil_div(2 * threads, row_blocks)));
+  const long cols = ceil_div(ceil_div(N, col_blocks), 16) * 16;
+  std::atomic<bool> failed{false};
+  std::string failure;
+  std::mutex failure_lock;
+  parallel_for(pool, row_blocks * ceil_div(N, cols), [&](long job) {
+    const long r0 = (job / ceil_div(N, cols)) * kRows, m = std::min(kRows, L - r0);
+    const long c0 = (job % ceil_div(N, cols)) * cols, n = std::min(cols, N - c0);
+    thread_local bool one_thread = false;
+    if (!one_thread) {
+      omp_set_num_threads(1);
+      one_thread = true;
+    }
+    thread_local std::vector<int8_t> codes;
+    thread_local std::vector<float> unused_scale;
+    codes.resize(m * K);
+    unused_scale.resize(m);
+    float* row_scale = c0 == 0 ? s + r0 : unused_scale.data();
+    for (long l = 0; l < m; ++l) absmax_codes(xs + (r0 + l) * K, K, codes.data() + l * K, row_scale + l);
+    try {
+      const Int8Matmul& matmul = int8_matmul_primitive(m, K, n, N);
+      dnnl::engine& engine = onednn_engine();
+      dnnl::memory a(matmul.pd.src_desc(), engine, codes.data());
+      dnnl::memory b(matmul.pd.weights_desc(), engine, const_cast<int8_t*>(ws + c0));
+      dnnl::memory c(matmul.pd.dst_desc(), engine, o + r0 * N + c0);
+      dnnl::stream stream(engine);
+      matmul.primitive.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      stream.wait();
+    } catch (const dnnl::error& err) {
+      std::lock_guard<std::mutex> guard(failure_lock);
+      failure = err.what();
+      failed = true;
+    }
+  });
+  if (failed) return ffi::Error::Internal("int8 matmul: oneDNN failed: " + failure);
+  return ffi::Error::Success();
+#else
+  (void)pool, (void)out, (void)scale;
+  return ffi::Error::Internal(
+      "int8 matmul: this build of cpu_native has no oneDNN (install onednn-cpu-gomp and "
+      "onednn-devel-cpu-gomp)");
+#endif
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitForward, ForwardImpl,
@@ -1092,6 +1264,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitAdderInt8Layer, AdderInt8LayerImpl,
                                   .Ret<F32>()                    // y (L, N)
                                   .Attr<int32_t>("norm")
                                   .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitInt8Matmul, Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()                     // x (L, K)
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // w (K, N)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // sums (L, N)
+                                  .Ret<F32>()                     // scale (L,)
+);
+
+// The int8 matmul's library in this build: "onednn" or "" (none: XLA's dot_general serves).
+extern "C" const char* AddervitInt8MatmulPath() { return ADDERVIT_ONEDNN ? "onednn" : ""; }
 
 // Which SAD path this library was built with ("avx512bw", "avx2" or "portable").
 extern "C" const char* AddervitSadPath() { return ADDERVIT_SAD_PATH; }

@@ -54,6 +54,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import pathlib
 import platform
@@ -77,6 +78,10 @@ __all__ = [
     "build",
     "cache_dir",
     "forward",
+    "int8_matmul",
+    "int8_matmul_path",
+    "int8_matmul_reference",
+    "onednn_flags",
     "sad",
     "sad_path",
     "sad_reference",
@@ -95,6 +100,7 @@ _TARGETS = {
     "addervit_adder_w_grad_exact": "AddervitWGradExact",
     "addervit_sad_u8": "AddervitSadU8",
     "addervit_adder_int8_layer": "AddervitAdderInt8Layer",
+    "addervit_int8_matmul": "AddervitInt8Matmul",
 }
 _X_GRAD_RULES = {"exact": 0, "addernet": 1, "clipped": 1}
 
@@ -126,17 +132,67 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def _installed_file(distribution: str, name: str) -> pathlib.Path | None:
+    """The installed file of ``distribution`` whose path ends with ``name``, or None."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if str(file).replace("\\", "/").endswith(name):
+            path = pathlib.Path(file.locate()).resolve()
+            if path.is_file():
+                return path
+    return None
+
+
+def onednn_flags() -> tuple[list[str], list[str]]:
+    """The compile and link flags of the int8 matmul's oneDNN (:func:`int8_matmul`): where the
+    wheels ``onednn-cpu-gomp`` (``libdnnl.so.3``) and ``onednn-devel-cpu-gomp`` (its headers)
+    are installed, which ``pyproject.toml`` asks for on x86-64 Linux; ``([], [])`` where they
+    are not, or with ``$ADDERVIT_NO_ONEDNN=1`` (the int8 matmul then runs XLA's)."""
+    if os.environ.get("ADDERVIT_NO_ONEDNN", "") not in ("", "0"):
+        return [], []
+    library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
+    header = _installed_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
+    if library is None or header is None:
+        return [], []
+    include = header.parents[2]
+    return (
+        ["-DADDERVIT_ONEDNN=1", "-fopenmp", "-I", str(include)],
+        [str(library), f"-Wl,-rpath,{library.parent}"],
+    )
+
+
 def build() -> pathlib.Path:
-    """Compile ``cpu_native.cc`` (or find it in the cache) and return the library's path.
+    """Compile ``cpu_native.cc`` (or find it in the cache) and return the library's path: with
+    oneDNN where :func:`onednn_flags` finds it; if that build fails, once more without it (a
+    ``RuntimeWarning`` says why), so the adder kernels never depend on oneDNN.
 
     Raises ``RuntimeError`` naming the reason when there is no compiler or the build fails.
     """
+    compile_flags, link_flags = onednn_flags()
+    if not compile_flags:
+        return _build([], [])
+    try:
+        return _build(compile_flags, link_flags)
+    except RuntimeError as err:
+        library = _build([], [])  # where this fails too, its own reason is the one to give
+        warnings.warn(
+            f"cpu_native: building with oneDNN failed, so the int8 matmul runs XLA's: {err}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return library
+
+
+def _build(compile_flags: list[str], link_flags: list[str]) -> pathlib.Path:
     compiler = _compiler()
     if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeError(
             f"no C++ compiler: {compiler[0] if compiler else '$CXX'!r} not found (set CXX)"
         )
-    flags = [*CXXFLAGS, *shlex.split(os.environ.get("ADDERVIT_CXXFLAGS", ""))]
+    flags = [*CXXFLAGS, *shlex.split(os.environ.get("ADDERVIT_CXXFLAGS", "")), *compile_flags]
     try:
         version = subprocess.run(
             [*compiler, "--version"], capture_output=True, text=True, timeout=60
@@ -148,7 +204,7 @@ def build() -> pathlib.Path:
         SOURCE.read_bytes(),
         " ".join(compiler).encode(),
         version.encode(),
-        " ".join(flags).encode(),
+        " ".join([*flags, *link_flags]).encode(),
         jax.__version__.encode(),
         _cpu_signature().encode(),
     ):
@@ -165,13 +221,16 @@ def build() -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    command = [*compiler, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    command = [*compiler, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), *link_flags, "-o", tmp]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
-            raise RuntimeError(
-                f"building {SOURCE.name} failed ({shlex.join(command)}):\n{out.stderr[-2000:]}"
-            )
+            # the compiler's errors first: its warnings can fill the tail of what it printed
+            errors = "\n".join(ln for ln in out.stderr.splitlines() if "error" in ln)[:2000]
+            detail = out.stderr[-2000:]
+            if errors and errors not in detail:
+                detail = f"{errors}\n...\n{detail}"
+            raise RuntimeError(f"building {SOURCE.name} failed ({shlex.join(command)}):\n{detail}")
         # the checksum first, then the library, each atomically: a library without a matching
         # checksum is never loaded
         digest_tmp = f"{tmp}.sha256"
@@ -552,3 +611,56 @@ def sad_path() -> str:
     fn = _library.AddervitSadPath
     fn.restype = ctypes.c_char_p
     return fn().decode()
+
+
+@functools.cache
+def _int8_matmul_rows():
+    def call(x, w):
+        length = x.shape[0]
+        return jax.ffi.ffi_call(
+            "addervit_int8_matmul",
+            (
+                jax.ShapeDtypeStruct((length, w.shape[1]), jnp.int32),
+                jax.ShapeDtypeStruct((length,), jnp.float32),
+            ),
+            vmap_method="sequential",
+        )(x, w)
+
+    return call
+
+
+@jax.jit
+def int8_matmul(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The int8 product of an int8 multi or ternary site, with the activations' coding fused:
+    ``(sums, scale)`` with ``sums[l, n] = sum_k q[l, k] * w[k, n]`` in int32 (exact) and
+    ``q``, ``scale`` (L,) the per-row codes and scale of ``quantizers.absmax_int8(x)``
+    (``x ~= q / scale``), formed by the kernel while it reads ``x`` once.
+
+    ``x`` (L, K) float32 (other floats are cast); ``w`` (K, N) int8. The products run in
+    oneDNN's int8 matmul (:func:`int8_matmul_path`); where this build has none, ``RuntimeError``
+    (``ops.int8_matmul`` then runs XLA's). A NaN in a row gives that row a NaN scale (its codes
+    are 0). Exact for any K up to 2**31 / 127**2 (133,000 terms).
+    """
+    if w.dtype != jnp.int8 or w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise TypeError(
+            f"int8_matmul: expected x (L, K) float and w (K, N) int8, got x {x.dtype}"
+            f"{list(x.shape)}, w {w.dtype}{list(w.shape)}"
+        )
+    if int8_matmul_path() != "onednn":
+        raise RuntimeError("int8_matmul: this build of cpu_native has no oneDNN")
+    return _int8_matmul_rows()(x.astype(jnp.float32), w)
+
+
+def int8_matmul_path() -> str | None:
+    """The library behind :func:`int8_matmul` in this build: ``"onednn"``, or None where the
+    native kernels are unavailable or were built without oneDNN (:func:`onednn_flags`)."""
+    if not available():
+        return None
+    fn = _library.AddervitInt8MatmulPath
+    fn.restype = ctypes.c_char_p
+    return fn().decode() or None
+
+
+def int8_matmul_reference(q, w) -> np.ndarray:
+    """The sums of :func:`int8_matmul` in NumPy integers (int64), for tests."""
+    return np.asarray(q).astype(np.int64) @ np.asarray(w).astype(np.int64)

@@ -272,12 +272,27 @@ for name, f in (("jit", plain), ("shard_map", split)):
         "all_gather": "all-gather" in hlo,
         "y_spec": str(out[0].sharding.spec),
     }
+# ops.int8_matmul under the mesh (as the trainer's evaluation sets it): each device its rows
+from addervit_jax import ops
+q = jax.device_put(rng.integers(-128, 128, size=(13, 11)).astype(np.int8))
+with jax.set_mesh(mesh):
+    f = jax.jit(lambda x, q: ops.int8_matmul(x, q, backend="cpu_native"))
+    sums, scale = f(xs, q)
+    hlo = f.lower(xs, q).compile().as_text()
+xla_sums, xla_scale = ops.int8_matmul(x, q, backend="xla")
+result["int8"] = {
+    "same": bool(np.array_equal(sums, xla_sums) and np.array_equal(scale, xla_scale)),
+    "all_gather": "all-gather" in hlo,
+    "calls": hlo.count("custom_call_target=\\"addervit_int8_matmul"),
+}
 print("RESULT " + json.dumps(result))
 """
 
 
 def test_on_8_cpu_devices_with_rows_sharded():
     result = _run(SHARDED_SCRIPT, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    int8 = result.pop("int8")
+    assert int8["same"] and not int8["all_gather"] and int8["calls"] >= 1, int8
     for name, r in result.items():
         assert max(r["err"]) < 1e-5, (name, r)  # float32 sums of 5 or 40 rows
     # The custom calls have no partitioning rule: under plain jit XLA gathers the rows onto
@@ -369,7 +384,11 @@ def test_without_a_compiler_unavailable_with_one_warning(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_compiler(tmp_path, *, fail=False):
+def _fake_compiler(tmp_path, *, fail=False, fail_with=None):
+    """A stand-in compiler that logs its flags and writes "library"; ``fail``: it always fails,
+    ``fail_with``: it fails when its flags hold that text."""
+    refuse = f'case "$*" in *{fail_with}*) echo "error: no header" >&2; exit 1;; esac'
+    refuse = refuse if fail_with else ""
     log = tmp_path / "calls.log"
     script = tmp_path / "fake-cxx"
     script.write_text(
@@ -378,6 +397,7 @@ def _fake_compiler(tmp_path, *, fail=False):
         if [ "$1" = "--version" ]; then echo fake-cxx 1.0; exit 0; fi
         echo "$@" >> {log}
         {'echo "error: broken" >&2; exit 1' if fail else ""}
+        {refuse}
         while [ $# -gt 1 ]; do shift; done
         echo library > "$1"
         """)
@@ -407,6 +427,7 @@ def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
     script, _ = _fake_compiler(tmp_path, fail=True)
     monkeypatch.setenv("CXX", str(script))
     monkeypatch.setenv("ADDERVIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ADDERVIT_NO_ONEDNN", "1")
     with pytest.raises(RuntimeError, match="error: broken"):
         N.build()
     assert not list((tmp_path / "cache").iterdir())  # the half-built file is gone
@@ -425,3 +446,109 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
         """
     _run(script, {"ADDERVIT_CPU_THREADS": "1"})
     np.testing.assert_array_equal(np.load(tmp_path / "du.npy"), N.x_grad(x, w, g, grad="exact"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The int8 matmul (oneDNN), the int8 multi and ternary sites' product
+# ---------------------------------------------------------------------------------------------
+
+ONEDNN_EXPECTED = sys.platform == "linux" and os.uname().machine == "x86_64"
+
+
+def test_build_links_onednn_where_installed_and_builds_without_it_if_that_fails(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ADDERVIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ADDERVIT_NO_ONEDNN", raising=False)
+    compile_flags, link_flags = N.onednn_flags()
+    # pyproject.toml installs the wheels on x86-64 Linux: a silent fallback there is a failure
+    assert bool(compile_flags) == ONEDNN_EXPECTED
+    if not compile_flags:
+        pytest.skip("no oneDNN wheels on this platform")
+    include = pathlib.Path(compile_flags[compile_flags.index("-I") + 1])
+    assert (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file()
+    assert pathlib.Path(link_flags[0]).name == "libdnnl.so.3"
+    script, log = _fake_compiler(tmp_path, fail_with="ADDERVIT_ONEDNN")
+    monkeypatch.setenv("CXX", str(script))
+    with pytest.warns(RuntimeWarning, match="(?s)building with oneDNN failed.*error: no header"):
+        library = N.build()
+    first, second = log.read_text().splitlines()
+    assert "-DADDERVIT_ONEDNN=1" in first and link_flags[0] in first
+    assert "ADDERVIT_ONEDNN" not in second and "libdnnl" not in second
+    assert library.read_text() == "library\n"
+    monkeypatch.setenv("ADDERVIT_NO_ONEDNN", "1")
+    assert N.onednn_flags() == ([], [])
+
+
+def test_int8_matmul_runs_in_onednn_here():
+    assert N.int8_matmul_path() == ("onednn" if ONEDNN_EXPECTED else None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    length=st.integers(1, 70),
+    k=st.integers(1, 300),
+    n=st.integers(1, 90),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.floats(-6, 6),
+)
+def test_int8_matmul_is_exact_and_codes_as_absmax_int8(length, k, n, seed, spread):
+    from addervit_jax import quantizers
+
+    if N.int8_matmul_path() is None:
+        pytest.skip("this build has no int8 matmul")
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((length, k)) * 10.0**spread).astype(np.float32)
+    x[rng.random((length, k)) < 0.1] = 0.0
+    x[0] = 0.0  # an all-zero row: the scale's floor
+    w = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    sums, scale = N.int8_matmul(x, w)
+    codes, expected_scale = quantizers.absmax_int8(jnp.asarray(x))
+    assert sums.dtype == jnp.int32 and sums.shape == (length, n)
+    np.testing.assert_array_equal(np.asarray(sums), N.int8_matmul_reference(codes, w))
+    np.testing.assert_array_equal(np.asarray(scale), np.asarray(expected_scale)[:, 0])
+
+
+def test_ops_int8_matmul_backends_agree_on_batches_and_odd_input():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 3, 37)).astype(np.float32)
+    x[1, 2, 5] = np.nan
+    w = rng.integers(-128, 128, size=(37, 19), dtype=np.int8)
+    native = ops.int8_matmul(x, w, backend="cpu_native")
+    xla = ops.int8_matmul(x, w, backend="xla")
+    assert native[0].shape == (2, 3, 19) and native[1].shape == (2, 3, 1)
+    finite = np.ones((2, 3), bool)
+    finite[1, 2] = False
+    for a, b in zip(native, xla, strict=True):
+        np.testing.assert_array_equal(np.asarray(a)[finite], np.asarray(b)[finite])
+    assert np.isnan(np.asarray(native[1])[1, 2, 0])  # a NaN token: a NaN scale, a NaN output
+    bf16 = ops.int8_matmul(x[0].astype(jnp.bfloat16), w, backend="cpu_native")
+    same = ops.int8_matmul(jnp.asarray(x[0], jnp.bfloat16).astype(jnp.float32), w, backend="xla")
+    np.testing.assert_array_equal(np.asarray(bf16[0]), np.asarray(same[0]))
+    with pytest.raises(TypeError, match=r"w must be 2-D int8, got int32 \(x.shape=\(2, 3, 37\)"):
+        ops.int8_matmul(x, w.astype(np.int32))
+    with pytest.raises(ValueError, match=r"same D_in, got x float32 \(x.shape=\(2, 3, 37\), w.sh"):
+        ops.int8_matmul(x, w[:36])
+    with pytest.raises(ValueError, match="could overflow int32"):
+        ops.int8_matmul(np.zeros((1, 140_000), np.float32), np.zeros((140_000, 1), np.int8))
+
+
+def test_int8_matmul_without_onednn_runs_xla_with_the_same_integers(tmp_path):
+    script = f"""
+        import json, numpy as np
+        from addervit_jax import ops
+        from addervit_jax.kernels import cpu_native as N
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((9, 33)).astype(np.float32)
+        w = rng.integers(-128, 128, size=(33, 7), dtype=np.int8)
+        sums, scale = ops.int8_matmul(x, w)
+        np.save({str(tmp_path / "sums.npy")!r}, np.asarray(sums))
+        print("RESULT " + json.dumps({{"path": N.int8_matmul_path(), "sad": N.available()}}))
+        """
+    env = {"ADDERVIT_NO_ONEDNN": "1", "ADDERVIT_CACHE_DIR": str(tmp_path / "cache")}
+    assert _run(script, env) == {"path": None, "sad": True}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 33)).astype(np.float32)
+    w = rng.integers(-128, 128, size=(33, 7), dtype=np.int8)
+    expected = np.asarray(ops.int8_matmul(x, w)[0])
+    np.testing.assert_array_equal(np.load(tmp_path / "sums.npy"), expected)

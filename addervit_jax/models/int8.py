@@ -173,6 +173,7 @@ class _Int8Site(nnx.Module):
 
     kind: str
     rms_norm_input = False  # BitNet's BitLinear normalises its input before coding it
+    backend = "auto"  # of ops.int8_matmul, for int8 weights
 
     def _keep_affine(self, layer: nnx.Module) -> None:
         self.source_kind = site_kind(layer)  # multi_ln reads as multi in the counts' scopes
@@ -182,10 +183,14 @@ class _Int8Site(nnx.Module):
         if getattr(layer, "batch_norm", None) is not None:
             self.mask, self.bias = _fold_batch_norm(layer)
 
+    def _coded_input(self, x: jax.Array) -> jax.Array:
+        """What the codes are taken of: ``x``, or BitNet's ``RMSNorm(x)``."""
+        h = jnp.asarray(x, jnp.float32)
+        return quantizers.rms_norm(h) if self.rms_norm_input else h
+
     def activation_codes(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The int8 codes of the input and their per-token scale (``x ~= codes / scale``)."""
-        h = jnp.asarray(x, jnp.float32)
-        codes, scale = quantizers.absmax_int8(quantizers.rms_norm(h) if self.rms_norm_input else h)
+        codes, scale = quantizers.absmax_int8(self._coded_input(x))
         return codes.astype(jnp.int8), scale
 
     def integer_weights(self) -> jax.Array:
@@ -197,21 +202,28 @@ class _Int8Site(nnx.Module):
 
     def integer_similarity(self, x: jax.Array) -> jax.Array:
         """The int32 sums of the site on ``x``, before any scale."""
-        return self._sums(self.activation_codes(x)[0])
+        return self._products(x)[0]
 
-    def _sums(self, codes: jax.Array) -> jax.Array:
+    def _products(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The int32 sums of the codes of ``x`` against :meth:`integer_weights`, and the codes'
+        scale: ``ops.int8_matmul`` (its ``backend``) for int8 weights, XLA's integer
+        ``dot_general`` for wider ones (the shift site's)."""
         w = self.integer_weights()
         with similarity_scope(self.kind):
-            return lax.dot_general(
+            if w.dtype == jnp.int8:
+                return ops.int8_matmul(self._coded_input(x), w, backend=self.backend)
+            codes, scale = self.activation_codes(x)
+            sums = lax.dot_general(
                 codes.astype(w.dtype),
                 w,
                 (((codes.ndim - 1,), (0,)), ((), ())),
                 preferred_element_type=jnp.int32,
             )
+            return sums, scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        codes, scale = self.activation_codes(x)
-        y = self._rescale(self._sums(codes).astype(jnp.float32), scale)
+        sums, scale = self._products(x)
+        y = self._rescale(sums.astype(jnp.float32), scale)
         if self.norm == "layer":
             y = jax.nn.standardize(y, axis=-1, epsilon=1e-5)
         if self.mask is not None:
@@ -232,7 +244,8 @@ class Int8DenseMulti(_Int8Site):
 
     kind = "multi"
 
-    def __init__(self, layer: layers.Dense | layers.NormedDense):
+    def __init__(self, layer: layers.Dense | layers.NormedDense, *, backend: str = "auto"):
+        self.backend = backend
         if not isinstance(layer, layers.Dense | layers.NormedDense):
             raise TypeError(
                 f"Int8DenseMulti: expected a Dense or NormedDense, got {type(layer).__name__}"
@@ -260,7 +273,8 @@ class Int8Ternary(_Int8Site):
     kind = "ternary"
     rms_norm_input = True
 
-    def __init__(self, layer: layers.TernaryDense):
+    def __init__(self, layer: layers.TernaryDense, *, backend: str = "auto"):
+        self.backend = backend
         if not isinstance(layer, layers.TernaryDense):
             raise TypeError(f"Int8Ternary: expected a TernaryDense, got {type(layer).__name__}")
         self._keep_affine(layer)
@@ -384,6 +398,8 @@ def quantize(
     Adder sites are calibrated on the float model's activations, in evaluation mode (batch norms
     use their running statistics; the copy returned is in it too).
 
+    ``backend`` (``ops.adder``'s names) runs the adder sites' SAD and the multi and ternary
+    sites' int8 product (``ops.int8_matmul``): ``"auto"`` takes the native kernels on a CPU.
     Every other similarity site stays float, and a ``UserWarning`` names them (``float_sites``
     lists them): euclid sites, sites of a kind not in ``kinds``, a shift site whose exponents
     spread too wide for an exact int32 sum, and in every attention block the scores (dot or L1)
@@ -417,7 +433,7 @@ def quantize(
                 layer, x, clip_fractions=clip_fractions, backend=backend
             )
         elif isinstance(layer, layers.TernaryDense):
-            quantized = Int8Ternary(layer)
+            quantized = Int8Ternary(layer, backend=backend)
         elif isinstance(layer, layers.ShiftDense):
             try:
                 quantized = Int8Shift(layer)
@@ -425,7 +441,7 @@ def quantize(
                 too_wide.append(".".join(map(str, path)))
                 continue
         else:
-            quantized = Int8DenseMulti(layer)
+            quantized = Int8DenseMulti(layer, backend=backend)
         sites_of.replace(model, path, quantized)
     wide = f" (shift sites too wide for int32: {', '.join(too_wide)})" if too_wide else ""
     warnings.warn(

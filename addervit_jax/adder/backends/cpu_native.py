@@ -35,3 +35,12 @@ def sad(a, b, *, negate: bool = False):
 
 def adder_int8_layer(x, e, w, grid, mask, bias, *, norm: bool, epsilon: float):
     return _kernels.adder_int8_layer(x, e, w, grid, mask, bias, norm=norm, epsilon=epsilon)
+
+
+def int8_matmul(x, w):
+    return _kernels.int8_matmul(x, w)
+
+
+def int8_matmul_available() -> bool:
+    """Whether this build has the int8 matmul (oneDNN: ``kernels.cpu_native.onednn_flags``)."""
+    return _kernels.int8_matmul_path() is not None
