@@ -16,6 +16,7 @@
   8-bit codes of ``x`` (``quantizers.absmax_int8``) and ``w`` int8: the int8 multi and ternary
   sites' product, in oneDNN's int8 matmul on a CPU where it is installed
   (``kernels/cpu_native.py``, the coding fused into the call), else XLA's int8 ``dot_general``.
+  ``ternary_matmul``: the same with ternary weights in 2 bits (``quantizers.pack_ternary``).
 * ``euclid``: ``y[..., d] = -sum_i (x[..., i] - w[i, d])^2`` (EuclidNet's squared L2 similarity;
   Li et al., "EuclidNets: An alternative operation for efficient inference of deep learning
   models", 2022), exact gradients by autodiff.
@@ -25,6 +26,8 @@ dtype (bfloat16 in, bfloat16 out, float32 accumulation).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +64,7 @@ __all__ = [
     "euclid",
     "int8_codes",
     "int8_matmul",
+    "ternary_matmul",
     "resolve_backend",
     "shard_rows",
 ]
@@ -147,3 +151,33 @@ def int8_matmul(
         preferred_element_type=jnp.int32,
     )
     return sums, scale
+
+
+def ternary_matmul(
+    x: jax.Array, packed: jax.Array, d_out: int, *, backend: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`int8_matmul` with ternary weights stored in 2 bits, four per byte: ``packed``
+    ``(D_in, ceil(d_out / 4))`` uint8 of ``quantizers.pack_ternary``. The native kernel unpacks
+    them once per call before oneDNN's product; XLA unpacks them in the graph
+    (``quantizers.unpack_ternary``). Both give :func:`int8_matmul`'s integers on the unpacked
+    codes."""
+    x, packed = jnp.asarray(x), jnp.asarray(packed)
+    shapes = f"x.shape={tuple(x.shape)}, packed.shape={tuple(packed.shape)}, d_out={d_out}"
+    if packed.dtype != jnp.uint8 or packed.ndim != 2 or packed.shape[1] != -(-d_out // 4):
+        raise TypeError(
+            f"ternary_matmul: packed must be uint8 (D_in, ceil(d_out / 4)), got {packed.dtype} "
+            f"({shapes})"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != packed.shape[0]:
+        raise ValueError(
+            f"ternary_matmul: expected float x (..., D_in) with packed's D_in, got x {x.dtype} "
+            f"({shapes})"
+        )
+    module = backends.get(resolve_backend(backend))
+    if getattr(module, "int8_matmul_available", lambda: False)():
+        lead, d_in = x.shape[:-1], packed.shape[0]
+        rows = x.reshape(-1, d_in).astype(jnp.float32)
+        kernel = functools.partial(module.ternary_matmul, n=int(d_out))
+        sums, scale = shard_rows(kernel, (rows,), (packed,))
+        return sums.reshape(*lead, d_out), scale.reshape(*lead, 1)
+    return int8_matmul(x, quantizers.unpack_ternary(packed, d_out), backend="xla")

@@ -14,6 +14,9 @@ gradient: BitNet b1.58's ternary weights and 8-bit activations, and DeepShift's 
   ``p = clip(round(log2|W|), low, high)``; DeepShift's code (``deepshift/modules_q.py``,
   ``LinearShiftQ``) takes ``(low, high) = (-(2^(bits-1) - 1), 0)`` for ``bits``-bit weights, 5
   by default: ``(-15, 0)``.
+* :func:`pack_ternary` / :func:`unpack_ternary`: ternary codes stored in 2 bits, four per byte
+  (the storage of ``models.Int8Ternary``; bitnet.cpp's I2_S format also packs four per byte, as
+  recalled, though its byte layout is its own).
 * :func:`rms_norm`: the parameter-free RMSNorm that BitNet's BitLinear applies before the
   activation quantisation.
 
@@ -38,6 +41,8 @@ __all__ = [
     "SHIFT_RANGE",
     "absmax_int8",
     "absmean_ternary",
+    "pack_ternary",
+    "unpack_ternary",
     "exact_power_of_two",
     "power_of_two",
     "power_of_two_codes",
@@ -91,6 +96,33 @@ def absmean_ternary(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``gamma`` a constant of the backward)."""
     gamma = lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(w)), _SCALE_EPS))
     return round_clip_ste(w / gamma, -1, 1), gamma
+
+
+def pack_ternary(codes: jax.Array) -> jax.Array:
+    """Ternary codes ``(K, N)`` in {-1, 0, 1} as ``(K, ceil(N / 4))`` uint8, four per byte: code
+    ``c`` of column ``4 j + i`` is the 2-bit field ``c + 1`` at bits ``2 i`` of byte ``j`` (columns
+    past ``N`` hold 1, a zero weight). Codes outside {-1, 0, 1}: ``ValueError``."""
+    codes = jnp.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"pack_ternary: expected codes (K, N), got shape {tuple(codes.shape)}")
+    if not bool(jnp.all((codes == -1) | (codes == 0) | (codes == 1))):
+        raise ValueError("pack_ternary: the codes must all be -1, 0 or 1")
+    k, n = codes.shape
+    padded = jnp.pad(codes.astype(jnp.int32) + 1, ((0, 0), (0, -n % 4)), constant_values=1)
+    fields = padded.reshape(k, -1, 4) << jnp.arange(0, 8, 2, dtype=jnp.int32)
+    return jnp.sum(fields, axis=-1).astype(jnp.uint8)
+
+
+def unpack_ternary(packed: jax.Array, n: int) -> jax.Array:
+    """The int8 codes ``(K, n)`` of :func:`pack_ternary`'s bytes ``(K, ceil(n / 4))``."""
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8 or packed.ndim != 2 or packed.shape[1] != -(-n // 4):
+        raise ValueError(
+            f"unpack_ternary: expected uint8 (K, ceil({n} / 4)) bytes, got {packed.dtype} "
+            f"{tuple(packed.shape)}"
+        )
+    fields = (packed[:, :, None].astype(jnp.int32) >> jnp.arange(0, 8, 2, dtype=jnp.int32)) & 3
+    return (fields.reshape(packed.shape[0], -1)[:, :n] - 1).astype(jnp.int8)
 
 
 def power_of_two_codes(

@@ -31,6 +31,7 @@
 // GCC vector extensions that the compiler maps to their SIMD registers.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <atomic>
 #include <condition_variable>
@@ -1123,36 +1124,31 @@ const Int8Matmul& int8_matmul_primitive(long M, long K, long N, long ld) {
   using dt = dnnl::memory::data_type;
   dnnl::memory::desc a({M, K}, dt::s8, dnnl::memory::format_tag::ab),
       b({K, N}, dt::s8, dnnl::memory::dims{ld, 1}), c({M, N}, dt::s32, dnnl::memory::dims{ld, 1});
-  dnnl::matmul::primitive_desc pd(onednn_engine(), a, b, c);
+  // Each job passes its own scratchpad: by default oneDNN shares one between primitives, and
+  // jobs running the same primitive on two threads at once clobbered each other's (seen: wrong
+  // sums under load).
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(onednn_engine(), a, b, c, attr);
   return cache.emplace(MatmulKey{M, K, N, ld}, Int8Matmul{pd, dnnl::matmul(pd)}).first->second;
 }
 #endif
 
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w,
-                          ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::F32> scale) {
-  auto dx = x.dimensions(), dw = w.dimensions();
-  if (dx.size() != 2 || dw.size() != 2 || dx[1] != dw[0]) {
-    std::string shape = "(" + std::to_string(dw.size() ? dw[0] : 0) + ", " +
-                        std::to_string(dw.size() > 1 ? dw[1] : 0) + ")";
-    return ffi::Error::InvalidArgument("int8 matmul: expected x (L, K) and w (K, N), got x " +
-                                       shape_of(x) + ", w " + shape);
-  }
+// The products of x (L, K) float32 and w (K, N) int8 into o (L, N) int32 and s (L,): the
+// formula above. Returns an empty string, or what failed.
+std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws, long L, long K,
+                        long N, int32_t* o, float* s) {
 #if ADDERVIT_ONEDNN
-  const long L = dx[0], K = dx[1], N = dw[1];
-  if (L == 0) return ffi::Error::Success();
-  const float* xs = x.typed_data();
-  const int8_t* ws = w.typed_data();
-  int32_t* o = out->typed_data();
-  float* s = scale->typed_data();
+  if (L == 0) return "";
   if (N == 0 || K == 0) {  // no terms: the sums are 0, the scales still those of the rows
     std::vector<int8_t> unused(K);
     for (long l = 0; l < L; ++l) absmax_codes(xs + l * K, K, unused.data(), s + l);
     std::fill(o, o + L * N, 0);
-    return ffi::Error::Success();
+    return "";
   }
   // Jobs: blocks of kRows rows, each coded by its job right before its product (the codes stay
   // in cache); where the rows make fewer jobs than 2 per thread (small batches), the columns are
-  // split too, in multiples of 64, each column job coding its rows again (L * K is small then).
+  // split too, in multiples of 16, each column job coding its rows again (L * K is small then).
   constexpr long kRows = 256;
   long threads = pool.num_threads();
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
@@ -1160,13 +1156,12 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w,
   const long row_blocks = ceil_div(L, kRows);
   const long col_blocks =
       std::max<long>(1, std::min(ceil_div(N, 64), ceil_div(2 * threads, row_blocks)));
-  const long cols = ceil_div(ceil_div(N, col_blocks), 16) * 16;
-  std::atomic<bool> failed{false};
+  const long cols = ceil_div(ceil_div(N, col_blocks), 16) * 16, col_jobs = ceil_div(N, cols);
   std::string failure;
   std::mutex failure_lock;
-  parallel_for(pool, row_blocks * ceil_div(N, cols), [&](long job) {
-    const long r0 = (job / ceil_div(N, cols)) * kRows, m = std::min(kRows, L - r0);
-    const long c0 = (job % ceil_div(N, cols)) * cols, n = std::min(cols, N - c0);
+  parallel_for(pool, row_blocks * col_jobs, [&](long job) {
+    const long r0 = (job / col_jobs) * kRows, m = std::min(kRows, L - r0);
+    const long c0 = (job % col_jobs) * cols, n = std::min(cols, N - c0);
     thread_local bool one_thread = false;
     if (!one_thread) {
       omp_set_num_threads(1);
@@ -1177,30 +1172,95 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w,
     codes.resize(m * K);
     unused_scale.resize(m);
     float* row_scale = c0 == 0 ? s + r0 : unused_scale.data();
-    for (long l = 0; l < m; ++l) absmax_codes(xs + (r0 + l) * K, K, codes.data() + l * K, row_scale + l);
+    for (long l = 0; l < m; ++l) {
+      absmax_codes(xs + (r0 + l) * K, K, codes.data() + l * K, row_scale + l);
+    }
     try {
       const Int8Matmul& matmul = int8_matmul_primitive(m, K, n, N);
       dnnl::engine& engine = onednn_engine();
       dnnl::memory a(matmul.pd.src_desc(), engine, codes.data());
       dnnl::memory b(matmul.pd.weights_desc(), engine, const_cast<int8_t*>(ws + c0));
       dnnl::memory c(matmul.pd.dst_desc(), engine, o + r0 * N + c0);
+      thread_local std::vector<uint8_t> scratch;  // 64-byte aligned within it
+      scratch.resize(matmul.pd.scratchpad_desc().get_size() + 64);
+      void* aligned = scratch.data() + (-reinterpret_cast<uintptr_t>(scratch.data()) & 63);
+      dnnl::memory pad(matmul.pd.scratchpad_desc(), engine, aligned);
       dnnl::stream stream(engine);
-      matmul.primitive.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      matmul.primitive.execute(stream, {{DNNL_ARG_SRC, a},
+                                        {DNNL_ARG_WEIGHTS, b},
+                                        {DNNL_ARG_DST, c},
+                                        {DNNL_ARG_SCRATCHPAD, pad}});
       stream.wait();
     } catch (const dnnl::error& err) {
       std::lock_guard<std::mutex> guard(failure_lock);
-      failure = err.what();
-      failed = true;
+      failure = std::string("oneDNN failed: ") + err.what();
     }
   });
-  if (failed) return ffi::Error::Internal("int8 matmul: oneDNN failed: " + failure);
-  return ffi::Error::Success();
+  return failure;
 #else
-  (void)pool, (void)out, (void)scale;
-  return ffi::Error::Internal(
-      "int8 matmul: this build of cpu_native has no oneDNN (install onednn-cpu-gomp and "
-      "onednn-devel-cpu-gomp)");
+  (void)pool, (void)xs, (void)ws, (void)L, (void)K, (void)N, (void)o, (void)s;
+  return "this build of cpu_native has no oneDNN (install onednn-cpu-gomp and "
+         "onednn-devel-cpu-gomp)";
 #endif
+}
+
+std::string dims_of(ffi::Span<const int64_t> dims) {
+  std::string text = "(";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + (dims.size() == 1 ? ",)" : ")");
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w,
+                          ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::F32> scale) {
+  auto dx = x.dimensions(), dw = w.dimensions();
+  if (dx.size() != 2 || dw.size() != 2 || dx[1] != dw[0]) {
+    return ffi::Error::InvalidArgument("int8 matmul: expected x (L, K) and w (K, N), got x " +
+                                       shape_of(x) + ", w " + dims_of(dw));
+  }
+  std::string failure = int8_matmul(pool, x.typed_data(), w.typed_data(), dx[0], dx[1], dw[1],
+                                    out->typed_data(), scale->typed_data());
+  if (!failure.empty()) return ffi::Error::Internal("int8 matmul: " + failure);
+  return ffi::Error::Success();
+}
+
+// The same product with ternary weights stored in 2 bits (quantizers.pack_ternary: the code of
+// column 4 j + i plus 1 in bits 2 i of byte j): unpacked once per call to int8 (K x N bytes, a
+// table lookup per byte, spread over the pool), then int8_matmul.
+ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> packed,
+                             ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::F32> scale,
+                             int64_t n) {
+  auto dx = x.dimensions(), dp = packed.dimensions();
+  if (dx.size() != 2 || dp.size() != 2 || dx[1] != dp[0] || n < 0 || dp[1] != (n + 3) / 4) {
+    return ffi::Error::InvalidArgument(
+        "ternary matmul: expected x (L, K) and packed (K, ceil(n / 4)) with n = " +
+        std::to_string(n) + ", got x " + shape_of(x) + ", packed " + dims_of(dp));
+  }
+  const long K = dx[1], P = dp[1];
+  static const auto table = [] {  // byte -> its four int8 codes, in column order
+    std::array<std::array<int8_t, 4>, 256> t{};
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 4; ++i) t[b][i] = static_cast<int8_t>(((b >> (2 * i)) & 3) - 1);
+    return t;
+  }();
+  std::vector<int8_t> w(K * P * 4);
+  const uint8_t* bytes = packed.typed_data();
+  const long block = std::max<long>(1, (1 << 16) / std::max<long>(P, 1));
+  parallel_for(pool, ceil_div(K, block), [&](long job) {
+    for (long k = job * block; k < std::min(K, (job + 1) * block); ++k)
+      for (long j = 0; j < P; ++j) std::memcpy(&w[(k * P + j) * 4], table[bytes[k * P + j]].data(), 4);
+  });
+  // w holds 4 P >= n columns per row; the product reads its first n with rows 4 P apart
+  std::vector<int8_t> dense;
+  const int8_t* weights = w.data();
+  if (4 * P != n) {
+    dense.resize(K * n);
+    for (long k = 0; k < K; ++k) std::memcpy(&dense[k * n], &w[k * 4 * P], n);
+    weights = dense.data();
+  }
+  std::string failure = int8_matmul(pool, x.typed_data(), weights, dx[0], K, n,
+                                    out->typed_data(), scale->typed_data());
+  if (!failure.empty()) return ffi::Error::Internal("ternary matmul: " + failure);
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -1264,6 +1324,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitAdderInt8Layer, AdderInt8LayerImpl,
                                   .Ret<F32>()                    // y (L, N)
                                   .Attr<int32_t>("norm")
                                   .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitTernaryMatmul, TernaryMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()                     // x (L, K)
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // packed (K, ceil(n / 4))
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // sums (L, n)
+                                  .Ret<F32>()                     // scale (L,)
+                                  .Attr<int64_t>("n"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitInt8Matmul, Int8MatmulImpl,
                               ffi::Ffi::Bind()

@@ -85,6 +85,7 @@ __all__ = [
     "sad",
     "sad_path",
     "sad_reference",
+    "ternary_matmul",
     "unavailable_reason",
     "w_grad_exact",
     "x_grad",
@@ -101,6 +102,7 @@ _TARGETS = {
     "addervit_sad_u8": "AddervitSadU8",
     "addervit_adder_int8_layer": "AddervitAdderInt8Layer",
     "addervit_int8_matmul": "AddervitInt8Matmul",
+    "addervit_ternary_matmul": "AddervitTernaryMatmul",
 }
 _X_GRAD_RULES = {"exact": 0, "addernet": 1, "clipped": 1}
 
@@ -649,6 +651,42 @@ def int8_matmul(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     if int8_matmul_path() != "onednn":
         raise RuntimeError("int8_matmul: this build of cpu_native has no oneDNN")
     return _int8_matmul_rows()(x.astype(jnp.float32), w)
+
+
+@functools.cache
+def _ternary_matmul_rows(n: int):
+    def call(x, packed):
+        length = x.shape[0]
+        return jax.ffi.ffi_call(
+            "addervit_ternary_matmul",
+            (
+                jax.ShapeDtypeStruct((length, n), jnp.int32),
+                jax.ShapeDtypeStruct((length,), jnp.float32),
+            ),
+            vmap_method="sequential",
+        )(x, packed, n=np.int64(n))
+
+    return call
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def ternary_matmul(x: jax.Array, packed: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`int8_matmul` with ternary weights stored in 2 bits: ``packed`` (K, ceil(n / 4))
+    uint8 of ``quantizers.pack_ternary``, unpacked by the kernel once per call (a table lookup
+    per byte) before the product."""
+    if packed.dtype != jnp.uint8 or packed.ndim != 2 or x.ndim != 2:
+        raise TypeError(
+            f"ternary_matmul: expected x (L, K) float and packed (K, P) uint8, got x {x.dtype}"
+            f"{list(x.shape)}, packed {packed.dtype}{list(packed.shape)}"
+        )
+    if x.shape[1] != packed.shape[0] or packed.shape[1] != -(-n // 4):
+        raise ValueError(
+            f"ternary_matmul: packed must be (K, ceil(n / 4)) = ({x.shape[1]}, {-(-n // 4)}) "
+            f"for x {list(x.shape)} and n={n}, got {list(packed.shape)}"
+        )
+    if int8_matmul_path() != "onednn":
+        raise RuntimeError("ternary_matmul: this build of cpu_native has no oneDNN")
+    return _ternary_matmul_rows(int(n))(x.astype(jnp.float32), packed)
 
 
 def int8_matmul_path() -> str | None:

@@ -509,6 +509,23 @@ def test_int8_matmul_is_exact_and_codes_as_absmax_int8(length, k, n, seed, sprea
     np.testing.assert_array_equal(np.asarray(scale), np.asarray(expected_scale)[:, 0])
 
 
+@pytest.mark.parametrize(("length", "k", "n"), [(1000, 96, 200), (3, 130, 700), (777, 33, 5)])
+def test_int8_matmul_jobs_on_many_threads_at_once_stay_exact(length, k, n):
+    # Blocks of rows and columns run on every thread of the pool at once, each with its own
+    # scratchpad (a shared one gave wrong sums under load)
+    from addervit_jax import quantizers
+
+    if N.int8_matmul_path() is None:
+        pytest.skip("this build has no int8 matmul")
+    rng = np.random.default_rng()
+    w = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    for _ in range(3):
+        x = rng.standard_normal((length, k)).astype(np.float32)
+        sums, scale = N.int8_matmul(x, w)
+        codes, _ = quantizers.absmax_int8(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(sums), N.int8_matmul_reference(codes, w))
+
+
 def test_ops_int8_matmul_backends_agree_on_batches_and_odd_input():
     rng = np.random.default_rng()
     x = rng.standard_normal((2, 3, 37)).astype(np.float32)
@@ -552,3 +569,39 @@ def test_int8_matmul_without_onednn_runs_xla_with_the_same_integers(tmp_path):
     w = rng.integers(-128, 128, size=(33, 7), dtype=np.int8)
     expected = np.asarray(ops.int8_matmul(x, w)[0])
     np.testing.assert_array_equal(np.load(tmp_path / "sums.npy"), expected)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k=st.integers(1, 40), n=st.integers(1, 70), length=st.integers(1, 40), seed=st.integers(0, 99)
+)
+def test_ternary_matmul_from_2_bit_codes_equals_the_int8_product(k, n, length, seed):
+    from addervit_jax import quantizers
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-1, 2, size=(k, n)).astype(np.int8)
+    packed = quantizers.pack_ternary(codes)
+    assert packed.dtype == jnp.uint8 and packed.shape == (k, -(-n // 4))
+    np.testing.assert_array_equal(quantizers.unpack_ternary(packed, n), codes)
+    x = rng.standard_normal((length, k)).astype(np.float32)
+    expected = ops.int8_matmul(x, codes, backend="xla")
+    for backend in ("cpu_native", "xla"):
+        got = ops.ternary_matmul(x, packed, n, backend=backend)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ternary_packing_refuses_what_it_cannot_hold():
+    from addervit_jax import quantizers
+
+    with pytest.raises(ValueError, match="must all be -1, 0 or 1"):
+        quantizers.pack_ternary(np.array([[0, 2]], np.int8))
+    with pytest.raises(ValueError, match=r"expected codes \(K, N\), got shape \(3,\)"):
+        quantizers.pack_ternary(np.zeros(3, np.int8))
+    with pytest.raises(ValueError, match=r"expected uint8 \(K, ceil\(9 / 4\)\) bytes, got uint8"):
+        quantizers.unpack_ternary(np.zeros((2, 2), np.uint8), 9)
+    packed = quantizers.pack_ternary(np.zeros((5, 9), np.int8))
+    with pytest.raises(TypeError, match=r"packed must be uint8 \(D_in, ceil\(d_out / 4\)\)"):
+        ops.ternary_matmul(np.ones((2, 5), np.float32), packed, 13)
+    with pytest.raises(ValueError, match="with packed's D_in, got x float32"):
+        ops.ternary_matmul(np.ones((2, 4), np.float32), packed, 9)

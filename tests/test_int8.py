@@ -438,6 +438,11 @@ def _integer_reference(q, codes):
         sign, shift = np.asarray(q.sign[...], np.int64), np.asarray(q.shift[...], np.int64)
         shifted = np.left_shift(codes[..., :, None], shift)  # (..., D_in, D_out)
         return np.sum(sign * shifted, axis=-2)
+    if isinstance(q, models.Int8Ternary):  # its 2-bit bytes, unpacked here by hand
+        packed = np.asarray(q.packed[...], np.int64)
+        fields = (packed[:, :, None] >> np.arange(0, 8, 2)) & 3  # column 4 j + i: byte j, bits 2i
+        weights = fields.reshape(packed.shape[0], -1)[:, : q.out_features] - 1
+        return codes @ weights
     return codes @ np.asarray(q.kernel[...], np.int64)
 
 
@@ -469,7 +474,10 @@ def test_int8_weight_codes():
     np.testing.assert_array_equal(q.kernel[...], np.round(w / scale))
     ternary = _site("ternary", 30, 12, seed=2)
     codes, _ = ternary.weight_codes()
-    np.testing.assert_array_equal(models.Int8Ternary(ternary).kernel[...], codes)
+    int8 = models.Int8Ternary(ternary)
+    np.testing.assert_array_equal(int8.integer_weights(), codes)
+    # stored in 2 bits, four per byte: a quarter of the int8 codes' bytes (12 columns: 3 bytes)
+    assert int8.packed[...].dtype == jnp.uint8 and int8.packed[...].shape == (30, 3)
     shift = _site("shift", 30, 12, seed=3)
     s = models.Int8Shift(shift)
     exponent = np.log2(np.abs(np.asarray(shift.weight(), np.float64)))

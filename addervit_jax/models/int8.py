@@ -268,7 +268,11 @@ class Int8Ternary(_Int8Site):
     has it (its Figure 4): the int8 codes of ``RMSNorm(x)`` times the ternary codes of ``W``,
     summed exactly in int32, then one rescale per output by ``gamma / s`` (the weight's and the
     token's scales), then the layer's ``F * N(.) + b``. The float layer computes the same integer
-    sums in float32, so the two agree to float32 rounding of the rescale."""
+    sums in float32, so the two agree to float32 rounding of the rescale.
+
+    The codes are stored in 2 bits, four per byte (``packed``, ``quantizers.pack_ternary``): a
+    quarter of their int8 size. The product is ``ops.ternary_matmul`` (the native kernel unpacks
+    them once per call before oneDNN's int8 product; XLA unpacks them in the graph)."""
 
     kind = "ternary"
     rms_norm_input = True
@@ -279,11 +283,17 @@ class Int8Ternary(_Int8Site):
             raise TypeError(f"Int8Ternary: expected a TernaryDense, got {type(layer).__name__}")
         self._keep_affine(layer)
         codes, gamma = layer.weight_codes()
-        self.kernel = Int8Codes(codes.astype(jnp.int8))
+        self.packed = Int8Codes(quantizers.pack_ternary(codes))
         self.gamma = nnx.Variable(jnp.asarray(gamma, jnp.float32))
 
     def integer_weights(self):
-        return self.kernel[...]
+        """The int8 codes, unpacked from their 2-bit storage."""
+        return quantizers.unpack_ternary(self.packed[...], self.out_features)
+
+    def _products(self, x):
+        with similarity_scope(self.kind):
+            h = self._coded_input(x)
+            return ops.ternary_matmul(h, self.packed[...], self.out_features, backend=self.backend)
 
     def _rescale(self, sums, scale):
         return sums * (self.gamma[...] / scale)

@@ -41,6 +41,10 @@ def int8_matmul(x, w):
     return _kernels.int8_matmul(x, w)
 
 
+def ternary_matmul(x, packed, n: int):
+    return _kernels.ternary_matmul(x, packed, n)
+
+
 def int8_matmul_available() -> bool:
     """Whether this build has the int8 matmul (oneDNN: ``kernels.cpu_native.onednn_flags``)."""
     return _kernels.int8_matmul_path() is not None
