@@ -158,6 +158,17 @@ def _forward(model):
     return lambda images: fn(state, images)
 
 
+def model_bytes(model) -> dict:
+    """The bytes of ``model``'s variables in memory (every array of its ``nnx.state``: weights or
+    their codes, scales, norms) and saved (``flax.serialization.msgpack_serialize`` of that state,
+    as ``params.msgpack`` is written)."""
+    from flax import serialization
+
+    state = nnx.state(model).to_pure_dict()
+    memory = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+    return {"memory_bytes": int(memory), "saved_bytes": len(serialization.msgpack_serialize(state))}
+
+
 def bench_models(batch, repeats, size) -> list[dict]:
     rng = np.random.default_rng(0)
     side = size.get("image_size", 32)
@@ -183,6 +194,7 @@ def bench_models(batch, repeats, size) -> list[dict]:
                     "multi_float_ms": 1e3 * t_multi,
                     "over_multi": ratio,
                     "float_sites": sorted({kind for _, kind in models.float_sites(m)}),
+                    **model_bytes(m),
                 }
             )
             print(rows[-1], flush=True)
@@ -194,6 +206,12 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=OP_SHAPES, help="LxD_INxD_OUT")
     parser.add_argument(
         "--batch", type=cli.int_at_least(1), default=256, help="images per model forward"
+    )
+    parser.add_argument(
+        "--latency-batch",
+        type=cli.int_at_least(0),
+        default=1,
+        help="images per forward of the latency rows (0: none)",
     )
     parser.add_argument("--repeats", type=cli.int_at_least(1), default=9)
     parser.add_argument("--skip-models", action="store_true")
@@ -241,6 +259,11 @@ def main(argv=None) -> None:
     op_rows = bench_ops(args.shapes, args.repeats)
     peer = None if args.no_peer else peer_rows(args.shapes, args.repeats)
     model_rows = [] if args.skip_models else bench_models(args.batch, args.repeats, size)
+    latency_rows = (
+        []
+        if args.skip_models or not args.latency_batch
+        else bench_models(args.latency_batch, args.repeats, size)
+    )
     kernels = {
         name: ", ".join(sorted({r["xla_kernels"][name] for r in op_rows}))
         for name in ("f32 matmul", "int8 product (XLA)")
@@ -300,14 +323,29 @@ def main(argv=None) -> None:
             "sites shifted int8 codes); "
             "float multi against itself gives the noise of the pairs:",
             "",
-            "| model | form | time (ms) | float multi (ms) | time / float multi |",
-            "|---|---|---:|---:|---:|",
+            "| model | form | time (ms) | float multi (ms) | time / float multi | memory (kB) "
+            "| saved (kB) |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in model_rows:
             lines.append(
                 f"| {r['model']} | {r['form']} | {r['ms']:.1f} | {r['multi_float_ms']:.1f} | "
-                f"{r['over_multi']:.2f} |"
+                f"{r['over_multi']:.2f} | {r['memory_bytes'] / 1e3:.0f} | "
+                f"{r['saved_bytes'] / 1e3:.0f} |"
             )
+        if latency_rows:
+            lines += [
+                "",
+                f"Latency, batch {args.latency_batch} (the same models and pairs):",
+                "",
+                "| model | form | time (ms) | float multi (ms) | time / float multi |",
+                "|---|---|---:|---:|---:|",
+            ]
+            for r in latency_rows:
+                lines.append(
+                    f"| {r['model']} | {r['form']} | {r['ms']:.2f} | {r['multi_float_ms']:.2f} "
+                    f"| {r['over_multi']:.2f} |"
+                )
         stay = sorted({k for r in model_rows if r["form"] == "int8" for k in r["float_sites"]})
         lines += ["", f"Sites that stay float in the int8 forms: {', '.join(stay) or 'none'}."]
     table = "\n".join(lines)
@@ -328,6 +366,8 @@ def main(argv=None) -> None:
             "batch": args.batch,
             "ops": op_rows,
             "models": model_rows,
+            "latency_batch": args.latency_batch,
+            "latency": latency_rows,
         }
         (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         (out / "table.md").write_text(table + "\n")

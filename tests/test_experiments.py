@@ -616,8 +616,17 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
     for r in record["models"]:
         assert r["over_multi"] > 0 and r["ms"] > 0
         assert f"| {r['model']} | {r['form']} | {r['ms']:.1f} |" in table
+        assert 0 < r["memory_bytes"] <= r["saved_bytes"]  # msgpack adds names and headers
         if r["form"] == "int8":  # every linear site on integers, the attention products float
             assert set(r["float_sites"]) <= {"scores_dot", "scores_l1", "attention_values"}
+    # batch-1 latency of the same models and forms
+    assert record["latency_batch"] == 1
+    assert [(r["model"], r["form"]) for r in record["latency"]] == forms
+    assert "Latency, batch 1" in table
+    size = {(r["model"], r["form"]): r["memory_bytes"] for r in record["models"]}
+    assert all(size[m, "int8"] < size[m, "float"] for m, _ in size)
+    # ternary codes in 2 bits: the ternary model is the smallest int8 form
+    assert size["qkv_2ffn_ternary", "int8"] < min(size["multi", "int8"], size["qkv_2ffn", "int8"])
     assert record["model_size"]["dim"] == 16 and record["model_size"]["patch_size"] == 8
     # the studies' reports find these rows by model graph: a cifar10 recipe of the same size
     recipe = study.load_recipe("cifar10", [f"model.{item}" for item in tiny])
