@@ -11,7 +11,10 @@ layers) with ``ops.adder(..., backend="naive")``, the broadcast formula
 ``-sum(|x[..., :, None] - w|, axis=-2)`` differentiated by plain autodiff, which is what the
 original code called "Adder" (it materialises the ``(L, D_in, D_out)`` difference tensor); and
 "adder <backend>", the same model with this project's op, for every backend that runs on the
-device (``xla`` everywhere, ``pallas`` on a GPU, the others when they are available).
+device (``xla`` everywhere, ``pallas`` on a GPU, the others when they are available); a
+``--variant`` without adder sites (``qkv_2ffn_ternary``, ...) is one row instead. Beside them, a
+row for each other arm of the CIFAR-10 studies (``ARMS``: ``multi_ln``, ``qkv_2ffn`` with
+``norm=batch``, the ternary and the power-of-two sites; ``--arms`` chooses).
 
 A train step is the trainer's own jitted step (``train.jit_train_step``, what ``addervit train``
 runs): the recipe's augmentation (``--config``, default ``cifar10``: random crop and flip), the
@@ -78,11 +81,22 @@ def _is_oom(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
+# The other arms of the CIFAR-10 studies, each a row beside the adder backends: (name, variant,
+# config overrides)
+ARMS = {
+    "multi_ln": ("multi_ln", {}),
+    "qkv_2ffn, norm=batch": ("qkv_2ffn", {"model.norm": "batch"}),
+    "qkv_2ffn_ternary": ("qkv_2ffn_ternary", {}),
+    "qkv_2ffn_shift": ("qkv_2ffn_shift", {}),
+}
+
+
 @dataclasses.dataclass
 class Row:
     name: str
     variant: str
     backend: str | None
+    overrides: dict = dataclasses.field(default_factory=dict)
     train: dict = dataclasses.field(default_factory=dict)
     infer: dict = dataclasses.field(default_factory=dict)
     memory: dict | None = None
@@ -241,7 +255,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--variant",
         default="qkv_2ffn",
         choices=[n for n, v in models.VARIANTS.items() if v.family == "simple_vit"],
-        help="the adder model of the naive and project rows (default %(default)s)",
+        help="the model of the naive and project adder rows (default %(default)s); a variant "
+        "without adder sites is one row of its own",
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="*",
+        default=list(ARMS),
+        choices=list(ARMS),
+        metavar="ARM",
+        help=f"the studies' other arms, a row each (default all: {', '.join(ARMS)}; none: "
+        "--arms with no name)",
     )
     parser.add_argument("--batch", type=cli.int_at_least(1), default=64)
     parser.add_argument(
@@ -277,13 +301,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
     model = {f"model.{f}": getattr(args, f) for f in MODEL_FLAGS if getattr(args, f) is not None}
     configs.override(recipe, {**model, "batch_size": args.batch})
 
-    def row_config(variant: str, backend: str | None) -> ml_collections.ConfigDict:
+    def row_config(
+        variant: str, backend: str | None, overrides: dict | None = None
+    ) -> ml_collections.ConfigDict:
         config = recipe.copy_and_resolve_references()
-        configs.override(
-            config, {"variant": variant} | ({"model.backend": backend} if backend else {})
-        )
+        backend_field = {"model.backend": backend} if backend else {}
+        configs.override(config, {"variant": variant, **backend_field, **(overrides or {})})
         train.validate_config(config)
         return config
+
+    try:  # the adder backend rows need adder sites (a backend no site honours is refused)
+        row_config(args.variant, "xla")
+        has_adder = True
+    except ValueError:
+        has_adder = False
 
     model_kwargs = train.model_overrides(recipe)
     kx, ky = jax.random.split(jax.random.key(0))
@@ -296,8 +327,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"device: {hardware}; batch {args.batch} of {shape[1:]}; {args.steps} timed steps")
     # run order: multi, this project's backends, naive last (the device peak is cumulative)
     runs = [Row("multi", "multi", None)]
-    runs += [Row(f"adder {b}", args.variant, b) for b in available_backends()]
-    runs.append(Row("naive adder", args.variant, "naive"))
+    runs += [Row(name, ARMS[name][0], None, ARMS[name][1]) for name in args.arms]
+    if has_adder:
+        runs += [Row(f"adder {b}", args.variant, b) for b in available_backends()]
+        runs.append(Row("naive adder", args.variant, "naive"))
+    elif args.variant not in ARMS or args.variant not in args.arms:
+        runs.append(Row(args.variant, args.variant, None))
 
     base = None
     # the mesh in context, as in training: the Pallas kernels run per device under it
@@ -305,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for row in runs:
             print(f"{row.name}: compiling", flush=True)
             train_step, train_args, infer, infer_args = build_steps(
-                row_config(row.variant, row.backend), images, labels
+                row_config(row.variant, row.backend, row.overrides), images, labels
             )
             train_call, row.memory, row.train = prepare(train_step, train_args, limit, donates=True)
             infer_call, _, row.infer = prepare(infer, infer_args, limit)
@@ -341,7 +376,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     multi.train["ms"] = statistics.median(base["train_ms"])
     multi.infer["ms"] = statistics.median(base["infer_ms"])
 
-    rows = [multi, runs[-1], *runs[1:-1]]  # table order: multi, naive adder, this project's
+    # table order: multi, naive adder, this project's adder, the other arms
+    naive = [r for r in runs if r.name == "naive adder"]
+    adders = [r for r in runs if r.name.startswith("adder ")]
+    rows = [multi, *naive, *adders, *(r for r in runs[1:] if r not in naive + adders)]
     table = markdown_table(rows)
     command, date = reports.command_line("speed_table.py", argv), reports.today()
     m = models.config("multi", **model_kwargs)
@@ -369,7 +407,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         'with Multi\'s ("vs multi" is the median per-pair ratio)',
         "- train memory, compiled: arguments + outputs + temporaries - aliased bytes of the "
         "compiled train step (`memory_analysis()`); device peak: `peak_bytes_in_use` after the "
-        "row, cumulative over rows run multi, adder backends, naive adder (n/a: not reported)",
+        "row, cumulative over rows run multi, the other arms, adder backends, naive adder (n/a: "
+        "not reported)",
         f"- OOM: the step needs more than the memory limit ({limit_text}) or the device "
         "raised RESOURCE_EXHAUSTED",
         "",

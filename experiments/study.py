@@ -208,14 +208,14 @@ def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
     run is read back, an interrupted one resumes, a run of another config in its folder is
     refused); of the others, read back those finished with the same config and leave the rest
     out, never training them. One result per run (summary + curves)."""
-    results = []
+    results, left_out = [], []
     for i, run in enumerate(runs):
         workdir = out / "runs" / run.name
-        print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
         why = None if run.may_train else _not_reportable(run, workdir)
-        if why:
-            print(f"{workdir}: {why}; left out of the report (not among the arms to train)")
+        if why:  # said after the loop, where there is a report to leave it out of
+            left_out.append(f"{workdir}: {why}")
             continue
+        print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
         try:
             summary = train.train(run.config, workdir, resume="auto")
         except (OSError, ValueError, train.RunDirectoryBusy, train.TrainingDiverged) as err:
@@ -224,6 +224,13 @@ def run_all(runs: list[Run], out: pathlib.Path) -> list[dict]:
             raise SystemExit(f"{run.name} {summary['status']}; rerun the command to resume")
         records = logs.read_metrics(workdir)
         results.append({"run": run, "summary": summary, "records": records})
+    if not results:
+        nothing = f"no finished run in {out}/runs to report"
+        if not any((out / "runs" / run.name).exists() for run in runs):
+            raise SystemExit(f"{nothing}: none of this study's {len(runs)} runs is there")
+        raise SystemExit(f"{nothing} ({len(left_out)} left out: {'; '.join(left_out)})")
+    for line in left_out:
+        print(f"{line}; left out of the report (not among the arms to train)")
     return results
 
 

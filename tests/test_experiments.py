@@ -110,7 +110,7 @@ def test_speed_table_rows_times_memory_and_oom(tmp_path):
     limit_gib = (naive + fits) / 2 / 2**30  # room for every row but naive adder's train step
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     argv = [*flags, "--batch=8", "--steps=2", "--warmup=1", f"--memory-limit-gib={limit_gib}"]
-    speed_table.main([*argv, "--out", str(tmp_path)])
+    speed_table.main([*argv, "--arms", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "speed_table.json").read_text())
     rows = {r["name"]: r for r in record["rows"]}
     assert list(rows)[:3] == ["multi", "naive adder", "adder xla"]
@@ -128,6 +128,19 @@ def test_speed_table_rows_times_memory_and_oom(tmp_path):
     table = (tmp_path / "speed_table.md").read_text()
     assert "| naive adder | OOM | OOM |" in table
     assert "speed_table.py --image-size=16" in table
+
+
+def test_speed_table_times_the_studies_other_arms_and_variants_without_adder_sites(tmp_path):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    argv = [*flags, "--batch=4", "--steps=1", "--warmup=0", "--variant", "qkv_2ffn_ternary"]
+    speed_table.main([*argv, "--arms", "qkv_2ffn, norm=batch", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "speed_table.json").read_text())
+    rows = {r["name"]: r for r in record["rows"]}
+    # no adder backend rows for a variant without adder sites: one row of its own
+    assert list(rows) == ["multi", "qkv_2ffn, norm=batch", "qkv_2ffn_ternary"]
+    assert rows["qkv_2ffn, norm=batch"]["overrides"] == {"model.norm": "batch"}
+    for row in rows.values():
+        assert row["train"]["ms"] > 0 and row["infer"]["ms"] > 0
 
 
 def test_variant_study_aggregates_seeds_and_resumes(tmp_path, capsys):
@@ -391,6 +404,16 @@ def test_studies_refuse_bad_flags_before_training_anything(
         script.main(["--out", str(tmp_path), *flags])
     assert info.value.code == 2 and fragment in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_report_only_on_an_empty_out_says_so_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        study_cifar10.main(["--out", str(tmp_path), "--report-only", "--inference", "none"])
+    runs = 2 * len(study_cifar10.arms(tmp_path, study.load_recipe("cifar10", [])))
+    assert str(info.value) == (
+        f"no finished run in {tmp_path}/runs to report: none of this study's {runs} runs is there"
+    )
+    assert capsys.readouterr().out == "" and not any(tmp_path.iterdir())
 
 
 def test_a_set_adds_to_the_study_recipe_and_a_failed_run_is_named(tmp_path, monkeypatch):
