@@ -577,3 +577,28 @@ def test_int8_multi_keeps_the_accuracy_of_the_trained_cifar10_model(monkeypatch)
         f"blocks.{i}.attn ({kind})" for i in range(4) for kind in ("scores_dot", "attention_values")
     ]
     assert result["calibration"]["images"] == 0  # no adder site to calibrate
+
+
+def test_quantize_refuses_what_it_cannot_calibrate_in_one_line():
+    model = models.build(
+        "qkv_2ffn", rngs=nnx.Rngs(0), dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32
+    )
+    images = np.random.default_rng().normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"batches=None, but 5 adder sites need calibration"):
+        models.quantize(model, None)
+    bad = images.copy()
+    bad[0, 3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"calibration inputs of site blocks\.0\.\S+ hold NaN"):
+        models.quantize(model, [bad])
+    with pytest.raises(ValueError, match=r"kinds is empty; name at least one of \('adder'"):
+        models.quantize(model, [images], kinds=[])
+    # one kind named alone is that kind, not its letters
+    with pytest.warns(UserWarning, match="stay float"):
+        one = models.quantize(model, [images], kinds="adder")
+    kinds = {type(m).__name__ for _, m in nnx.iter_modules(one)}
+    assert "Int8AdderDense" in kinds and "Int8DenseMulti" not in kinds
+    # a model without adder sites needs no batches at all
+    size = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_dim": 32}
+    multi = models.build("multi", rngs=nnx.Rngs(0), **size)
+    with pytest.warns(UserWarning, match="stay float"):
+        models.quantize(multi, None)

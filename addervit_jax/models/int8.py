@@ -401,7 +401,8 @@ def quantize(
     ``batches``, ``multi`` and ``multi_ln`` as :class:`Int8DenseMulti`, ``ternary`` as
     :class:`Int8Ternary` and ``shift`` as :class:`Int8Shift` (which need no calibration).
 
-    ``batches`` is an iterable of preprocessed image arrays ``(B, H, W, C)``, e.g. a few training
+    ``kinds`` is a collection of kind names (one name alone is one kind). ``batches`` is an
+    iterable of preprocessed image arrays ``(B, H, W, C)``, e.g. a few training
     batches without augmentation (needed only where there are adder sites to quantise); the model
     runs on them once, eagerly, and each adder site is calibrated
     (``Int8AdderDense.calibrate``) on at most ``max_tokens`` of its inputs, drawn with ``seed``.
@@ -417,7 +418,11 @@ def quantize(
     grid would have to be found per example). The LayerNorms, softmax and GELU stay float too.
     ``model`` itself is not changed.
     """
+    if isinstance(kinds, str):  # one kind, not its letters
+        kinds = (kinds,)
     kinds = INT8_KINDS if kinds is None else tuple(kinds)
+    if not kinds:
+        raise ValueError(f"quantize: kinds is empty; name at least one of {INT8_KINDS}")
     unknown = sorted(set(kinds) - set(INT8_KINDS))
     if unknown:
         raise ValueError(
@@ -431,7 +436,18 @@ def quantize(
             f"quantize: {type(model).__name__} has no {' / '.join(kinds)} sites to quantise"
         )
     adders = [path for path, m in sites if isinstance(m, AdderDense)]
+    if adders and (batches is None or isinstance(batches, str | bytes)):
+        raise ValueError(
+            f"quantize: batches={batches!r}, but {len(adders)} adder sites need calibration "
+            "images: pass an iterable of preprocessed image arrays (B, H, W, C)"
+        )
     recorded = sites_of.record_inputs(model, adders, batches)[0] if adders else {}
+    for path, x in recorded.items():
+        if not np.all(np.isfinite(x)):
+            raise ValueError(
+                f"quantize: the calibration inputs of site {'.'.join(map(str, path))} hold NaN "
+                "or infinity: the batches (or the model's weights) are not finite"
+            )
     rng = np.random.default_rng(seed)
     too_wide = []
     for path, layer in sites:
