@@ -4,15 +4,15 @@
     python experiments/bench_int8.py --out experiments/results/int8
 
 Ops, each against a float32 matmul (``ops.dense``, what a float ``multi`` site runs) of the same
-``L x D_in x D_out``: ``int8 multi``, the int8 matmul with int32 sums of ``Int8DenseMulti``
-(``lax.dot_general`` of int8 codes, ``preferred_element_type=int32``, as the int8 sites call it);
-``int8 SAD``, ``ops.adder_int8`` on uint8 codes (the native PSADBW kernel on a CPU); ``int8
-ternary``, ``Int8Ternary``'s sums: the same int8 ``dot_general``, with weights in {-1, 0, 1}
-(XLA has no ternary instruction, so it runs the int8 multi instructions), and ``int8 SAD``
-against ``int8 multi`` directly. Codes come from the int8 sites themselves (``activation_codes``,
-``integer_weights`` of an ``Int8DenseMulti`` / ``Int8Ternary`` of a random layer).
+``L x D_in x D_out``: ``int8 product (XLA)`` and ``int8 product (oneDNN)``, the int8 multi and
+ternary sites' product ``ops.int8_matmul`` from float activations (their per-token coding
+included) on the XLA and the native backend (the latter where this build has oneDNN); ``int8
+SAD``, ``ops.adder_int8`` on uint8 codes made beforehand (the native PSADBW kernel on a CPU).
+The peer, PyTorch's ``torch._int_mm`` on codes made beforehand, runs in its own process where
+torch is installed (the ``bench`` extra; ``--no-peer`` skips it).
 
-Models: inference (jitted forward, batch 256) of the float and int8 forms (``models.quantize``,
+Models: inference (jitted forward, batch 256, and batch 1: ``--latency-batch``) of the float
+and int8 forms (``models.quantize``,
 every kind: adder sites on SAD, multi sites as int8 matmuls, ternary sites on int8 codes, shift
 sites on shifted int8 codes) of every model of the CIFAR-10 studies (``MODELS``), each against float
 ``multi`` of the same size (float ``multi`` against itself: the noise of the pairs); the studies'
@@ -148,8 +148,12 @@ def peer_rows(shapes, repeats) -> dict | None:
     if importlib.util.find_spec("torch") is None:
         return None
     command = [sys.executable, __file__, "--peer-only", "--repeats", str(repeats), "--shapes"]
-    out = subprocess.run(command + list(shapes), capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run(command + list(shapes), capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # a broken torch must not cost the timings already made
+        warnings.warn(f"the torch._int_mm peer failed: {out.stderr[-500:]}", stacklevel=2)
+        return None
 
 
 def _forward(model):

@@ -310,10 +310,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         train.validate_config(config)
         return config
 
+    row_config(args.variant, None)  # a bad recipe or override fails here, named
     try:  # the adder backend rows need adder sites (a backend no site honours is refused)
         row_config(args.variant, "xla")
         has_adder = True
-    except ValueError:
+    except ValueError as err:
+        if "backend" not in str(err):
+            raise
         has_adder = False
 
     model_kwargs = train.model_overrides(recipe)

@@ -1064,9 +1064,17 @@ constexpr float kScaleFloor = 1e-5f;
 // the sign (which orders finite magnitudes like the floats, and puts infinity and NaN above them),
 // an integer reduction; and since |x * s| <= 127 (plus rounding), adding and subtracting 1.5 * 2^23
 // rounds it half to even exactly. No contraction into an FMA: x * s must round first, as in XLA.
-// A row with an infinity or NaN gets a NaN scale and zero codes (its outputs are NaN).
-__attribute__((optimize("fp-contract=off"))) void absmax_codes(const float* x, long K,
-                                                               int8_t* q, float* scale) {
+// A row with a NaN gets a NaN scale and zero codes, one with an infinity (and no NaN) scale 0 and
+// zero codes, as XLA's formula gives (127 / inf = 0, and x * 0 rounds to 0); its outputs are NaN.
+#if defined(__clang__)
+#define ADDERVIT_NO_CONTRACT
+#else
+#define ADDERVIT_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+ADDERVIT_NO_CONTRACT void absmax_codes(const float* x, long K, int8_t* q, float* scale) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   uint32_t peak_bits = 0;
   for (long k = 0; k < K; ++k) {
     uint32_t bits;
@@ -1075,7 +1083,7 @@ __attribute__((optimize("fp-contract=off"))) void absmax_codes(const float* x, l
     peak_bits = bits > peak_bits ? bits : peak_bits;
   }
   if (peak_bits >= 0x7f800000u) {
-    *scale = NAN;
+    *scale = peak_bits == 0x7f800000u ? 0.0f : NAN;
     std::fill(q, q + K, int8_t{0});
     return;
   }
@@ -1162,20 +1170,19 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
   parallel_for(pool, row_blocks * col_jobs, [&](long job) {
     const long r0 = (job / col_jobs) * kRows, m = std::min(kRows, L - r0);
     const long c0 = (job % col_jobs) * cols, n = std::min(cols, N - c0);
-    thread_local bool one_thread = false;
-    if (!one_thread) {
-      omp_set_num_threads(1);
-      one_thread = true;
-    }
-    thread_local std::vector<int8_t> codes;
-    thread_local std::vector<float> unused_scale;
-    codes.resize(m * K);
-    unused_scale.resize(m);
-    float* row_scale = c0 == 0 ? s + r0 : unused_scale.data();
-    for (long l = 0; l < m; ++l) {
-      absmax_codes(xs + (r0 + l) * K, K, codes.data() + l * K, row_scale + l);
-    }
+    // one OpenMP thread for this job's oneDNN call, the thread's own setting restored after it
+    // (the calling thread runs jobs too, and may be the user's)
+    const int omp_threads = omp_get_max_threads();
+    omp_set_num_threads(1);
     try {
+      thread_local std::vector<int8_t> codes;
+      thread_local std::vector<float> unused_scale;
+      codes.resize(m * K);
+      unused_scale.resize(m);
+      float* row_scale = c0 == 0 ? s + r0 : unused_scale.data();
+      for (long l = 0; l < m; ++l) {
+        absmax_codes(xs + (r0 + l) * K, K, codes.data() + l * K, row_scale + l);
+      }
       const Int8Matmul& matmul = int8_matmul_primitive(m, K, n, N);
       dnnl::engine& engine = onednn_engine();
       dnnl::memory a(matmul.pd.src_desc(), engine, codes.data());
@@ -1194,7 +1201,11 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
     } catch (const dnnl::error& err) {
       std::lock_guard<std::mutex> guard(failure_lock);
       failure = std::string("oneDNN failed: ") + err.what();
+    } catch (const std::exception& err) {  // e.g. out of memory for the codes: never escapes
+      std::lock_guard<std::mutex> guard(failure_lock);
+      failure = err.what();
     }
+    omp_set_num_threads(omp_threads);
   });
   return failure;
 #else
@@ -1242,14 +1253,20 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> p
       for (int i = 0; i < 4; ++i) t[b][i] = static_cast<int8_t>(((b >> (2 * i)) & 3) - 1);
     return t;
   }();
-  std::vector<int8_t> w(K * P * 4);
+  std::vector<int8_t> w;
+  try {
+    w.resize(K * P * 4);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("ternary matmul: out of memory for the unpacked weights");
+  }
   const uint8_t* bytes = packed.typed_data();
   const long block = std::max<long>(1, (1 << 16) / std::max<long>(P, 1));
   parallel_for(pool, ceil_div(K, block), [&](long job) {
     for (long k = job * block; k < std::min(K, (job + 1) * block); ++k)
       for (long j = 0; j < P; ++j) std::memcpy(&w[(k * P + j) * 4], table[bytes[k * P + j]].data(), 4);
   });
-  // w holds 4 P >= n columns per row; the product reads its first n with rows 4 P apart
+  // w holds 4 P >= n columns per row: where n is not a multiple of 4, its first n columns are
+  // copied into a dense (K, n) matrix
   std::vector<int8_t> dense;
   const int8_t* weights = w.data();
   if (4 * P != n) {

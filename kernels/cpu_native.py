@@ -148,12 +148,22 @@ def _installed_file(distribution: str, name: str) -> pathlib.Path | None:
     return None
 
 
+#: the /proc/cpuinfo flags under which oneDNN's int8 products are exact (VNNI's VPDPBUSD sums in
+#: int32; AMX tiles likewise)
+INT8_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def onednn_flags() -> tuple[list[str], list[str]]:
     """The compile and link flags of the int8 matmul's oneDNN (:func:`int8_matmul`): where the
     wheels ``onednn-cpu-gomp`` (``libdnnl.so.3``) and ``onednn-devel-cpu-gomp`` (its headers)
-    are installed, which ``pyproject.toml`` asks for on x86-64 Linux; ``([], [])`` where they
-    are not, or with ``$ADDERVIT_NO_ONEDNN=1`` (the int8 matmul then runs XLA's)."""
+    are installed, which ``pyproject.toml`` asks for on x86-64 Linux, and the CPU has VNNI or
+    AMX (:data:`INT8_PRODUCT_FLAGS`); ``([], [])`` elsewhere, or with
+    ``$ADDERVIT_NO_ONEDNN=1`` (the int8 matmul then runs XLA's)."""
     if os.environ.get("ADDERVIT_NO_ONEDNN", "") not in ("", "0"):
+        return [], []
+    if not set(_cpu_signature().split()) & INT8_PRODUCT_FLAGS:
+        # without VNNI or AMX oneDNN's int8 kernels sum pairs of products in int16 with
+        # saturation (oneDNN's "Nuances of int8 computations"): not exact, so not used
         return [], []
     library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
     header = _installed_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
@@ -166,20 +176,25 @@ def onednn_flags() -> tuple[list[str], list[str]]:
     )
 
 
-def build() -> pathlib.Path:
+def build(onednn: bool = True) -> pathlib.Path:
     """Compile ``cpu_native.cc`` (or find it in the cache) and return the library's path: with
-    oneDNN where :func:`onednn_flags` finds it; if that build fails, once more without it (a
-    ``RuntimeWarning`` says why), so the adder kernels never depend on oneDNN.
+    oneDNN where :func:`onednn_flags` finds it (and ``onednn``); if that build fails, once more
+    without it (a ``RuntimeWarning`` says why, once: the failure is remembered in the cache
+    beside the library it would have been), so the adder kernels never depend on oneDNN.
 
     Raises ``RuntimeError`` naming the reason when there is no compiler or the build fails.
     """
-    compile_flags, link_flags = onednn_flags()
+    compile_flags, link_flags = onednn_flags() if onednn else ([], [])
     if not compile_flags:
+        return _build([], [])
+    failed = _target(compile_flags, link_flags).with_suffix(".failed")
+    if failed.exists():
         return _build([], [])
     try:
         return _build(compile_flags, link_flags)
     except RuntimeError as err:
         library = _build([], [])  # where this fails too, its own reason is the one to give
+        failed.write_text(str(err) + "\n")
         warnings.warn(
             f"cpu_native: building with oneDNN failed, so the int8 matmul runs XLA's: {err}",
             RuntimeWarning,
@@ -188,13 +203,18 @@ def build() -> pathlib.Path:
         return library
 
 
-def _build(compile_flags: list[str], link_flags: list[str]) -> pathlib.Path:
+def _flags(compile_flags: list[str]) -> list[str]:
+    return [*CXXFLAGS, *shlex.split(os.environ.get("ADDERVIT_CXXFLAGS", "")), *compile_flags]
+
+
+def _target(compile_flags: list[str], link_flags: list[str]) -> pathlib.Path:
+    """The cached library's path: a name that hashes the source, the compiler and its version,
+    the flags, the JAX version and the CPU. ``RuntimeError`` without a working compiler."""
     compiler = _compiler()
     if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeError(
             f"no C++ compiler: {compiler[0] if compiler else '$CXX'!r} not found (set CXX)"
         )
-    flags = [*CXXFLAGS, *shlex.split(os.environ.get("ADDERVIT_CXXFLAGS", "")), *compile_flags]
     try:
         version = subprocess.run(
             [*compiler, "--version"], capture_output=True, text=True, timeout=60
@@ -206,13 +226,18 @@ def _build(compile_flags: list[str], link_flags: list[str]) -> pathlib.Path:
         SOURCE.read_bytes(),
         " ".join(compiler).encode(),
         version.encode(),
-        " ".join([*flags, *link_flags]).encode(),
+        " ".join([*_flags(compile_flags), *link_flags]).encode(),
         jax.__version__.encode(),
         _cpu_signature().encode(),
     ):
         key.update(part)
         key.update(b"\0")
-    target = cache_dir() / f"cpu_native-{key.hexdigest()[:20]}.so"
+    return cache_dir() / f"cpu_native-{key.hexdigest()[:20]}.so"
+
+
+def _build(compile_flags: list[str], link_flags: list[str]) -> pathlib.Path:
+    compiler, flags = _compiler(), _flags(compile_flags)
+    target = _target(compile_flags, link_flags)
     digest_file = target.with_suffix(".sha256")
     if target.exists():
         damage = _damage(target, digest_file)
@@ -314,7 +339,18 @@ def available() -> bool:
         if _available is not None:
             return _available
         try:
-            library = ctypes.CDLL(str(build()))
+            try:
+                library = ctypes.CDLL(str(build()))
+            except OSError as err:  # e.g. oneDNN's runtime missing: the kernels without it
+                if not onednn_flags()[0]:
+                    raise
+                warnings.warn(
+                    f"cpu_native: the library built with oneDNN does not load ({err}); "
+                    "building it without oneDNN, so the int8 matmul runs XLA's",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                library = ctypes.CDLL(str(build(onednn=False)))
             for name, symbol in _TARGETS.items():
                 capsule = jax.ffi.pycapsule(getattr(library, symbol))
                 jax.ffi.register_ffi_target(name, capsule, platform="cpu")
@@ -636,12 +672,13 @@ def int8_matmul(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The int8 product of an int8 multi or ternary site, with the activations' coding fused:
     ``(sums, scale)`` with ``sums[l, n] = sum_k q[l, k] * w[k, n]`` in int32 (exact) and
     ``q``, ``scale`` (L,) the per-row codes and scale of ``quantizers.absmax_int8(x)``
-    (``x ~= q / scale``), formed by the kernel while it reads ``x`` once.
+    (``x ~= q / scale``), formed by the kernel while it reads ``x``.
 
     ``x`` (L, K) float32 (other floats are cast); ``w`` (K, N) int8. The products run in
     oneDNN's int8 matmul (:func:`int8_matmul_path`); where this build has none, ``RuntimeError``
     (``ops.int8_matmul`` then runs XLA's). A NaN in a row gives that row a NaN scale (its codes
-    are 0). Exact for any K up to 2**31 / 127**2 (133,000 terms).
+    are 0; a row with an infinity: scale 0, as XLA's formula gives, and codes 0). Exact in
+    int32 for K up to ``ops.INT8_MATMUL_MAX_TERMS`` (``ops.int8_matmul`` refuses more).
     """
     if w.dtype != jnp.int8 or w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[0]:
         raise TypeError(

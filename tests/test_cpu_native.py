@@ -526,6 +526,31 @@ def test_int8_matmul_jobs_on_many_threads_at_once_stay_exact(length, k, n):
         np.testing.assert_array_equal(np.asarray(sums), N.int8_matmul_reference(codes, w))
 
 
+def test_int8_matmul_codes_round_half_to_even_and_sum_extremes_exactly():
+    if N.int8_matmul_path() is None:
+        pytest.skip("this build has no int8 matmul")
+    # a peak of 127 makes the scale 1: the ties 0.5, 1.5, 2.5 round to 0, 2, 2 (half to even)
+    ties = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -127.0]], np.float32)
+    eye = np.eye(8, dtype=np.int8)
+    sums, scale = N.int8_matmul(ties, eye)
+    assert float(scale[0]) == 1.0
+    np.testing.assert_array_equal(np.asarray(sums)[0], [127, 0, 2, 2, 0, -2, 126, -127])
+    # the largest terms, 127 * -128, summed over 4096 inputs: exact int32 (VNNI sums in int32)
+    x = np.full((3, 4096), 5.0, np.float32)
+    x[1] *= -1
+    w = np.full((4096, 5), -128, np.int8)
+    sums, _ = N.int8_matmul(x, w)
+    expected = np.broadcast_to(np.array([[-1], [1], [-1]]) * 127 * 128 * 4096, (3, 5))
+    np.testing.assert_array_equal(np.asarray(sums), expected)
+    # a row with an infinity: XLA's scale (127 / inf = 0) and zero codes
+    inf = np.ones((2, 9), np.float32)
+    inf[1, 3] = np.inf
+    w = np.ones((9, 2), np.int8)
+    native, xla = N.int8_matmul(inf, w), ops.int8_matmul(inf, w, backend="xla")
+    assert float(native[1][1]) == float(xla[1][1, 0]) == 0.0
+    np.testing.assert_array_equal(np.asarray(native[0])[1], [0, 0])
+
+
 def test_ops_int8_matmul_backends_agree_on_batches_and_odd_input():
     rng = np.random.default_rng()
     x = rng.standard_normal((2, 3, 37)).astype(np.float32)
