@@ -180,7 +180,8 @@ def build(onednn: bool = True) -> pathlib.Path:
     """Compile ``cpu_native.cc`` (or find it in the cache) and return the library's path: with
     oneDNN where :func:`onednn_flags` finds it (and ``onednn``); if that build fails, once more
     without it (a ``RuntimeWarning`` says why, once: the failure is remembered in the cache
-    beside the library it would have been), so the adder kernels never depend on oneDNN.
+    beside the library it would have been, as ``<name>.failed``: delete it to try again), so the
+    adder kernels never depend on oneDNN.
 
     Raises ``RuntimeError`` naming the reason when there is no compiler or the build fails.
     """

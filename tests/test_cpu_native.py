@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -452,7 +453,10 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
 # The int8 matmul (oneDNN), the int8 multi and ternary sites' product
 # ---------------------------------------------------------------------------------------------
 
-ONEDNN_EXPECTED = sys.platform == "linux" and os.uname().machine == "x86_64"
+# pyproject.toml installs the oneDNN wheels on x86-64 Linux; the int8 path uses them where the CPU
+# has VNNI or AMX
+WHEELS_EXPECTED = sys.platform == "linux" and os.uname().machine == "x86_64"
+ONEDNN_EXPECTED = WHEELS_EXPECTED and bool(set(N._cpu_signature().split()) & N.INT8_PRODUCT_FLAGS)
 
 
 def test_build_links_onednn_where_installed_and_builds_without_it_if_that_fails(
@@ -460,9 +464,13 @@ def test_build_links_onednn_where_installed_and_builds_without_it_if_that_fails(
 ):
     monkeypatch.setenv("ADDERVIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ADDERVIT_NO_ONEDNN", raising=False)
+    # a CPU without VNNI or AMX gets no oneDNN (its int8 sums could saturate)
+    monkeypatch.setattr(N, "_cpu_signature", lambda: "flags\t: sse2 avx2 avx512bw\n")
+    assert N.onednn_flags() == ([], [])
+    monkeypatch.setattr(N, "_cpu_signature", lambda: "flags\t: sse2 avx2 avx512_vnni\n")
     compile_flags, link_flags = N.onednn_flags()
     # pyproject.toml installs the wheels on x86-64 Linux: a silent fallback there is a failure
-    assert bool(compile_flags) == ONEDNN_EXPECTED
+    assert bool(compile_flags) == WHEELS_EXPECTED
     if not compile_flags:
         pytest.skip("no oneDNN wheels on this platform")
     include = pathlib.Path(compile_flags[compile_flags.index("-I") + 1])
@@ -476,6 +484,12 @@ def test_build_links_onednn_where_installed_and_builds_without_it_if_that_fails(
     assert "-DADDERVIT_ONEDNN=1" in first and link_flags[0] in first
     assert "ADDERVIT_ONEDNN" not in second and "libdnnl" not in second
     assert library.read_text() == "library\n"
+    # the failure is remembered: the next build does not try oneDNN again, and says nothing
+    assert any(p.suffix == ".failed" for p in (tmp_path / "cache").iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert N.build() == library
+    assert len(log.read_text().splitlines()) == 2
     monkeypatch.setenv("ADDERVIT_NO_ONEDNN", "1")
     assert N.onednn_flags() == ([], [])
 
