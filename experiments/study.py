@@ -449,6 +449,15 @@ def _paired(final: dict, label: str, reference: str) -> tuple[list[int], list[fl
     return seeds, diffs, (variance**0.5 / len(seeds) if seeds else float("nan"))
 
 
+def _labels_with(runs: dict, reference: str) -> list[str]:
+    """The labels of ``runs`` (keyed by (label, seed)) in order of first appearance; a
+    ``reference`` among them is required."""
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    if reference not in labels:
+        raise ValueError(f"reference {reference!r} is not among the labels {labels}")
+    return labels
+
+
 def _per_seed(diffs: list[float], seeds: list[int]) -> str:
     return ", ".join(f"{100 * d:+.1f} (seed {s})" for d, s in zip(diffs, seeds, strict=True))
 
@@ -463,9 +472,7 @@ def gap_table(results: list[dict], *, reference: str, eval_split: str = "validat
     the per-seed differences is the other source of noise, which that error does not contain.
     """
     final = _final_accuracies(results)
-    labels = list(dict.fromkeys(label for label, _ in final))
-    if reference not in labels:
-        raise ValueError(f"reference {reference!r} is not among the labels {labels}")
+    labels = _labels_with(final, reference)
     name = "test" if is_test_split(eval_split) else "val"
     lines = [
         f"| arm | final {name} acc minus {reference} (points) | per seed | one SE from the "
@@ -534,9 +541,7 @@ def gap_by_epoch_table(
     ``epochs``, in points, mean over the seeds both ran to that epoch ("-": none did); how a gap
     grows or shrinks with training."""
     curves = eval_curves(results)
-    labels = list(dict.fromkeys(label for label, _ in curves))
-    if reference not in labels:
-        raise ValueError(f"reference {reference!r} is not among the labels {labels}")
+    labels = _labels_with(curves, reference)
     name = "test" if is_test_split(eval_split) else "val"
     lines = [
         f"| arm | {name} acc minus {reference} (points) at epoch "
@@ -714,9 +719,7 @@ def run_and_report(
     ``controls`` and ``epoch_gaps``: :func:`write_report`'s (a reference without runs yet is
     left out).
     """
-    results = run_all(runs, out)
-    if not results:
-        raise SystemExit(f"no finished run in {out}/runs to report")
+    results = run_all(runs, out)  # refuses when there is none to report
     labels = {result["run"].label for result in results}
     references = tuple(r for r in references if r in labels)
     if epoch_gaps is not None and epoch_gaps[0] not in labels:
