@@ -635,6 +635,7 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
             "all_adder, attn=l1_identity",
         )
         for form in ("float", "int8")
+        if (model, form) != ("qkv_2ffn_shift", "int8")  # shift sites have no int8 form
     ]
     for r in record["models"]:
         assert r["over_multi"] > 0 and r["ms"] > 0
@@ -647,7 +648,7 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
     assert [(r["model"], r["form"]) for r in record["latency"]] == forms
     assert "Latency, batch 1" in table
     size = {(r["model"], r["form"]): r["memory_bytes"] for r in record["models"]}
-    assert all(size[m, "int8"] < size[m, "float"] for m, _ in size)
+    assert all(size[m, "int8"] < size[m, "float"] for m, form in size if form == "int8")
     # ternary codes in 2 bits: the ternary model is the smallest int8 form
     assert size["qkv_2ffn_ternary", "int8"] < min(size["multi", "int8"], size["qkv_2ffn", "int8"])
     assert record["model_size"]["dim"] == 16 and record["model_size"]["patch_size"] == 8

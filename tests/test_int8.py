@@ -405,20 +405,17 @@ def test_fused_int8_layer_with_stretch_under_jit_and_vmap(native):
 
 
 # ---------------------------------------------------------------------------------------------
-# int8 multiplication, ternary and shift sites
+# int8 multiplication and ternary sites; shift sites have none
 # ---------------------------------------------------------------------------------------------
 
 
 def _site(kind, d_in, d_out, seed, **options):
-    """A site of ``kind`` with fresh random parameters (shift weights over DeepShift's range)."""
+    """A site of ``kind`` with fresh random parameters."""
     layer = layers.make_linear(kind, d_in, d_out, rngs=nnx.Rngs(seed), **options)
     rng = np.random.default_rng(seed)
     for var in vars(layer).values():
         if isinstance(var, nnx.Param):
             var[...] = jnp.asarray(rng.normal(size=var.shape), jnp.float32)
-    if kind == "shift":
-        signs = rng.choice([-1.0, 1.0], (d_in, d_out))
-        layer.kernel[...] = jnp.asarray(signs * 2.0 ** rng.uniform(-8, 0, (d_in, d_out)))
     return layer
 
 
@@ -426,18 +423,12 @@ _INT8_FORMS = {
     "multi": models.Int8DenseMulti,
     "multi_ln": models.Int8DenseMulti,
     "ternary": models.Int8Ternary,
-    "shift": models.Int8Shift,
 }
 
 
 def _integer_reference(q, codes):
-    """The site's int32 sums in NumPy int64 from its codes: products of int8 codes for multi and
-    ternary, ``sign * (code << shift)`` summed for shift."""
+    """The site's int32 sums in NumPy int64 from its codes: products of int8 codes."""
     codes = np.asarray(codes, np.int64)
-    if isinstance(q, models.Int8Shift):
-        sign, shift = np.asarray(q.sign[...], np.int64), np.asarray(q.shift[...], np.int64)
-        shifted = np.left_shift(codes[..., :, None], shift)  # (..., D_in, D_out)
-        return np.sum(sign * shifted, axis=-2)
     if isinstance(q, models.Int8Ternary):  # its 2-bit bytes, unpacked here by hand
         packed = np.asarray(q.packed[...], np.int64)
         fields = (packed[:, :, None] >> np.arange(0, 8, 2)) & 3  # column 4 j + i: byte j, bits 2i
@@ -446,7 +437,7 @@ def _integer_reference(q, codes):
     return codes @ np.asarray(q.kernel[...], np.int64)
 
 
-@pytest.mark.parametrize("kind", ["multi", "multi_ln", "ternary", "shift"])
+@pytest.mark.parametrize("kind", ["multi", "multi_ln", "ternary"])
 def test_int8_site_sums_equal_an_integer_numpy_reference(kind):
     layer = _site(kind, 57, 23, seed=5)
     q = _INT8_FORMS[kind](layer)
@@ -478,12 +469,6 @@ def test_int8_weight_codes():
     np.testing.assert_array_equal(int8.integer_weights(), codes)
     # stored in 2 bits, four per byte: a quarter of the int8 codes' bytes (12 columns: 3 bytes)
     assert int8.packed[...].dtype == jnp.uint8 and int8.packed[...].shape == (30, 3)
-    shift = _site("shift", 30, 12, seed=3)
-    s = models.Int8Shift(shift)
-    exponent = np.log2(np.abs(np.asarray(shift.weight(), np.float64)))
-    assert s.low == exponent.min()
-    np.testing.assert_array_equal(s.shift[...], exponent - s.low)
-    np.testing.assert_array_equal(s.sign[...], np.sign(np.asarray(shift.kernel[...])))
 
 
 @pytest.mark.parametrize(
@@ -493,7 +478,6 @@ def test_int8_weight_codes():
         ("multi_ln", {"norm": "batch"}, 2e-2),
         ("ternary", {}, 1e-6),  # the float layer computes the same integer sums
         ("ternary", {"norm": "layer", "mask": True}, 1e-5),
-        ("shift", {}, 2e-2),
     ],
 )
 def test_int8_site_is_close_to_its_float_site(kind, options, tolerance):
@@ -506,24 +490,22 @@ def test_int8_site_is_close_to_its_float_site(kind, options, tolerance):
     assert ref.rel_err(jax.jit(q)(x), layer(x)) < tolerance
 
 
-def test_shift_site_too_wide_for_int32_stays_float_and_is_named():
-    # weights 1 on 600 inputs and one 2^-15: shifts of 15 above the lowest, and
-    # 127 * 599 * 2^15 > 2^31 - 1
-    model = nnx.Sequential(layers.make_linear("shift", 600, 4, rngs=nnx.Rngs(0)))
-    kernel = np.ones((600, 4))
-    kernel[0] = 2.0**-15
-    model.layers[0].kernel[...] = jnp.asarray(kernel, jnp.float32)
-    with pytest.raises(ValueError, match="could overflow int32"):
-        models.Int8Shift(model.layers[0])
-    with pytest.warns(UserWarning, match=r"too wide for int32: layers\.0.*shift x1 \(layers\.0\)"):
-        models.quantize(model, [])
+def test_shift_sites_have_no_int8_form_and_say_why():
+    model = models.build(
+        "qkv_2ffn_shift", rngs=nnx.Rngs(0), dim=32, depth=1, heads=2, dim_head=16, mlp_dim=64
+    )
+    with pytest.raises(ValueError, match=r"shift sites have no int8 form: .*16 exponents"):
+        models.quantize(model, [], kinds=["multi", "shift"])
+    with pytest.warns(UserWarning, match=r"\(shift: no int8 form, .*NO_INT8_FORM.*shift x5"):
+        quantized = models.quantize(model, [])  # the multiplication sites, the shift ones float
+    assert {type(m).__name__ for _, m in nnx.iter_modules(quantized)} & {"Int8DenseMulti"}
+    assert sum(kind == "shift" for _, kind in models.float_sites(quantized)) == 5
 
 
 @pytest.mark.parametrize(
     ("variant", "int8_sites"),
     [
         ("qkv_2ffn_ternary", {"Int8Ternary": 10, "Int8DenseMulti": 4}),
-        ("qkv_2ffn_shift", {"Int8Shift": 10, "Int8DenseMulti": 4}),
         ("multi", {"Int8DenseMulti": 14}),
         ("euclider", {"Int8DenseMulti": 4}),
     ],

@@ -19,16 +19,16 @@ One job per module:
 * ``swin``: ``SwinConfig`` and ``Swin``, with its window attention and patch merging;
 * ``variants``: the named variants, ``VARIANTS``, ``config`` and ``build``;
 * ``int8``: the int8 inference path, ``Int8AdderDense``, ``Int8DenseMulti``, ``Int8Ternary``,
-  ``Int8Shift``, ``quantize`` and ``float_sites``.
+  ``quantize``, ``float_sites`` and ``NO_INT8_FORM`` (why shift and euclid sites have none).
 """
 
 from addervit_jax.models.blocks import Attention, FeedForward
 from addervit_jax.models.int8 import (
     INT8_KINDS,
+    NO_INT8_FORM,
     Int8AdderDense,
     Int8Codes,
     Int8DenseMulti,
-    Int8Shift,
     Int8Ternary,
     float_sites,
     quantize,
@@ -48,13 +48,13 @@ from addervit_jax.models.variants import VARIANTS, Variant, build, config
 __all__ = [
     "ATTENTION_SCORES",
     "INT8_KINDS",
+    "NO_INT8_FORM",
     "VARIANTS",
     "Attention",
     "FeedForward",
     "Int8AdderDense",
     "Int8Codes",
     "Int8DenseMulti",
-    "Int8Shift",
     "Int8Ternary",
     "LinearOptions",
     "PatchMerging",

@@ -7,8 +7,8 @@
   per-output-channel weight scales, per-token activation scales, products summed in int32.
 * :class:`Int8Ternary`: a ``ternary`` site (BitNet b1.58) on its own int8 activation codes and
   ternary weight codes, the int32 sum exact, one rescale per output.
-* :class:`Int8Shift`: a ``shift`` site (DeepShift) on int8 activation codes, each term the code
-  shifted by its weight's exponent, summed exactly in int32 where the layer's exponents allow.
+
+``shift`` sites (DeepShift) have no int8 form (``NO_INT8_FORM`` says why), nor ``euclid`` sites.
 
 ``quantize(model, batches)`` is a trained model's int8 form, every site of those kinds replaced
 (adder sites calibrated on ``batches``), and it says, with a warning, which sites stay float;
@@ -206,20 +206,9 @@ class _Int8Site(nnx.Module):
 
     def _products(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The int32 sums of the codes of ``x`` against :meth:`integer_weights`, and the codes'
-        scale: ``ops.int8_matmul`` (its ``backend``) for int8 weights, XLA's integer
-        ``dot_general`` for wider ones (the shift site's)."""
-        w = self.integer_weights()
+        scale (``ops.int8_matmul`` on its ``backend``)."""
         with similarity_scope(self.kind):
-            if w.dtype == jnp.int8:
-                return ops.int8_matmul(self._coded_input(x), w, backend=self.backend)
-            codes, scale = self.activation_codes(x)
-            sums = lax.dot_general(
-                codes.astype(w.dtype),
-                w,
-                (((codes.ndim - 1,), (0,)), ((), ())),
-                preferred_element_type=jnp.int32,
-            )
-            return sums, scale
+            return ops.int8_matmul(self._coded_input(x), self.integer_weights(), backend=self.backend)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         sums, scale = self._products(x)
@@ -299,54 +288,22 @@ class Int8Ternary(_Int8Site):
         return sums * (self.gamma[...] / scale)
 
 
-class Int8Shift(_Int8Site):
-    """A ``layers.ShiftDense`` (DeepShift) on integers: the per-token int8 codes ``qx`` of ``x``
-    (``quantizers.absmax_int8``; the float layer's activations are float, so this adds their
-    rounding) and, for each weight ``sign * 2^p``, its sign and its shift ``k = p - low`` above
-    the layer's lowest exponent ``low``:
-
-        y = F * N(2^low / s * sum_i sign[i, d] * (qx[i] << k[i, d])) + b
-
-    The sum is exact in int32 when ``127 * sum_i 2^k[i, d] < 2^31`` for every output ``d``; a
-    layer whose exponents spread wider does not fit (``ValueError``; ``quantize`` leaves it
-    float and says so). XLA computes the sum as an int32 matmul of ``qx`` with the integers
-    ``sign << k``, the same integers as the shift-and-add."""
-
-    kind = "shift"
-
-    def __init__(self, layer: layers.ShiftDense):
-        if not isinstance(layer, layers.ShiftDense):
-            raise TypeError(f"Int8Shift: expected a ShiftDense, got {type(layer).__name__}")
-        self._keep_affine(layer)
-        codes = quantizers.power_of_two_codes(layer.kernel[...], layer.shift_range)
-        sign, exponent = (np.asarray(v) for v in codes)
-        used = exponent[sign != 0]
-        low = int(used.min()) if used.size else layer.shift_range[0]
-        shift = np.where(sign != 0, exponent - low, 0).astype(np.int8)
-        peak = quantizers.ACTIVATION_LEVELS * np.max(
-            np.sum(np.where(sign != 0, np.ldexp(1.0, shift), 0.0), axis=0), initial=0.0
-        )
-        if peak > 2**31 - 1:
-            raise ValueError(
-                f"Int8Shift: the layer's exponents span {low}..{int(used.max())}, so a sum of "
-                f"127 * 2^shift over its {layer.in_features} inputs could overflow int32 "
-                f"(up to {peak:.0f})"
-            )
-        self.sign = Int8Codes(jnp.asarray(sign, jnp.int8))
-        self.shift = Int8Codes(jnp.asarray(shift))
-        self.low = low
-
-    def integer_weights(self):
-        with layers.offline_scope():  # once per layer, not per image
-            one = self.sign[...].astype(jnp.int32)
-            return lax.shift_left(one, self.shift[...].astype(jnp.int32))
-
-    def _rescale(self, sums, scale):
-        return sums * (2.0**self.low / scale)
-
-
 #: the site kinds ``quantize`` converts (``adder`` covers ``adder_orig``, one type)
-INT8_KINDS = ("adder", "multi", "multi_ln", "ternary", "shift")
+INT8_KINDS = ("adder", "multi", "multi_ln", "ternary")
+
+#: why the other linear kinds stay float in an int8 model (``quantize`` says it)
+NO_INT8_FORM = {
+    "euclid": (
+        "not built: sum_i (x_i - w_i)^2 = |x|^2 - 2 x.w + |w|^2 could run on the int8 product, "
+        "with x's squared norm in float"
+    ),
+    "shift": (
+        "trained shift sites use 16 exponents (2^-15..2^0 in the CIFAR-10 screen), so their "
+        "integer weights sign << k need 16 bits: no int8 product holds them, an exact form needs "
+        "three int8 products (about float32's time), and the int32 product the int8 form had ran "
+        "2.36x float multi's time (Ice Lake, batch 256); the float shift model is the faster"
+    ),
+}
 
 
 def site_kind(module: nnx.Module) -> str:
@@ -399,7 +356,7 @@ def quantize(
     """A copy of ``model`` whose sites of ``kinds`` (default: every kind of ``INT8_KINDS``) run
     on integers: adder sites (``adder``, ``adder_orig``) as :class:`Int8AdderDense` calibrated on
     ``batches``, ``multi`` and ``multi_ln`` as :class:`Int8DenseMulti`, ``ternary`` as
-    :class:`Int8Ternary` and ``shift`` as :class:`Int8Shift` (which need no calibration).
+    :class:`Int8Ternary` (which need no calibration).
 
     ``kinds`` is a collection of kind names (one name alone is one kind). ``batches`` is an
     iterable of preprocessed image arrays ``(B, H, W, C)``, e.g. a few training
@@ -412,8 +369,8 @@ def quantize(
     ``backend`` (``ops.adder``'s names) runs the adder sites' SAD and the multi and ternary
     sites' int8 product (``ops.int8_matmul``): ``"auto"`` takes the native kernels on a CPU.
     Every other similarity site stays float, and a ``UserWarning`` names them (``float_sites``
-    lists them): euclid sites, sites of a kind not in ``kinds``, a shift site whose exponents
-    spread too wide for an exact int32 sum, and in every attention block the scores (dot or L1)
+    lists them, and ``NO_INT8_FORM`` says why for euclid and shift sites): euclid and shift
+    sites, sites of a kind not in ``kinds``, and in every attention block the scores (dot or L1)
     and the attention-weighted values, products of two activations (for the L1 scores a shared
     grid would have to be found per example). The LayerNorms, softmax and GELU stay float too.
     ``model`` itself is not changed.
@@ -423,6 +380,9 @@ def quantize(
     kinds = INT8_KINDS if kinds is None else tuple(kinds)
     if not kinds:
         raise ValueError(f"quantize: kinds is empty; name at least one of {INT8_KINDS}")
+    for kind in kinds:
+        if kind in NO_INT8_FORM:
+            raise ValueError(f"quantize: {kind} sites have no int8 form: {NO_INT8_FORM[kind]}")
     unknown = sorted(set(kinds) - set(INT8_KINDS))
     if unknown:
         raise ValueError(
@@ -449,7 +409,6 @@ def quantize(
                 "or infinity: the batches (or the model's weights) are not finite"
             )
     rng = np.random.default_rng(seed)
-    too_wide = []
     for path, layer in sites:
         if isinstance(layer, AdderDense):
             x = recorded.pop(path)
@@ -460,19 +419,15 @@ def quantize(
             )
         elif isinstance(layer, layers.TernaryDense):
             quantized = Int8Ternary(layer, backend=backend)
-        elif isinstance(layer, layers.ShiftDense):
-            try:
-                quantized = Int8Shift(layer)
-            except ValueError:
-                too_wide.append(".".join(map(str, path)))
-                continue
         else:
             quantized = Int8DenseMulti(layer, backend=backend)
         sites_of.replace(model, path, quantized)
-    wide = f" (shift sites too wide for int32: {', '.join(too_wide)})" if too_wide else ""
+    left = float_sites(model)
+    formless = sorted({kind for _, kind in left if kind in NO_INT8_FORM})
+    why = f" ({', '.join(formless)}: no int8 form, models.NO_INT8_FORM says why)" if formless else ""
     warnings.warn(
-        f"quantize: these similarity sites of {type(model).__name__} stay float{wide}: "
-        f"{_describe(float_sites(model))}",
+        f"quantize: these similarity sites of {type(model).__name__} stay float{why}: "
+        f"{_describe(left)}",
         stacklevel=2,
     )
     return model

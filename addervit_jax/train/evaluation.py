@@ -144,12 +144,12 @@ def evaluate_workdir(
 ) -> dict:
     """Evaluate the latest checkpoint of a training run on its eval split (or ``split``).
 
-    With ``int8``, also its int8 form (``models.quantize``: every adder, multiplication, ternary
-    and shift site, or only the sites of ``kinds``, e.g. ``("adder",)``), its adder sites
+    With ``int8``, also its int8 form (``models.quantize``: every adder, multiplication and
+    ternary site, or only the sites of ``kinds``, e.g. ``("adder",)``), its adder sites
     calibrated on the first ``calibration_batches`` batches of the run's training split without
     augmentation: the result then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of
     each), ``"int8_sites"`` (how many sites of each kind run on integers), ``"float_sites"``
-    (every similarity site left float, ``"path (kind)"``: euclid sites, attention scores and
+    (every similarity site left float, ``"path (kind)"``: euclid and shift sites, attention scores and
     values, ...) and the calibration (0 images where there is no adder site to calibrate).
 
     Refused before anything is computed: an empty ``split`` or one that selects no examples, a
@@ -202,7 +202,6 @@ def evaluate_workdir(
         models.Int8AdderDense,
         models.Int8DenseMulti,
         models.Int8Ternary,
-        models.Int8Shift,
     )
     int8_sites: dict[str, int] = {}
     for _, module in nnx.iter_modules(int8_model):
