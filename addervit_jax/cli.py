@@ -301,8 +301,8 @@ def eval_command(argv: list[str]) -> int:
         "--int8",
         action="store_true",
         help="also evaluate the int8 form of the model (adder, multi, multi_ln and ternary "
-        "sites on integers, shift and euclid sites float; adder sites calibrated on training batches), and report float "
-        "and int8 side by side with the sites left float",
+        "sites on integers, shift and euclid sites float; adder sites calibrated on training "
+        "batches), and report float and int8 side by side with the sites left float",
     )
     parser.add_argument(
         "--calibration-batches",

@@ -12,11 +12,12 @@ The peer, PyTorch's ``torch._int_mm`` on codes made beforehand, runs in its own 
 torch is installed (the ``bench`` extra; ``--no-peer`` skips it).
 
 Models: inference (jitted forward, batch 256, and batch 1: ``--latency-batch``) of the float
-and int8 forms (``models.quantize``,
-every kind: adder sites on SAD, multi sites as int8 matmuls, ternary sites on int8 codes; a model
-with sites that have no int8 form, such as shift sites, is timed in float only) of every model of the CIFAR-10 studies (``MODELS``), each against float
+and int8 forms (``models.quantize``, every kind: adder sites on SAD, multi sites as int8 matmuls,
+ternary sites on int8 codes; a model with sites that have no int8 form, such as shift sites, is
+timed in float only) of every model of the CIFAR-10 studies (``MODELS``), each against float
 ``multi`` of the same size (float ``multi`` against itself: the noise of the pairs); the studies'
-reports read these rows (``study.inference_ratios``). Every timing is the median of alternating
+reports read these rows (``study.inference_ratios``). Where the time of ``PROFILED`` goes, float
+and int8: ``profile_model``. Every timing is the median of alternating
 pairs after warm-up (``timing.paired_ratio``), in one process. Weights and calibration images are
 random (speed does not depend on them). The header names the CPU's instruction sets for int8 sums
 (``/proc/cpuinfo``) and the kernels XLA compiled the matmuls to.
@@ -31,8 +32,10 @@ import json
 import pathlib
 import platform
 import re
+import statistics
 import subprocess
 import sys
+import time
 import warnings
 
 import jax
@@ -41,6 +44,8 @@ import numpy as np
 from flax import nnx
 
 from addervit_jax import cli, configs, layers, models, ops, reports, timing
+from addervit_jax.models import sites as sites_of
+from addervit_jax.models.blocks import Attention
 from addervit_jax.shapes import parse_shape
 
 # (L, D_in, D_out): a ViT-S MLP on 4,096 tokens (the issue's shape) and the sites of the CIFAR
@@ -207,6 +212,80 @@ def bench_models(batch, repeats, size) -> list[dict]:
     return rows
 
 
+# the models whose int8 form has the issue's 0.5x target: where their time goes
+PROFILED = ("multi", "qkv_2ffn", "qkv_2ffn_ternary")
+
+
+def _median_ms(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compiled, warmed up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _module_call(module):
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return lambda x: fn(state, x)
+
+
+def profile_model(model, images, repeats: int) -> dict:
+    """Where ``model``'s forward on ``images`` spends its time (ms, medians of ``repeats``): the
+    whole jitted forward; every linear site timed alone on the inputs it receives in that forward
+    (int8 sites: also ``ops.int8_matmul`` alone, the activations' coding and the int8 product);
+    every attention block alone less its own sites (scores, softmax, weighted values, head
+    reshapes); the rest is the whole less those (norms, GELU, residuals, patch extraction,
+    pooling), each part timed in its own jitted call, so the parts add up only approximately."""
+    types = sites_of.LINEAR_SITES + models.INT8_SITES
+    site_paths = [path for path, _ in sites_of.linear_sites(model, types)]
+    attention_paths = [path for path, m in nnx.iter_modules(model) if isinstance(m, Attention)]
+    inputs, _ = sites_of.record_inputs(model, site_paths, [images])  # nested: two passes
+    inputs.update(sites_of.record_inputs(model, attention_paths, [images])[0])
+    whole = _median_ms(_forward(model), (images,), repeats)
+    site_ms, products = {}, 0.0
+    for path in site_paths:
+        module, x = sites_of.module_at(model, path), jnp.asarray(inputs[path])
+        site_ms[path] = _median_ms(_module_call(module), (x,), repeats)
+        if isinstance(module, models.Int8DenseMulti | models.Int8Ternary):
+            fn = jax.jit(functools.partial(ops.int8_matmul, backend=module.backend))
+            products += _median_ms(fn, (x, module.integer_weights()), repeats)
+    attention = 0.0
+    for path in attention_paths:
+        module = sites_of.module_at(model, path)
+        x = jnp.asarray(inputs[path]).reshape(images.shape[0], -1, inputs[path].shape[-1])
+        own = sum(ms for p, ms in site_ms.items() if p[: len(path)] == path)
+        attention += _median_ms(_module_call(module), (x,), repeats) - own
+    sites = sum(site_ms.values())
+    return {
+        "whole_ms": whole,
+        "linear_sites_ms": sites,
+        "int8_products_ms": products,
+        "attention_ms": attention,
+        "rest_ms": whole - sites - attention,
+    }
+
+
+def bench_profiles(batch, repeats, size) -> list[dict]:
+    """:func:`profile_model` of the float and int8 forms of each of ``PROFILED``."""
+    rng = np.random.default_rng(0)
+    side = size.get("image_size", 32)
+    images = jnp.asarray(rng.normal(size=(batch, side, side, 3)).astype(np.float32))
+    calibration = [rng.normal(size=(64, side, side, 3)).astype(np.float32)]
+    rows = []
+    for variant in PROFILED:
+        model = models.build(variant, rngs=nnx.Rngs(0), **size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = models.quantize(model, calibration)
+        for form, m in (("float", model), ("int8", quantized)):
+            rows.append({"model": variant, "form": form, **profile_model(m, images, repeats)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=OP_SHAPES, help="LxD_INxD_OUT")
@@ -265,6 +344,7 @@ def main(argv=None) -> None:
     op_rows = bench_ops(args.shapes, args.repeats)
     peer = None if args.no_peer else peer_rows(args.shapes, args.repeats)
     model_rows = [] if args.skip_models else bench_models(args.batch, args.repeats, size)
+    profile_rows = [] if args.skip_models else bench_profiles(args.batch, args.repeats, size)
     latency_rows = (
         []
         if args.skip_models or not args.latency_batch
@@ -352,6 +432,25 @@ def main(argv=None) -> None:
                     f"| {r['model']} | {r['form']} | {r['ms']:.2f} | {r['multi_float_ms']:.2f} "
                     f"| {r['over_multi']:.2f} |"
                 )
+        lines += [
+            "",
+            f"Where the time goes, batch {args.batch} (`profile_model`: each part in its own "
+            "jitted call, medians; linear sites each alone on the inputs the forward gives them, the int8 "
+            "product op (coding + product) within them; attention blocks alone less their sites; "
+            "the rest = whole - both: norms, GELU, residuals, patches, pooling):",
+            "",
+            "| model | form | whole (ms) | linear sites (ms, share) | int8 product op (ms) "
+            "| attention (ms, share) | rest (ms, share) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in profile_rows:
+            share = {k: r[f"{k}_ms"] / r["whole_ms"] for k in ("linear_sites", "attention", "rest")}
+            lines.append(
+                f"| {r['model']} | {r['form']} | {r['whole_ms']:.1f} | "
+                f"{r['linear_sites_ms']:.1f} ({share['linear_sites']:.0%}) | "
+                f"{r['int8_products_ms']:.1f} | {r['attention_ms']:.1f} "
+                f"({share['attention']:.0%}) | {r['rest_ms']:.1f} ({share['rest']:.0%}) |"
+            )
         stay = sorted({k for r in model_rows if r["form"] == "int8" for k in r["float_sites"]})
         lines += ["", f"Sites that stay float in the int8 forms: {', '.join(stay) or 'none'}."]
     table = "\n".join(lines)
@@ -374,6 +473,7 @@ def main(argv=None) -> None:
             "models": model_rows,
             "latency_batch": args.latency_batch,
             "latency": latency_rows,
+            "profile": profile_rows,
         }
         (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         (out / "table.md").write_text(table + "\n")

@@ -1157,7 +1157,10 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
   // Jobs: blocks of kRows rows, each coded by its job right before its product (the codes stay
   // in cache); where the rows make fewer jobs than 2 per thread (small batches), the columns are
   // split too, in multiples of 16, each column job coding its rows again (L * K is small then).
-  constexpr long kRows = 256;
+#ifndef ADDERVIT_INT8_ROWS
+#define ADDERVIT_INT8_ROWS 256
+#endif
+  constexpr long kRows = ADDERVIT_INT8_ROWS;  // ADDERVIT_CXXFLAGS=-DADDERVIT_INT8_ROWS=N to try others
   long threads = pool.num_threads();
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
   if (int cap = max_threads_from_env()) threads = std::min<long>(threads, cap);
@@ -1192,7 +1195,7 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
       scratch.resize(matmul.pd.scratchpad_desc().get_size() + 64);
       void* aligned = scratch.data() + (-reinterpret_cast<uintptr_t>(scratch.data()) & 63);
       dnnl::memory pad(matmul.pd.scratchpad_desc(), engine, aligned);
-      dnnl::stream stream(engine);
+      thread_local dnnl::stream stream(engine);  // one per thread, not one per job
       matmul.primitive.execute(stream, {{DNNL_ARG_SRC, a},
                                         {DNNL_ARG_WEIGHTS, b},
                                         {DNNL_ARG_DST, c},

@@ -647,6 +647,16 @@ def test_bench_int8_times_each_int8_op_and_model_against_float(tmp_path):
     assert record["latency_batch"] == 1
     assert [(r["model"], r["form"]) for r in record["latency"]] == forms
     assert "Latency, batch 1" in table
+    # the profile: each part of the profiled models timed, float and int8
+    profiled = [(r["model"], r["form"]) for r in record["profile"]]
+    assert profiled == [(m, f) for m in bench_int8.PROFILED for f in ("float", "int8")]
+    for r in record["profile"]:
+        assert r["whole_ms"] > 0 and r["linear_sites_ms"] > 0 and r["attention_ms"] != 0
+        assert (r["int8_products_ms"] > 0) == (r["form"] == "int8")
+        assert r["rest_ms"] == pytest.approx(
+            r["whole_ms"] - r["linear_sites_ms"] - r["attention_ms"]
+        )
+    assert "Where the time goes" in table
     size = {(r["model"], r["form"]): r["memory_bytes"] for r in record["models"]}
     assert all(size[m, "int8"] < size[m, "float"] for m, form in size if form == "int8")
     # ternary codes in 2 bits: the ternary model is the smallest int8 form

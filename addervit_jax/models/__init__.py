@@ -25,6 +25,7 @@ One job per module:
 from addervit_jax.models.blocks import Attention, FeedForward
 from addervit_jax.models.int8 import (
     INT8_KINDS,
+    INT8_SITES,
     NO_INT8_FORM,
     Int8AdderDense,
     Int8Codes,
@@ -48,6 +49,7 @@ from addervit_jax.models.variants import VARIANTS, Variant, build, config
 __all__ = [
     "ATTENTION_SCORES",
     "INT8_KINDS",
+    "INT8_SITES",
     "NO_INT8_FORM",
     "VARIANTS",
     "Attention",

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from addervit_jax import layers, ops, quantizers
 from addervit_jax.layers import AdderDense, similarity_scope
@@ -208,7 +207,8 @@ class _Int8Site(nnx.Module):
         """The int32 sums of the codes of ``x`` against :meth:`integer_weights`, and the codes'
         scale (``ops.int8_matmul`` on its ``backend``)."""
         with similarity_scope(self.kind):
-            return ops.int8_matmul(self._coded_input(x), self.integer_weights(), backend=self.backend)
+            w = self.integer_weights()
+            return ops.int8_matmul(self._coded_input(x), w, backend=self.backend)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         sums, scale = self._products(x)
@@ -287,6 +287,9 @@ class Int8Ternary(_Int8Site):
     def _rescale(self, sums, scale):
         return sums * (self.gamma[...] / scale)
 
+
+#: the int8 site modules (``quantize``'s replacements of the float sites)
+INT8_SITES = (Int8AdderDense, Int8DenseMulti, Int8Ternary)
 
 #: the site kinds ``quantize`` converts (``adder`` covers ``adder_orig``, one type)
 INT8_KINDS = ("adder", "multi", "multi_ln", "ternary")
@@ -424,7 +427,9 @@ def quantize(
         sites_of.replace(model, path, quantized)
     left = float_sites(model)
     formless = sorted({kind for _, kind in left if kind in NO_INT8_FORM})
-    why = f" ({', '.join(formless)}: no int8 form, models.NO_INT8_FORM says why)" if formless else ""
+    why = ""
+    if formless:
+        why = f" ({', '.join(formless)}: no int8 form, models.NO_INT8_FORM says why)"
     warnings.warn(
         f"quantize: these similarity sites of {type(model).__name__} stay float{why}: "
         f"{_describe(left)}",

@@ -149,8 +149,8 @@ def evaluate_workdir(
     calibrated on the first ``calibration_batches`` batches of the run's training split without
     augmentation: the result then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of
     each), ``"int8_sites"`` (how many sites of each kind run on integers), ``"float_sites"``
-    (every similarity site left float, ``"path (kind)"``: euclid and shift sites, attention scores and
-    values, ...) and the calibration (0 images where there is no adder site to calibrate).
+    (every similarity site left float, ``"path (kind)"``: euclid and shift sites, attention
+    scores and values, ...) and the calibration (0 images where there is no adder site to calibrate).
 
     Refused before anything is computed: an empty ``split`` or one that selects no examples, a
     ``batch_size`` larger than the split (the batches are padded to it: a huge one allocates for
@@ -198,14 +198,9 @@ def evaluate_workdir(
         int8_state = state.replace(graphdef=graphdef, params=params, rest=rest)
         result = evaluate(state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
         quantized = evaluate(int8_state, inputs.eval_batches(), mesh=mesh, info=inputs.info)
-    int8_types = (
-        models.Int8AdderDense,
-        models.Int8DenseMulti,
-        models.Int8Ternary,
-    )
     int8_sites: dict[str, int] = {}
     for _, module in nnx.iter_modules(int8_model):
-        if isinstance(module, int8_types):
+        if isinstance(module, models.INT8_SITES):
             kind = getattr(module, "source_kind", module.kind)
             int8_sites[kind] = int8_sites.get(kind, 0) + 1
     calibration = {"split": config.train_split, "images": sum(calibrated), "augmentation": False}
