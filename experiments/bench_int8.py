@@ -435,9 +435,9 @@ def main(argv=None) -> None:
         lines += [
             "",
             f"Where the time goes, batch {args.batch} (`profile_model`: each part in its own "
-            "jitted call, medians; linear sites each alone on the inputs the forward gives them, the int8 "
-            "product op (coding + product) within them; attention blocks alone less their sites; "
-            "the rest = whole - both: norms, GELU, residuals, patches, pooling):",
+            "jitted call, medians; linear sites each alone on the inputs the forward gives them, "
+            "the int8 product op (coding + product) within them; attention blocks alone less "
+            "their sites; the rest = whole - both: norms, GELU, residuals, patches, pooling):",
             "",
             "| model | form | whole (ms) | linear sites (ms, share) | int8 product op (ms) "
             "| attention (ms, share) | rest (ms, share) |",

@@ -150,7 +150,8 @@ def evaluate_workdir(
     augmentation: the result then holds ``"float"`` and ``"int8"`` (accuracy, loss, count of
     each), ``"int8_sites"`` (how many sites of each kind run on integers), ``"float_sites"``
     (every similarity site left float, ``"path (kind)"``: euclid and shift sites, attention
-    scores and values, ...) and the calibration (0 images where there is no adder site to calibrate).
+    scores and values, ...) and the calibration (0 images where there is no adder site to
+    calibrate).
 
     Refused before anything is computed: an empty ``split`` or one that selects no examples, a
     ``batch_size`` larger than the split (the batches are padded to it: a huge one allocates for
