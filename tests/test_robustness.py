@@ -129,20 +129,83 @@ def test_every_checkpoint_damaged_the_verdict_is_the_last_line_and_not_buried(
     assert _steps(run) == [2, 4]
 
 
-def test_flipped_bytes_are_detected(finished_run, tmp_path, capsys):
-    run, _, _ = finished_run
-    run = _copy(run, tmp_path)
-    for f in _data_files(run, 4):
+def _flip(files):
+    for f in files:
         raw = bytearray(f.read_bytes())
         middle = len(raw) // 2
         raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
         f.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_are_detected(finished_run, tmp_path, capsys):
+    # an unfinished run gives its newest checkpoint that restores, naming the damaged one
+    run, _, _ = finished_run
+    run = _interrupted(_copy(run, tmp_path))
+    _flip(_data_files(run, 4))
     with pytest.warns(UserWarning, match="step 4 .* could not be restored"):
         _, meta, _ = train.restore(run)
     assert meta["step"] == 2
     with pytest.warns(UserWarning, match="step 4"):
         assert cli.main(["eval", "--checkpoint", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 2
+
+
+@pytest.mark.filterwarnings("error")  # no fallback, no warning
+def test_the_final_state_of_a_finished_run_is_its_params_file(finished_run, tmp_path, capsys):
+    # its newest checkpoint damaged: evaluation reads params.msgpack, the final state, and
+    # reports the run's own final step and accuracy (before: step 2's, with a warning)
+    run, _, summary = finished_run
+    run = _copy(run, tmp_path)
+    _flip(_data_files(run, 4))
+    state, meta, _ = train.restore(run)
+    assert meta == {"step": 4, "source": train.PARAMS_FILE} and int(state.step) == 4
+    assert cli.main(["eval", "--checkpoint", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 4 and result["accuracy"] == summary["eval_accuracy"]
+    # resume reads it back, nothing written
+    before = _files(run)
+    assert train.train(finished_run[1], run, resume=True)["steps"] == 4
+    assert _files(run) == before
+    # a student distilled from it is distilled from the final state, and its record says so
+    student = _config(**{"config.total_steps": 1, "config.distill.teacher": str(run)})
+    record = train.train(student, tmp_path / "student")["teacher"]
+    assert record["step"] == 4 and record["params_checksum"] == summary["params_checksum"]
+    assert record["eval_accuracy"] == summary["eval_accuracy"]
+
+
+@pytest.mark.parametrize("damage", ["flipped", "missing", "replaced"])
+def test_a_finished_run_whose_params_file_is_damaged_is_an_error_naming_it(
+    finished_run, tmp_path, capsys, damage
+):
+    # the checkpoints are intact: an older (or any) checkpoint never stands in for the final state
+    run, config, _ = finished_run
+    run = _copy(run, tmp_path)
+    path = run / train.PARAMS_FILE
+    if damage == "flipped":
+        _flip([path])
+        fragment = f"{path} is damaged"
+    elif damage == "missing":
+        path.unlink()
+        fragment = f"{path} is missing: the final state of the finished run"
+    else:  # another run's intact file (other weights, same model)
+        other = train.train(
+            _config(**{"config.total_steps": 4, "config.seed": 1}), tmp_path / "other"
+        )
+        assert (
+            other["params_checksum"]
+            != json.loads((run / "summary.json").read_text())["params_checksum"]
+        )
+        path.write_bytes((tmp_path / "other" / train.PARAMS_FILE).read_bytes())
+        capsys.readouterr()  # that run's progress
+        fragment = f"{path} does not hold the parameters {run / 'summary.json'} records"
+    before = _files(run)
+    code, err = _cli(capsys, "eval", "--checkpoint", str(run))
+    assert code == 1 and fragment in _one_line(err), err
+    student = _config(**{"config.total_steps": 1, "config.distill.teacher": str(run)})
+    with pytest.raises((ValueError, FileNotFoundError), match=fragment.split(":")[0]):
+        train.train(student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+    assert _files(run) == before
 
 
 def test_arrays_that_load_but_differ_from_what_was_written_are_refused(finished_run, tmp_path):
@@ -184,7 +247,7 @@ def test_checkpoints_without_a_checksum_are_not_read(finished_run, tmp_path):
     import orbax.checkpoint as ocp
 
     run, config, _ = finished_run
-    run = _copy(run, tmp_path)
+    run = _interrupted(_copy(run, tmp_path))
     checkpoints = train.Checkpoints(run / "checkpoints", keep=3)
     template = train.create_train_state(config, total_steps=1, steps_per_epoch=1)
     state, meta = checkpoints._restore(4, template)
@@ -768,3 +831,33 @@ def test_cli_numbers_and_output_folders_are_checked_before_any_work(tmp_path, ca
     code, err = _cli(capsys, "check-kernels", "--sass", "--shapes", "8x8x8", "--dtype", "float32")
     assert code == 2 and "--shapes, --dtype are for the comparison against XLA" in err
     assert a_file.read_text() == "" and not (tmp_path / "sass").exists()
+
+
+@pytest.mark.parametrize("field", ["distill.teacher", "init_from"])
+def test_a_teacher_or_source_replaced_before_a_resume_is_refused(tmp_path, field):
+    import shutil
+
+    source = tmp_path / "source"
+    train.train(_config(**{"config.variant": "multi", "config.total_steps": 3}), source)
+    other = tmp_path / "other"  # the same model, other weights
+    train.train(
+        _config(**{"config.variant": "multi", "config.total_steps": 3, "config.seed": 1}), other
+    )
+    options = {"config.total_steps": 2, "config.checkpoint_every_steps": 1}
+    if field == "init_from":
+        options.update({"config.init_fit_steps": 2, "config.init_fit_batches": 1})
+    config = _config(**{f"config.{field}": str(source), **options})
+    run = tmp_path / "run"
+    train.train(config, run)
+    record = "teacher.json" if field == "distill.teacher" else "conversion.json"
+    recorded = json.loads((run / record).read_text())
+    wanted = json.loads((source / "summary.json").read_text())["params_checksum"]
+    key = "params_checksum" if record == "teacher.json" else "source_params_checksum"
+    assert recorded[key] == wanted
+    _interrupted(run)
+    shutil.rmtree(source)
+    shutil.copytree(other, source)  # replaced between the interruption and the resume
+    before = _files(run)
+    with pytest.raises(ValueError, match=rf"{field}=.* changed since this run started: .*{record}"):
+        train.train(config, run, resume=True)
+    assert _files(run) == before

@@ -224,6 +224,8 @@ def test_resume_auto_starts_resumes_reads_back_and_refuses_another_config(tmp_pa
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
     config = _config(**{"config.total_steps": 6, "config.checkpoint_every_steps": 3})
     train.train(config, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())  # as if interrupted at step 6
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     ckpts = tmp_path / "checkpoints"
     assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [3, 6]
     for f in (ckpts / "6").rglob("*"):

@@ -10,8 +10,9 @@ module              its one job
 ``state``           ``TrainState``, its creation, its placement on the ``data`` mesh
 ``distill``         the teacher, the logit and feature distillation terms
 ``step``            the loss, ``train_step`` / ``eval_step`` (pure), the jitted step
-``checkpoints``     Orbax checkpoints with checksums, ``params.msgpack``, ``restore``, run lock
-``workdir``         what a run directory holds; what a new, resumed or overwriting run may do
+``checkpoints``     checksummed Orbax checkpoints, ``params.msgpack`` (final state), ``restore``
+``workdir``         what a run directory holds; what a new, resumed or overwriting run may do;
+                    a resumed run's teacher and source (``teacher.json``, ``conversion.json``)
 ``evaluation``      ``evaluate``, ``evaluate_workdir`` (``addervit eval``), ``load_teacher``
 ``convert``         a new run started from a finished run of another variant (``init_from``)
 ``loop``            ``train``: a run to its end, resumable at any step
@@ -30,6 +31,7 @@ from addervit_jax.train.checkpoints import (
     RunDirectoryBusy,
     RunLock,
     load_params,
+    params_checksum,
     read_json,
     restore,
     save_params,
@@ -56,7 +58,7 @@ from addervit_jax.train.evaluation import (
     finished_run,
     load_teacher,
 )
-from addervit_jax.train.loop import RESUME_MODES, TrainingDiverged, params_checksum, train
+from addervit_jax.train.loop import RESUME_MODES, TrainingDiverged, train
 from addervit_jax.train.state import (
     TrainState,
     create_train_state,

@@ -29,6 +29,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from addervit_jax.train.state import TrainState, create_train_state, make_mesh, shard_state
 
@@ -393,10 +395,27 @@ def load_params(path: pathlib.Path, template: TrainState) -> TrainState:
     return template.replace(**replaced)
 
 
+def params_checksum(params) -> float:
+    """Sum of |p| over all parameters (float64 on the host): equal runs give equal checksums;
+    ``summary.json`` records it as ``params_checksum``."""
+    total = jax.jit(
+        lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(p)),
+        out_shardings=NamedSharding(make_mesh(), P()),
+    )(params)
+    return float(np.asarray(total.addressable_data(0)))
+
+
 def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collections.ConfigDict]:
-    """A run's latest restorable checkpoint, or, where it has none (a run directory kept in a
-    repository keeps only its final parameters), its ``params.msgpack``: (state, metadata with
-    the step, config). The optimiser state of the latter is fresh."""
+    """A run's state: (state, metadata with the step and the ``source`` file, config).
+
+    **The final state of a finished run is its ``params.msgpack``**: for a run whose
+    ``summary.json`` says ``"finished"`` that file is read, verified by the checksum saved in it
+    and against the summary's ``params_checksum``, and never a checkpoint; a missing, damaged or
+    foreign file is an error naming it, never an older state. Evaluation, distillation teachers
+    and conversion sources all read runs through here. An unfinished run gives its newest
+    checkpoint that restores (an older one with a warning naming the damaged steps), or, where
+    it has none, its ``params.msgpack``. The optimiser state of a state read from
+    ``params.msgpack`` is fresh."""
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -405,6 +424,10 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
     template = shard_state(
         create_train_state(config, total_steps=1, steps_per_epoch=1), make_mesh(), False
     )
+    summary_path = workdir / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    if summary.get("status") == "finished":
+        return (*_final_state(workdir, summary, template), config)
     restored, broken = None, []
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -424,8 +447,28 @@ def restore(workdir: str | os.PathLike) -> tuple[TrainState, dict, ml_collection
             f"no checkpoint in {ckpt_dir} restores (steps {broken}); using {params_path}",
             stacklevel=2,
         )
-    summary_path = workdir / "summary.json"
-    step = read_json(summary_path).get("steps") if summary_path.exists() else None
+    step = summary.get("steps")
     state = load_params(params_path, template)
     state = shard_state(state.replace(step=jnp.asarray(step or 0, jnp.int32)), make_mesh(), False)
     return state, {"step": step, "source": PARAMS_FILE}, config
+
+
+def _final_state(workdir: pathlib.Path, summary: dict, template: TrainState) -> tuple:
+    """The finished run's ``params.msgpack`` as (state, metadata): :func:`restore`'s rule."""
+    path = workdir / PARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the final state of the finished run in {workdir} is that file"
+        )
+    state = load_params(path, template)  # ValueError naming the file if damaged
+    recorded = summary.get("params_checksum")
+    if recorded is not None:
+        found = params_checksum(state.params)
+        if not np.isclose(found, recorded, rtol=1e-5, atol=0.0):
+            raise ValueError(
+                f"{path} does not hold the parameters {workdir / 'summary.json'} records "
+                f"(params_checksum {found:.6g}, recorded {recorded:.6g}): it was replaced"
+            )
+    step = summary.get("steps")
+    state = shard_state(state.replace(step=jnp.asarray(step or 0, jnp.int32)), make_mesh(), False)
+    return state, {"step": step, "source": PARAMS_FILE}

@@ -46,10 +46,10 @@ from addervit_jax.train.config import model_overrides
 from addervit_jax.train.distill import inference_model
 from addervit_jax.train.evaluation import feature_shapes, finished_run
 from addervit_jax.train.state import TrainState
+from addervit_jax.train.workdir import CONVERSION_FILE
 
 __all__ = ["CONVERSION_FILE", "budget_epochs", "check_source", "convert"]
 
-CONVERSION_FILE = "conversion.json"
 _MAX_TOKENS = 4096  # of each site's inputs, drawn with the run's seed
 _LEARNING_RATE = 1e-2  # of the fit's Adam; the distance weights start from N(0, 1)
 
@@ -222,6 +222,7 @@ def convert(
     record = {
         "init_from": str(config.init_from),
         "source_epochs": budget_epochs(source_summary),
+        "source_params_checksum": source_summary.get("params_checksum"),
         "copied": len(copied),
         "fitted": fits,
         "fit": {

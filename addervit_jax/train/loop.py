@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import pathlib
@@ -31,6 +32,7 @@ from addervit_jax.train.checkpoints import (
     PARAMS_FILE,
     Checkpoints,
     RunLock,
+    params_checksum,
     read_json,
     save_params,
 )
@@ -44,6 +46,8 @@ from addervit_jax.train.evaluation import evaluate, load_teacher
 from addervit_jax.train.state import create_train_state, global_batch, make_mesh, shard_state
 from addervit_jax.train.step import eval_step, jit_train_step
 from addervit_jax.train.workdir import (
+    TEACHER_FILE,
+    check_recorded_sources,
     check_sources_outside,
     check_workdir,
     finished_summary,
@@ -51,7 +55,7 @@ from addervit_jax.train.workdir import (
     run_files,
 )
 
-__all__ = ["RESUME_MODES", "TrainingDiverged", "params_checksum", "train"]
+__all__ = ["RESUME_MODES", "TrainingDiverged", "train"]
 
 RESUME_MODES = (False, True, "auto")
 
@@ -132,15 +136,6 @@ class _Clock:
     def summary(self) -> dict:
         rate = self.images / self.seconds if self.seconds else 0.0
         return {**self.totals(), "images_per_second": rate}
-
-
-def params_checksum(params) -> float:
-    """Sum of |p| over all parameters (float64 on the host): equal runs give equal checksums."""
-    total = jax.jit(
-        lambda p: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(p)),
-        out_shardings=NamedSharding(make_mesh(), P()),
-    )(params)
-    return float(np.asarray(total.addressable_data(0)))
 
 
 @functools.cache
@@ -233,6 +228,8 @@ def train(
         teacher, teacher_info = load_teacher(config)  # fails here on a wrong teacher
     if config.get("init_from") is not None:
         convert.check_source(config)  # fails here on a run that cannot be converted
+    if resume:
+        check_recorded_sources(config, workdir, teacher_info)  # the same teacher and source
     inputs = make_inputs(config)  # fails here on a split that selects no examples
     check_inputs(config, inputs)
     is_main = jax.process_index() == 0
@@ -259,6 +256,8 @@ def train(
         if is_main:
             check_workdir(config, workdir, resume)  # again: it may have changed before the lock
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            if teacher_info is not None and not (workdir / TEACHER_FILE).is_file():
+                (workdir / TEACHER_FILE).write_text(json.dumps(teacher_info, indent=2) + "\n")
         return _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs)
 
 

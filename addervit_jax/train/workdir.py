@@ -13,7 +13,10 @@ from addervit_jax.train.checkpoints import PARAMS_FILE, RunLock, read_json
 from addervit_jax.train.config import config_differences
 
 __all__ = [
+    "CONVERSION_FILE",
     "RUN_FILES",
+    "TEACHER_FILE",
+    "check_recorded_sources",
     "check_sources_outside",
     "check_workdir",
     "finished_summary",
@@ -99,6 +102,40 @@ def check_sources_outside(config, workdir: pathlib.Path) -> None:
             raise ValueError(
                 f"--overwrite would move {field}={value!r} aside with the run in {workdir}; "
                 "copy it elsewhere first, or choose another --workdir"
+            )
+
+
+#: a distilled run's record of its teacher (``load_teacher``'s description), written when it starts
+TEACHER_FILE = "teacher.json"
+#: a converted run's record of its conversion (``convert.convert``), with its source's checksum
+CONVERSION_FILE = "conversion.json"
+
+
+def check_recorded_sources(config, workdir: pathlib.Path, teacher: dict | None) -> None:
+    """A resumed run's teacher (``teacher``: ``load_teacher``'s description of it now) and
+    conversion source must be the runs it started from: their ``params_checksum`` against the
+    one recorded in ``teacher.json`` / ``conversion.json`` (where recorded); a change is refused,
+    naming the file, before anything is written."""
+    recorded_path = workdir / TEACHER_FILE
+    if teacher is not None and recorded_path.is_file():
+        recorded = read_json(recorded_path).get("params_checksum")
+        if recorded != teacher["params_checksum"]:
+            raise ValueError(
+                f"distill.teacher={teacher['workdir']!r} changed since this run started: its "
+                f"params_checksum is {teacher['params_checksum']}, {recorded_path} recorded "
+                f"{recorded}; put that teacher back, or start a new run"
+            )
+    conversion_path = workdir / CONVERSION_FILE
+    source = config.get("init_from")
+    if source is not None and conversion_path.is_file():
+        recorded = read_json(conversion_path).get("source_params_checksum")
+        summary_path = pathlib.Path(source) / "summary.json"
+        now = read_json(summary_path).get("params_checksum") if summary_path.is_file() else None
+        if recorded is not None and recorded != now:
+            raise ValueError(
+                f"init_from={source!r} changed since this run started: its params_checksum is "
+                f"{now}, {conversion_path} recorded {recorded}; put that run back, or start a "
+                "new run"
             )
 
 
