@@ -32,10 +32,8 @@ import json
 import pathlib
 import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import jax
@@ -216,56 +214,69 @@ def bench_models(batch, repeats, size) -> list[dict]:
 PROFILED = ("multi", "qkv_2ffn", "qkv_2ffn_ternary")
 
 
-def _median_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compiled, warmed up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def _jitted_calls(calls):
+    """One jitted function of no arguments that runs every ``(fn, args)`` of ``calls``."""
+    fns, args = zip(*calls, strict=True)
+    jitted = jax.jit(lambda args: [fn(*a) for fn, a in zip(fns, args, strict=True)])
+    return lambda: jitted(args)
 
 
-def _module_call(module):
+def _module_call(module, method: str = "__call__"):
+    """``(fn, state)``: a pure function ``fn(state, *args)`` of ``module``'s ``method``."""
     graphdef, state = nnx.split(module)
-    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    return lambda x: fn(state, x)
+    return lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args), state
 
 
 def profile_model(model, images, repeats: int) -> dict:
-    """Where ``model``'s forward on ``images`` spends its time (ms, medians of ``repeats``): the
-    whole jitted forward; every linear site timed alone on the inputs it receives in that forward
-    (int8 sites: also ``ops.int8_matmul`` alone, the activations' coding and the int8 product);
-    every attention block alone less its own sites (scores, softmax, weighted values, head
-    reshapes); the rest is the whole less those (norms, GELU, residuals, patch extraction,
-    pooling), each part timed in its own jitted call, so the parts add up only approximately."""
+    """Where ``model``'s forward on ``images`` spends its time: the share of the whole jitted
+    forward taken by each part, every part one jitted call timed in alternating pairs with the
+    whole forward (``timing.paired_ratio``: the median ratio), so that the machine's drift
+    cancels. Parts: every linear site on the inputs it receives in that forward (int8 sites:
+    also ``ops.int8_matmul`` alone, the activations' coding and the int8 product, which the
+    sites' time includes); every attention block's scores, softmax and weighted values
+    (``Attention.attend``) on the q, k, v of that forward; the rest is the whole less the sites
+    and the attention (norms, GELU, residuals, head reshapes, patch extraction, pooling), so it
+    also absorbs what the parts lose or gain by running apart."""
     types = sites_of.LINEAR_SITES + models.INT8_SITES
     site_paths = [path for path, _ in sites_of.linear_sites(model, types)]
     attention_paths = [path for path, m in nnx.iter_modules(model) if isinstance(m, Attention)]
     inputs, _ = sites_of.record_inputs(model, site_paths, [images])  # nested: two passes
     inputs.update(sites_of.record_inputs(model, attention_paths, [images])[0])
-    whole = _median_ms(_forward(model), (images,), repeats)
-    site_ms, products = {}, 0.0
+    sites, products, attention = [], [], []
     for path in site_paths:
         module, x = sites_of.module_at(model, path), jnp.asarray(inputs[path])
-        site_ms[path] = _median_ms(_module_call(module), (x,), repeats)
+        fn, state = _module_call(module)
+        sites.append((fn, (state, x)))
         if isinstance(module, models.Int8DenseMulti | models.Int8Ternary):
-            fn = jax.jit(functools.partial(ops.int8_matmul, backend=module.backend))
-            products += _median_ms(fn, (x, module.integer_weights()), repeats)
-    attention = 0.0
+            product = functools.partial(ops.int8_matmul, backend=module.backend)
+            products.append((product, (x, module.integer_weights())))
     for path in attention_paths:
         module = sites_of.module_at(model, path)
         x = jnp.asarray(inputs[path]).reshape(images.shape[0], -1, inputs[path].shape[-1])
-        own = sum(ms for p, ms in site_ms.items() if p[: len(path)] == path)
-        attention += _median_ms(_module_call(module), (x,), repeats) - own
-    sites = sum(site_ms.values())
-    return {
-        "whole_ms": whole,
-        "linear_sites_ms": sites,
-        "int8_products_ms": products,
-        "attention_ms": attention,
-        "rest_ms": whole - sites - attention,
-    }
+        q, k, v = (
+            f(x).reshape(*x.shape[:2], module.heads, -1).transpose(0, 2, 1, 3)
+            for f in (module.to_q, module.to_k, module.to_v)
+        )
+        fn, state = _module_call(module, "attend")
+        attention.append((fn, (state, q, k, v)))
+    whole = _forward(model)
+    row = {}
+    for name, calls in (
+        ("linear_sites", sites),
+        ("attention", attention),
+        ("int8_products", products),
+    ):
+        if not calls:
+            row[f"{name}_share"] = row[f"{name}_ms"] = 0.0
+            continue
+        share, t, t_whole = timing.paired_ratio(
+            _jitted_calls(calls), lambda: whole(images), (), repeats
+        )
+        row[f"{name}_share"], row[f"{name}_ms"] = share, 1e3 * t
+        row.setdefault("whole_ms", 1e3 * t_whole)
+    row["rest_share"] = 1.0 - row["linear_sites_share"] - row["attention_share"]
+    row["rest_ms"] = row["rest_share"] * row["whole_ms"]
+    return row
 
 
 def bench_profiles(batch, repeats, size) -> list[dict]:
@@ -434,22 +445,23 @@ def main(argv=None) -> None:
                 )
         lines += [
             "",
-            f"Where the time goes, batch {args.batch} (`profile_model`: each part in its own "
-            "jitted call, medians; linear sites each alone on the inputs the forward gives them, "
-            "the int8 product op (coding + product) within them; attention blocks alone less "
-            "their sites; the rest = whole - both: norms, GELU, residuals, patches, pooling):",
+            f"Where the time goes, batch {args.batch} (`profile_model`: each part one jitted call "
+            "timed in pairs with the whole forward, its share the median ratio: every linear "
+            "site on its inputs in that forward, the int8 product op (coding + product) within "
+            "them; the attention scores, softmax and weighted values (`Attention.attend`); the "
+            "rest = whole - both: norms, GELU, residuals, patches, pooling):",
             "",
-            "| model | form | whole (ms) | linear sites (ms, share) | int8 product op (ms) "
+            "| model | form | whole (ms) | linear sites (ms, share) | int8 product op (ms, share) "
             "| attention (ms, share) | rest (ms, share) |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in profile_rows:
-            share = {k: r[f"{k}_ms"] / r["whole_ms"] for k in ("linear_sites", "attention", "rest")}
+            cells = [
+                f"{r[f'{k}_ms']:.1f} ({r[f'{k}_share']:.0%})"
+                for k in ("linear_sites", "int8_products", "attention", "rest")
+            ]
             lines.append(
-                f"| {r['model']} | {r['form']} | {r['whole_ms']:.1f} | "
-                f"{r['linear_sites_ms']:.1f} ({share['linear_sites']:.0%}) | "
-                f"{r['int8_products_ms']:.1f} | {r['attention_ms']:.1f} "
-                f"({share['attention']:.0%}) | {r['rest_ms']:.1f} ({share['rest']:.0%}) |"
+                f"| {r['model']} | {r['form']} | {r['whole_ms']:.1f} | " + " | ".join(cells) + " |"
             )
         stay = sorted({k for r in model_rows if r["form"] == "int8" for k in r["float_sites"]})
         lines += ["", f"Sites that stay float in the int8 forms: {', '.join(stay) or 'none'}."]

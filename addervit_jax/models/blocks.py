@@ -75,6 +75,12 @@ class Attention(nnx.Module):
             rearrange(f(x), "b n (h d) -> b h n d", h=self.heads)
             for f in (self.to_q, self.to_k, self.to_v)
         )
+        out = rearrange(self.attend(q, k, v, bias), "b h n d -> b n (h d)")
+        return out if self.to_out is None else self.to_out(out)
+
+    def attend(self, q, k, v, bias=None):
+        """``(b, h, n, d)`` queries, keys and values -> ``(b, h, n, d)``: the scores, softmax
+        and attention-weighted values (what stays float in an int8 model)."""
         s = self.scores(q, k)
         if bias is not None:
             s = s + bias
@@ -83,8 +89,7 @@ class Attention(nnx.Module):
             out = jnp.einsum("bhnm,bhmd->bhnd", attn, v)
         if self.attn == "l1_identity":
             out = out + v  # (A + I) v
-        out = rearrange(out, "b h n d -> b n (h d)")
-        return out if self.to_out is None else self.to_out(out)
+        return out
 
 
 class FeedForward(nnx.Module):
