@@ -180,11 +180,32 @@ def check_kernels(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _take_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
+    """``--config.model.FIELD=VALUE`` (or ``--config.model.FIELD VALUE``) taken out of ``argv``:
+    absl's config flags accept only the fields a recipe lists, but every field of the variant's
+    model config may be set (``configs.override``'s free-form ``model.*``; the model refuses an
+    unknown one, listing the valid ones)."""
+    rest, overrides, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.model."):
+            key, sep, text = arg[len("--config.") :].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"addervit train: {arg} needs a value")
+                text, i = argv[i + 1], i + 1
+            overrides.update(configs.parse_overrides([f"{key}={text}"]))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
 def _parse_train_flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    argv = list(argv)
+    argv, model_overrides = _take_model_overrides(list(argv))
     help_requested = "-h" in argv or "--help" in argv
     names = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
     if not names:
@@ -241,6 +262,11 @@ def _parse_train_flags(argv: list[str]):
         raise SystemExit(f"addervit train: the config has no field {detail}") from err
     if len(rest) > 1:
         raise SystemExit(f"addervit train: unexpected arguments {rest[1:]}")
+    try:
+        with flag_values.config.unlocked():
+            configs.override(flag_values.config, model_overrides)
+    except ValueError as err:
+        raise SystemExit(f"addervit train: --config.model: {err}") from err
     _none_for_optional_tuples(flag_values.config)
     return flag_values
 

@@ -861,3 +861,28 @@ def test_a_teacher_or_source_replaced_before_a_resume_is_refused(tmp_path, field
     with pytest.raises(ValueError, match=rf"{field}=.* changed since this run started: .*{record}"):
         train.train(config, run, resume=True)
     assert _files(run) == before
+
+
+def test_every_model_field_can_be_set_from_the_command_line(tmp_path, capsys):
+    # fields the recipe does not list (norm, grad, num_classes) are model options all the same
+    flags = ["--config.model.norm=batch", "--config.model.grad", "clip", "--config.model.dim=16"]
+    config = cli._parse_train_flags(flags).config
+    assert (config.model.norm, config.model.grad, config.model.dim) == ("batch", "clip", 16)
+    # an unknown one is refused with the valid ones, before the run directory exists
+    run = tmp_path / "run"
+    code, err = _cli(capsys, "train", "--workdir", str(run), "--config.model.nosuch=1")
+    line = _one_line(err)
+    assert code == 1 and "has no field(s) ['nosuch']; fields: ['attn'" in line and "'norm'" in line
+    assert not run.exists()
+
+
+def test_a_conversion_fit_on_more_than_an_epoch_is_refused_and_a_long_warmup_named(tmp_path):
+    source = tmp_path / "source"
+    train.train(_config(**{"config.variant": "multi", "config.total_steps": 2}), source)
+    config = _config(**{"config.init_from": str(source), "config.init_fit_batches": 100000})
+    with pytest.raises(ValueError, match=r"init_fit_batches=100000 is more than the \d+ batches"):
+        train.train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    config = _config(**{"config.num_epochs": 1, "config.warmup_epochs": 5})
+    with pytest.warns(UserWarning, match=r"warmup_epochs=5 \(\d+ steps\) is not shorter than the"):
+        train.check_inputs(config, train.make_inputs(config))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import jax
 import ml_collections
@@ -171,11 +172,29 @@ def check_inputs(config: ml_collections.ConfigDict, inputs: data.Inputs) -> None
     """Fail before the run directory exists when the batches of ``inputs`` cannot train
     ``config``'s model: a batch larger than the training split, images of another size than the
     model's ``image_size`` (in-memory datasets keep their size; a model built for another one
-    fails at its first step)."""
+    fails at its first step), a conversion fit on more batches than one epoch has (it would
+    hold them all in memory). Warns where the warm-up is not shorter than the run (the schedule
+    then warms up over all but the last step and never decays)."""
     if inputs.steps_per_epoch < 1:
         raise ValueError(
             f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
             f"examples of {config.dataset} {config.train_split}"
+        )
+    if config.get("init_from") is not None and config.init_fit_batches > inputs.steps_per_epoch:
+        raise ValueError(
+            f"init_fit_batches={config.init_fit_batches} is more than the "
+            f"{inputs.steps_per_epoch} batches of one epoch of {config.dataset} "
+            f"{config.train_split} (batch_size {config.batch_size}): the conversion fit holds its "
+            "batches in memory; use at most one epoch's"
+        )
+    total = config.get("total_steps") or math.ceil(config.num_epochs * inputs.steps_per_epoch)
+    warmup = int(config.warmup_epochs * inputs.steps_per_epoch)
+    if warmup >= total > 0:
+        warnings.warn(
+            f"warmup_epochs={config.warmup_epochs:g} ({warmup} steps) is not shorter than the run "
+            f"({total} steps): the learning rate warms up over {max(total - 1, 0)} steps and never "
+            "decays",
+            stacklevel=2,
         )
     size = model_overrides(config)["image_size"]
     if not inputs.streamed and size != inputs.info.image_shape[0]:
