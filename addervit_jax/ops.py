@@ -63,7 +63,9 @@ __all__ = [
     "dense",
     "euclid",
     "int8_codes",
+    "int8_dense",
     "int8_matmul",
+    "ternary_dense",
     "ternary_matmul",
     "resolve_backend",
     "shard_rows",
@@ -123,20 +125,7 @@ def int8_matmul(
         ``dot_general``), ``"cpu_native"`` or ``"xla"``; a backend without an int8 product
         (``"pallas"``, ``"naive"``) runs ``"xla"``. Both give the same integers.
     """
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    shapes = f"x.shape={tuple(x.shape)}, w.shape={tuple(w.shape)}"
-    if w.dtype != jnp.int8 or w.ndim != 2:
-        raise TypeError(f"int8_matmul: w must be 2-D int8, got {w.dtype} ({shapes})")
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"int8_matmul: expected float x (..., D_in) and w (D_in, D_out) with the same D_in, "
-            f"got x {x.dtype} ({shapes})"
-        )
-    if w.shape[0] > INT8_MATMUL_MAX_TERMS:
-        raise ValueError(
-            f"int8_matmul: D_in={w.shape[0]} could overflow int32 (at most "
-            f"{INT8_MATMUL_MAX_TERMS}; {shapes})"
-        )
+    x, w = _int8_operands("int8_matmul", x, w)
     lead, (d_in, d_out) = x.shape[:-1], w.shape
     module = backends.get(resolve_backend(backend))
     if getattr(module, "int8_matmul_available", lambda: False)():
@@ -153,6 +142,91 @@ def int8_matmul(
     return sums, scale
 
 
+def _int8_operands(name: str, x, w) -> tuple[jax.Array, jax.Array]:
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    shapes = f"x.shape={tuple(x.shape)}, w.shape={tuple(w.shape)}"
+    if w.dtype != jnp.int8 or w.ndim != 2:
+        raise TypeError(f"{name}: w must be 2-D int8, got {w.dtype} ({shapes})")
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"{name}: expected float x (..., D_in) and w (D_in, D_out) with the same D_in, "
+            f"got x {x.dtype} ({shapes})"
+        )
+    if w.shape[0] > INT8_MATMUL_MAX_TERMS:
+        raise ValueError(
+            f"{name}: D_in={w.shape[0]} could overflow int32 (at most "
+            f"{INT8_MATMUL_MAX_TERMS}; {shapes})"
+        )
+    return x, w
+
+
+def _rescale_operands(name: str, d_out: int, col, bias) -> tuple[jax.Array, jax.Array]:
+    col = jnp.asarray(col, jnp.float32)
+    bias = jnp.zeros((d_out,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    if col.shape != (d_out,) or bias.shape != (d_out,):
+        raise ValueError(
+            f"{name}: col and bias must be ({d_out},), one per output, got col.shape="
+            f"{tuple(col.shape)}, bias.shape={tuple(bias.shape)}"
+        )
+    return col, bias
+
+
+def _rescale(sums, col, scale, bias):
+    return sums.astype(jnp.float32) * col * (1.0 / scale) + bias
+
+
+def int8_dense(x, w, col, bias=None, *, backend: str = "auto") -> jax.Array:
+    """An int8 multiplication site's output before its norm: the int8 product of
+    :func:`int8_matmul` rescaled, ``y = sums * col * (1 / scale) + bias`` in float32 (rounded in
+    that order; ``col``, ``bias``: ``(D_out,)``, ``bias`` None: zeros), so
+    ``y ~= x @ (w * col) + bias``.
+    The native kernel applies the rescale in its jobs, while the int32 sums of a block of rows
+    are in cache (the sums are never written out); XLA computes the same formula on
+    :func:`int8_matmul`'s sums. ``backend`` as in :func:`int8_matmul`."""
+    x, w = _int8_operands("int8_dense", x, w)
+    col, bias = _rescale_operands("int8_dense", w.shape[1], col, bias)
+    lead, (d_in, d_out) = x.shape[:-1], w.shape
+    module = backends.get(resolve_backend(backend))
+    if getattr(module, "int8_matmul_available", lambda: False)():
+        rows = x.reshape(-1, d_in).astype(jnp.float32)
+        y = shard_rows(module.int8_dense, (rows,), (w, col, bias))
+        return y.reshape(*lead, d_out)
+    sums, scale = int8_matmul(x, w, backend="xla")
+    return _rescale(sums, col, scale, bias)
+
+
+def ternary_dense(x, packed, d_out: int, col, bias=None, *, backend: str = "auto") -> jax.Array:
+    """:func:`int8_dense` with ternary weights stored in 2 bits (``packed``, as in
+    :func:`ternary_matmul`)."""
+    x, packed = _ternary_operands("ternary_dense", x, packed, d_out)
+    col, bias = _rescale_operands("ternary_dense", d_out, col, bias)
+    module = backends.get(resolve_backend(backend))
+    if getattr(module, "int8_matmul_available", lambda: False)():
+        lead, d_in = x.shape[:-1], packed.shape[0]
+        rows = x.reshape(-1, d_in).astype(jnp.float32)
+        kernel = functools.partial(module.ternary_dense, n=int(d_out))
+        y = shard_rows(kernel, (rows,), (packed, col, bias))
+        return y.reshape(*lead, d_out)
+    sums, scale = ternary_matmul(x, packed, d_out, backend="xla")
+    return _rescale(sums, col, scale, bias)
+
+
+def _ternary_operands(name: str, x, packed, d_out: int) -> tuple[jax.Array, jax.Array]:
+    x, packed = jnp.asarray(x), jnp.asarray(packed)
+    shapes = f"x.shape={tuple(x.shape)}, packed.shape={tuple(packed.shape)}, d_out={d_out}"
+    if packed.dtype != jnp.uint8 or packed.ndim != 2 or packed.shape[1] != -(-d_out // 4):
+        raise TypeError(
+            f"{name}: packed must be uint8 (D_in, ceil(d_out / 4)), got {packed.dtype} "
+            f"({shapes})"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != packed.shape[0]:
+        raise ValueError(
+            f"{name}: expected float x (..., D_in) with packed's D_in, got x {x.dtype} "
+            f"({shapes})"
+        )
+    return x, packed
+
+
 def ternary_matmul(
     x: jax.Array, packed: jax.Array, d_out: int, *, backend: str = "auto"
 ) -> tuple[jax.Array, jax.Array]:
@@ -161,18 +235,7 @@ def ternary_matmul(
     them once per call before oneDNN's product; XLA unpacks them in the graph
     (``quantizers.unpack_ternary``). Both give :func:`int8_matmul`'s integers on the unpacked
     codes."""
-    x, packed = jnp.asarray(x), jnp.asarray(packed)
-    shapes = f"x.shape={tuple(x.shape)}, packed.shape={tuple(packed.shape)}, d_out={d_out}"
-    if packed.dtype != jnp.uint8 or packed.ndim != 2 or packed.shape[1] != -(-d_out // 4):
-        raise TypeError(
-            f"ternary_matmul: packed must be uint8 (D_in, ceil(d_out / 4)), got {packed.dtype} "
-            f"({shapes})"
-        )
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != packed.shape[0]:
-        raise ValueError(
-            f"ternary_matmul: expected float x (..., D_in) with packed's D_in, got x {x.dtype} "
-            f"({shapes})"
-        )
+    x, packed = _ternary_operands("ternary_matmul", x, packed, d_out)
     module = backends.get(resolve_backend(backend))
     if getattr(module, "int8_matmul_available", lambda: False)():
         lead, d_in = x.shape[:-1], packed.shape[0]

@@ -1105,9 +1105,9 @@ ADDERVIT_NO_CONTRACT void absmax_codes(const float* x, long K, int8_t* q, float*
 // (measured: with its own team of 2, a 16384 x 128 x 128 product took 1.5-2x as long between XLA
 // ops as alone).
 struct MatmulKey {
-  long M, K, N, ld;
+  long M, K, N, ld, dst_ld;
   bool operator<(const MatmulKey& o) const {
-    return std::tie(M, K, N, ld) < std::tie(o.M, o.K, o.N, o.ld);
+    return std::tie(M, K, N, ld, dst_ld) < std::tie(o.M, o.K, o.N, o.ld, o.dst_ld);
   }
 };
 
@@ -1121,37 +1121,65 @@ dnnl::engine& onednn_engine() {
   return engine;
 }
 
-// One primitive per block shape (M rows, K, N columns of weights and outputs whose rows are ld
-// apart), made on first use: at most four per layer (whole and last blocks of rows and columns).
-const Int8Matmul& int8_matmul_primitive(long M, long K, long N, long ld) {
+// One primitive per block shape (M rows, K, N columns of weights whose rows are ld apart, and of
+// outputs whose rows are dst_ld apart), made on first use: at most four per layer (whole and last
+// blocks of rows and columns).
+const Int8Matmul& int8_matmul_primitive(long M, long K, long N, long ld, long dst_ld) {
   static std::mutex lock;
   static std::map<MatmulKey, Int8Matmul> cache;
   std::lock_guard<std::mutex> guard(lock);
-  auto found = cache.find({M, K, N, ld});
+  auto found = cache.find({M, K, N, ld, dst_ld});
   if (found != cache.end()) return found->second;
   using dt = dnnl::memory::data_type;
   dnnl::memory::desc a({M, K}, dt::s8, dnnl::memory::format_tag::ab),
-      b({K, N}, dt::s8, dnnl::memory::dims{ld, 1}), c({M, N}, dt::s32, dnnl::memory::dims{ld, 1});
+      b({K, N}, dt::s8, dnnl::memory::dims{ld, 1}),
+      c({M, N}, dt::s32, dnnl::memory::dims{dst_ld, 1});
   // Each job passes its own scratchpad: by default oneDNN shares one between primitives, and
   // jobs running the same primitive on two threads at once clobbered each other's (seen: wrong
   // sums under load).
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::matmul::primitive_desc pd(onednn_engine(), a, b, c, attr);
-  return cache.emplace(MatmulKey{M, K, N, ld}, Int8Matmul{pd, dnnl::matmul(pd)}).first->second;
+  return cache.emplace(MatmulKey{M, K, N, ld, dst_ld}, Int8Matmul{pd, dnnl::matmul(pd)})
+      .first->second;
 }
 #endif
 
+// The rescale an int8 site applies to its sums, fused into the product's jobs so that the int32
+// sums never leave the cache: y[l, n] = sums[l, n] * col[n] * (1 / s[l]) + bias[n], float32,
+// rounded in that order with no FMA contraction, as XLA computes ops.int8_dense's formula.
+struct Rescale {
+  const float* col;   // (N,)
+  const float* bias;  // (N,)
+  float* y;           // (L, N)
+};
+
+ADDERVIT_NO_CONTRACT void rescale_row(const int32_t* sums, long n, const float* col,
+                                      const float* bias, float row_scale, float* y) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const float inverse = 1.0f / row_scale;
+  for (long j = 0; j < n; ++j) y[j] = static_cast<float>(sums[j]) * col[j] * inverse + bias[j];
+}
+
 // The products of x (L, K) float32 and w (K, N) int8 into o (L, N) int32 and s (L,): the
-// formula above. Returns an empty string, or what failed.
+// formula above; with a rescale, into its y instead of o (o unused). Returns an empty string,
+// or what failed.
 std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws, long L, long K,
-                        long N, int32_t* o, float* s) {
+                        long N, int32_t* o, float* s, const Rescale* rescale = nullptr) {
 #if ADDERVIT_ONEDNN
   if (L == 0) return "";
   if (N == 0 || K == 0) {  // no terms: the sums are 0, the scales still those of the rows
     std::vector<int8_t> unused(K);
     for (long l = 0; l < L; ++l) absmax_codes(xs + l * K, K, unused.data(), s + l);
-    std::fill(o, o + L * N, 0);
+    if (rescale == nullptr) {
+      std::fill(o, o + L * N, 0);
+    } else {
+      std::vector<int32_t> zeros(N, 0);
+      for (long l = 0; l < L; ++l)
+        rescale_row(zeros.data(), N, rescale->col, rescale->bias, s[l], rescale->y + l * N);
+    }
     return "";
   }
   // Jobs: blocks of kRows rows, each coded by its job right before its product (the codes stay
@@ -1186,11 +1214,16 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
       for (long l = 0; l < m; ++l) {
         absmax_codes(xs + (r0 + l) * K, K, codes.data() + l * K, row_scale + l);
       }
-      const Int8Matmul& matmul = int8_matmul_primitive(m, K, n, N);
+      // with a rescale, the sums of the block go to a buffer of the thread (rows n apart)
+      thread_local std::vector<int32_t> block;
+      if (rescale != nullptr) block.resize(m * n);
+      int32_t* sums = rescale != nullptr ? block.data() : o + r0 * N + c0;
+      const long ld = rescale != nullptr ? n : N;
+      const Int8Matmul& matmul = int8_matmul_primitive(m, K, n, N, ld);
       dnnl::engine& engine = onednn_engine();
       dnnl::memory a(matmul.pd.src_desc(), engine, codes.data());
       dnnl::memory b(matmul.pd.weights_desc(), engine, const_cast<int8_t*>(ws + c0));
-      dnnl::memory c(matmul.pd.dst_desc(), engine, o + r0 * N + c0);
+      dnnl::memory c(matmul.pd.dst_desc(), engine, sums);
       thread_local std::vector<uint8_t> scratch;  // 64-byte aligned within it
       scratch.resize(matmul.pd.scratchpad_desc().get_size() + 64);
       void* aligned = scratch.data() + (-reinterpret_cast<uintptr_t>(scratch.data()) & 63);
@@ -1201,6 +1234,12 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
                                         {DNNL_ARG_DST, c},
                                         {DNNL_ARG_SCRATCHPAD, pad}});
       stream.wait();
+      if (rescale != nullptr) {
+        for (long l = 0; l < m; ++l) {  // row_scale: this job's own coding of its rows
+          rescale_row(sums + l * n, n, rescale->col + c0, rescale->bias + c0, row_scale[l],
+                      rescale->y + (r0 + l) * N + c0);
+        }
+      }
     } catch (const dnnl::error& err) {
       std::lock_guard<std::mutex> guard(failure_lock);
       failure = std::string("oneDNN failed: ") + err.what();
@@ -1212,7 +1251,7 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
   });
   return failure;
 #else
-  (void)pool, (void)xs, (void)ws, (void)L, (void)K, (void)N, (void)o, (void)s;
+  (void)pool, (void)xs, (void)ws, (void)L, (void)K, (void)N, (void)o, (void)s, (void)rescale;
   return "this build of cpu_native has no oneDNN (install onednn-cpu-gomp and "
          "onednn-devel-cpu-gomp)";
 #endif
@@ -1237,19 +1276,11 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w,
   return ffi::Error::Success();
 }
 
-// The same product with ternary weights stored in 2 bits (quantizers.pack_ternary: the code of
-// column 4 j + i plus 1 in bits 2 i of byte j): unpacked once per call to int8 (K x N bytes, a
-// table lookup per byte, spread over the pool), then int8_matmul.
-ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> packed,
-                             ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::F32> scale,
-                             int64_t n) {
-  auto dx = x.dimensions(), dp = packed.dimensions();
-  if (dx.size() != 2 || dp.size() != 2 || dx[1] != dp[0] || n < 0 || dp[1] != (n + 3) / 4) {
-    return ffi::Error::InvalidArgument(
-        "ternary matmul: expected x (L, K) and packed (K, ceil(n / 4)) with n = " +
-        std::to_string(n) + ", got x " + shape_of(x) + ", packed " + dims_of(dp));
-  }
-  const long K = dx[1], P = dp[1];
+// The int8 codes of ternary weights stored in 2 bits (quantizers.pack_ternary: the code of column
+// 4 j + i plus 1 in bits 2 i of byte j), unpacked to (K, n) int8 into storage (a table lookup
+// per byte, spread over the pool). Returns the codes, or nullptr when out of memory.
+const int8_t* unpack_ternary(ffi::ThreadPool& pool, const uint8_t* bytes, long K, long P, long n,
+                             std::vector<int8_t>& storage) {
   static const auto table = [] {  // byte -> its four int8 codes, in column order
     std::array<std::array<int8_t, 4>, 256> t{};
     for (int b = 0; b < 256; ++b)
@@ -1260,9 +1291,8 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> p
   try {
     w.resize(K * P * 4);
   } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("ternary matmul: out of memory for the unpacked weights");
+    return nullptr;
   }
-  const uint8_t* bytes = packed.typed_data();
   const long block = std::max<long>(1, (1 << 16) / std::max<long>(P, 1));
   parallel_for(pool, ceil_div(K, block), [&](long job) {
     for (long k = job * block; k < std::min(K, (job + 1) * block); ++k)
@@ -1270,16 +1300,77 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> p
   });
   // w holds 4 P >= n columns per row: where n is not a multiple of 4, its first n columns are
   // copied into a dense (K, n) matrix
-  std::vector<int8_t> dense;
-  const int8_t* weights = w.data();
   if (4 * P != n) {
-    dense.resize(K * n);
+    std::vector<int8_t> dense(K * n);
     for (long k = 0; k < K; ++k) std::memcpy(&dense[k * n], &w[k * 4 * P], n);
-    weights = dense.data();
+    w.swap(dense);
   }
-  std::string failure = int8_matmul(pool, x.typed_data(), weights, dx[0], K, n,
-                                    out->typed_data(), scale->typed_data());
+  storage.swap(w);
+  return storage.data();
+}
+
+std::string ternary_shapes(F32& x, ffi::Buffer<ffi::U8>& packed, int64_t n) {
+  auto dx = x.dimensions(), dp = packed.dimensions();
+  if (dx.size() != 2 || dp.size() != 2 || dx[1] != dp[0] || n < 0 || dp[1] != (n + 3) / 4) {
+    return "expected x (L, K) and packed (K, ceil(n / 4)) with n = " + std::to_string(n) +
+           ", got x " + shape_of(x) + ", packed " + dims_of(dp);
+  }
+  return "";
+}
+
+// The same product with ternary weights stored in 2 bits: unpacked once per call, then
+// int8_matmul.
+ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> packed,
+                             ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::F32> scale,
+                             int64_t n) {
+  std::string bad = ternary_shapes(x, packed, n);
+  if (!bad.empty()) return ffi::Error::InvalidArgument("ternary matmul: " + bad);
+  const long L = x.dimensions()[0], K = x.dimensions()[1], P = packed.dimensions()[1];
+  std::vector<int8_t> storage;
+  const int8_t* weights = unpack_ternary(pool, packed.typed_data(), K, P, n, storage);
+  if (weights == nullptr)
+    return ffi::Error::Internal("ternary matmul: out of memory for the unpacked weights");
+  std::string failure =
+      int8_matmul(pool, x.typed_data(), weights, L, K, n, out->typed_data(), scale->typed_data());
   if (!failure.empty()) return ffi::Error::Internal("ternary matmul: " + failure);
+  return ffi::Error::Success();
+}
+
+// The sites' whole int8 step: the product and its rescale, y = sums * col / s + bias (Rescale).
+ffi::Error Int8DenseImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w, F32 col, F32 bias,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  auto dx = x.dimensions(), dw = w.dimensions();
+  if (dx.size() != 2 || dw.size() != 2 || dx[1] != dw[0] || col.element_count() != dw[1] ||
+      bias.element_count() != dw[1]) {
+    return ffi::Error::InvalidArgument(
+        "int8 dense: expected x (L, K), w (K, N), col (N,) and bias (N,), got x " + shape_of(x) +
+        ", w " + dims_of(dw) + ", col " + shape_of(col) + ", bias " + shape_of(bias));
+  }
+  std::vector<float> scales(dx[0]);
+  Rescale rescale{col.typed_data(), bias.typed_data(), y->typed_data()};
+  std::string failure = int8_matmul(pool, x.typed_data(), w.typed_data(), dx[0], dx[1], dw[1],
+                                    nullptr, scales.data(), &rescale);
+  if (!failure.empty()) return ffi::Error::Internal("int8 dense: " + failure);
+  return ffi::Error::Success();
+}
+
+ffi::Error TernaryDenseImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> packed, F32 col,
+                            F32 bias, ffi::ResultBuffer<ffi::F32> y, int64_t n) {
+  std::string bad = ternary_shapes(x, packed, n);
+  if (bad.empty() && (col.element_count() != n || bias.element_count() != n))
+    bad = "expected col (n,) and bias (n,) with n = " + std::to_string(n) + ", got col " +
+          shape_of(col) + ", bias " + shape_of(bias);
+  if (!bad.empty()) return ffi::Error::InvalidArgument("ternary dense: " + bad);
+  const long L = x.dimensions()[0], K = x.dimensions()[1], P = packed.dimensions()[1];
+  std::vector<int8_t> storage;
+  const int8_t* weights = unpack_ternary(pool, packed.typed_data(), K, P, n, storage);
+  if (weights == nullptr)
+    return ffi::Error::Internal("ternary dense: out of memory for the unpacked weights");
+  std::vector<float> scales(L);
+  Rescale rescale{col.typed_data(), bias.typed_data(), y->typed_data()};
+  std::string failure =
+      int8_matmul(pool, x.typed_data(), weights, L, K, n, nullptr, scales.data(), &rescale);
+  if (!failure.empty()) return ffi::Error::Internal("ternary dense: " + failure);
   return ffi::Error::Success();
 }
 
@@ -1352,6 +1443,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitTernaryMatmul, TernaryMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // packed (K, ceil(n / 4))
                                   .Ret<ffi::Buffer<ffi::S32>>()  // sums (L, n)
                                   .Ret<F32>()                     // scale (L,)
+                                  .Attr<int64_t>("n"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitInt8Dense, Int8DenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()                    // x (L, K)
+                                  .Arg<ffi::Buffer<ffi::S8>>()  // w (K, N)
+                                  .Arg<F32>()                    // col (N,)
+                                  .Arg<F32>()                    // bias (N,)
+                                  .Ret<F32>()                    // y (L, N)
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitTernaryDense, TernaryDenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()                    // x (L, K)
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // packed (K, ceil(n / 4))
+                                  .Arg<F32>()                    // col (n,)
+                                  .Arg<F32>()                    // bias (n,)
+                                  .Ret<F32>()                    // y (L, n)
                                   .Attr<int64_t>("n"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AddervitInt8Matmul, Int8MatmulImpl,

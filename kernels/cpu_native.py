@@ -78,6 +78,7 @@ __all__ = [
     "build",
     "cache_dir",
     "forward",
+    "int8_dense",
     "int8_matmul",
     "int8_matmul_path",
     "int8_matmul_reference",
@@ -85,6 +86,7 @@ __all__ = [
     "sad",
     "sad_path",
     "sad_reference",
+    "ternary_dense",
     "ternary_matmul",
     "unavailable_reason",
     "w_grad_exact",
@@ -103,6 +105,8 @@ _TARGETS = {
     "addervit_adder_int8_layer": "AddervitAdderInt8Layer",
     "addervit_int8_matmul": "AddervitInt8Matmul",
     "addervit_ternary_matmul": "AddervitTernaryMatmul",
+    "addervit_int8_dense": "AddervitInt8Dense",
+    "addervit_ternary_dense": "AddervitTernaryDense",
 }
 _X_GRAD_RULES = {"exact": 0, "addernet": 1, "clipped": 1}
 
@@ -681,14 +685,18 @@ def int8_matmul(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     are 0; a row with an infinity: scale 0, as XLA's formula gives, and codes 0). Exact in
     int32 for K up to ``ops.INT8_MATMUL_MAX_TERMS`` (``ops.int8_matmul`` refuses more).
     """
+    _check_int8("int8_matmul", x, w)
+    return _int8_matmul_rows()(x.astype(jnp.float32), w)
+
+
+def _check_int8(name: str, x, w) -> None:
     if w.dtype != jnp.int8 or w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[0]:
         raise TypeError(
-            f"int8_matmul: expected x (L, K) float and w (K, N) int8, got x {x.dtype}"
+            f"{name}: expected x (L, K) float and w (K, N) int8, got x {x.dtype}"
             f"{list(x.shape)}, w {w.dtype}{list(w.shape)}"
         )
     if int8_matmul_path() != "onednn":
-        raise RuntimeError("int8_matmul: this build of cpu_native has no oneDNN")
-    return _int8_matmul_rows()(x.astype(jnp.float32), w)
+        raise RuntimeError(f"{name}: this build of cpu_native has no oneDNN")
 
 
 @functools.cache
@@ -712,19 +720,61 @@ def ternary_matmul(x: jax.Array, packed: jax.Array, n: int) -> tuple[jax.Array, 
     """:func:`int8_matmul` with ternary weights stored in 2 bits: ``packed`` (K, ceil(n / 4))
     uint8 of ``quantizers.pack_ternary``, unpacked by the kernel once per call (a table lookup
     per byte) before the product."""
+    _check_ternary("ternary_matmul", x, packed, n)
+    return _ternary_matmul_rows(int(n))(x.astype(jnp.float32), packed)
+
+
+def _check_ternary(name: str, x, packed, n: int) -> None:
     if packed.dtype != jnp.uint8 or packed.ndim != 2 or x.ndim != 2:
         raise TypeError(
-            f"ternary_matmul: expected x (L, K) float and packed (K, P) uint8, got x {x.dtype}"
+            f"{name}: expected x (L, K) float and packed (K, P) uint8, got x {x.dtype}"
             f"{list(x.shape)}, packed {packed.dtype}{list(packed.shape)}"
         )
     if x.shape[1] != packed.shape[0] or packed.shape[1] != -(-n // 4):
         raise ValueError(
-            f"ternary_matmul: packed must be (K, ceil(n / 4)) = ({x.shape[1]}, {-(-n // 4)}) "
+            f"{name}: packed must be (K, ceil(n / 4)) = ({x.shape[1]}, {-(-n // 4)}) "
             f"for x {list(x.shape)} and n={n}, got {list(packed.shape)}"
         )
     if int8_matmul_path() != "onednn":
-        raise RuntimeError("ternary_matmul: this build of cpu_native has no oneDNN")
-    return _ternary_matmul_rows(int(n))(x.astype(jnp.float32), packed)
+        raise RuntimeError(f"{name}: this build of cpu_native has no oneDNN")
+
+
+@jax.jit
+def int8_dense(x: jax.Array, w: jax.Array, col: jax.Array, bias: jax.Array) -> jax.Array:
+    """:func:`int8_matmul` with the sites' rescale fused into its jobs: ``y[l, n] = sums[l, n]
+    * col[n] * (1 / scale[l]) + bias[n]`` in float32 (rounded in that order), the int32 sums
+    never written out. ``col`` and ``bias``: (N,) float32."""
+    _check_int8("int8_dense", x, w)
+    _check_rescale("int8_dense", w.shape[1], col, bias)
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call("addervit_int8_dense", out, vmap_method="sequential")(
+        x.astype(jnp.float32), w, col.astype(jnp.float32), bias.astype(jnp.float32)
+    )
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def ternary_dense(
+    x: jax.Array, packed: jax.Array, n: int, col: jax.Array, bias: jax.Array
+) -> jax.Array:
+    """:func:`int8_dense` with ternary weights stored in 2 bits (:func:`ternary_matmul`)."""
+    _check_ternary("ternary_dense", x, packed, n)
+    _check_rescale("ternary_dense", n, col, bias)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call("addervit_ternary_dense", out, vmap_method="sequential")(
+        x.astype(jnp.float32),
+        packed,
+        col.astype(jnp.float32),
+        bias.astype(jnp.float32),
+        n=np.int64(n),
+    )
+
+
+def _check_rescale(name: str, n: int, col, bias) -> None:
+    if col.shape != (n,) or bias.shape != (n,):
+        raise ValueError(
+            f"{name}: col and bias must be ({n},), one per output, got {list(col.shape)} and "
+            f"{list(bias.shape)}"
+        )
 
 
 def int8_matmul_path() -> str | None:

@@ -644,3 +644,56 @@ def test_ternary_packing_refuses_what_it_cannot_hold():
         ops.ternary_matmul(np.ones((2, 5), np.float32), packed, 13)
     with pytest.raises(ValueError, match="with packed's D_in, got x float32"):
         ops.ternary_matmul(np.ones((2, 4), np.float32), packed, 9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    length=st.integers(1, 600),
+    k=st.integers(1, 200),
+    n=st.integers(1, 90),
+    seed=st.integers(0, 2**31 - 1),
+    ternary=st.booleans(),
+)
+def test_int8_dense_rescales_the_exact_sums_in_the_kernel(length, k, n, seed, ternary):
+    # y = sums * col * (1 / scale) + bias: against float64 from the exact integer sums, and bit
+    # for bit what XLA computes from its own sums (the same integers, the same roundings)
+    from addervit_jax import quantizers
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((length, k)).astype(np.float32)
+    col = rng.uniform(1e-3, 1.0, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    if ternary:
+        w = rng.integers(-1, 2, size=(k, n)).astype(np.int8)
+        packed = quantizers.pack_ternary(w)
+        dense = lambda b, bias=bias: ops.ternary_dense(x, packed, n, col, bias, backend=b)  # noqa: E731
+    else:
+        w = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+        dense = lambda b, bias=bias: ops.int8_dense(x, w, col, bias, backend=b)  # noqa: E731
+    codes, scale = quantizers.absmax_int8(jnp.asarray(x))
+    sums = N.int8_matmul_reference(codes, w).astype(np.float64)
+    want = sums * col / np.asarray(scale, np.float64) + bias
+    got = {b: np.asarray(dense(b)) for b in ("cpu_native", "xla")}
+    assert got["cpu_native"].dtype == np.float32 and got["cpu_native"].shape == (length, n)
+    np.testing.assert_allclose(got["cpu_native"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(got["cpu_native"], got["xla"])
+    # no bias: zeros
+    unbiased = np.asarray(dense("cpu_native", None))
+    np.testing.assert_array_equal(unbiased, np.asarray(dense("xla", None)))
+    np.testing.assert_allclose(unbiased, want - bias, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_int8_dense_nan_rows_and_refusals_name_the_shapes():
+    if N.int8_matmul_path() is None:
+        pytest.skip("this build has no int8 matmul")
+    x = np.ones((4, 6), np.float32)
+    x[2, 1] = np.nan
+    w = np.ones((6, 5), np.int8)
+    y = np.asarray(ops.int8_dense(x, w, np.ones(5), np.zeros(5), backend="cpu_native"))
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()
+    with pytest.raises(ValueError, match=r"col and bias must be \(5,\), .*col.shape=\(4,\)"):
+        ops.int8_dense(x, w, np.ones(4), backend="cpu_native")
+    with pytest.raises(ValueError, match=r"int8_dense: expected float x .*w.shape=\(7, 5\)"):
+        ops.int8_dense(x, np.ones((7, 5), np.int8), np.ones(5))
+    y = ops.int8_dense(np.ones((2, 3, 6), np.float32), w, np.ones(5), backend="cpu_native")
+    assert y.shape == (2, 3, 5)  # leading axes kept

@@ -196,8 +196,15 @@ class _Int8Site(nnx.Module):
         """The integer weights the codes are summed against."""
         raise NotImplementedError
 
-    def _rescale(self, sums: jax.Array, scale: jax.Array) -> jax.Array:
+    def column_scale(self) -> jax.Array:
+        """``(D_out,)``: what the sums of each output are multiplied by, beside ``1 / scale``."""
         raise NotImplementedError
+
+    def _dense(self, x: jax.Array, col: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """``sums * col * (1 / scale) + bias`` (``ops.int8_dense`` on its ``backend``)."""
+        with similarity_scope(self.kind):
+            w = self.integer_weights()
+            return ops.int8_dense(self._coded_input(x), w, col, bias, backend=self.backend)
 
     def integer_similarity(self, x: jax.Array) -> jax.Array:
         """The int32 sums of the site on ``x``, before any scale."""
@@ -211,13 +218,15 @@ class _Int8Site(nnx.Module):
             return ops.int8_matmul(self._coded_input(x), w, backend=self.backend)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        sums, scale = self._products(x)
-        y = self._rescale(sums.astype(jnp.float32), scale)
-        if self.norm == "layer":
-            y = jax.nn.standardize(y, axis=-1, epsilon=1e-5)
+        col = self.column_scale()
+        bias = None if self.bias is None else self.bias[...]
+        if self.norm != "layer":  # F and b fold into the product's rescale, done in the kernel
+            col = col if self.mask is None else col * self.mask[...]
+            return self._dense(x, col, bias)
+        y = jax.nn.standardize(self._dense(x, col, None), axis=-1, epsilon=1e-5)
         if self.mask is not None:
             y = y * self.mask[...]
-        return y if self.bias is None else y + self.bias[...]
+        return y if bias is None else y + bias
 
 
 class Int8DenseMulti(_Int8Site):
@@ -248,8 +257,8 @@ class Int8DenseMulti(_Int8Site):
     def integer_weights(self):
         return self.kernel[...]
 
-    def _rescale(self, sums, scale):
-        return sums * self.weight_scale[...] / scale
+    def column_scale(self):
+        return self.weight_scale[...]
 
 
 class Int8Ternary(_Int8Site):
@@ -284,8 +293,13 @@ class Int8Ternary(_Int8Site):
             h = self._coded_input(x)
             return ops.ternary_matmul(h, self.packed[...], self.out_features, backend=self.backend)
 
-    def _rescale(self, sums, scale):
-        return sums * (self.gamma[...] / scale)
+    def column_scale(self):
+        return jnp.broadcast_to(self.gamma[...], (self.out_features,))
+
+    def _dense(self, x, col, bias):
+        with similarity_scope(self.kind):
+            h, packed = self._coded_input(x), self.packed[...]
+            return ops.ternary_dense(h, packed, self.out_features, col, bias, backend=self.backend)
 
 
 #: the int8 site modules (``quantize``'s replacements of the float sites)

@@ -45,6 +45,14 @@ def ternary_matmul(x, packed, n: int):
     return _kernels.ternary_matmul(x, packed, n)
 
 
+def int8_dense(x, w, col, bias):
+    return _kernels.int8_dense(x, w, col, bias)
+
+
+def ternary_dense(x, packed, col, bias, *, n: int):
+    return _kernels.ternary_dense(x, packed, n, col, bias)
+
+
 def int8_matmul_available() -> bool:
     """Whether this build has the int8 matmul (oneDNN: ``kernels.cpu_native.onednn_flags``)."""
     return _kernels.int8_matmul_path() is not None
