@@ -216,13 +216,11 @@ def _ternary_operands(name: str, x, packed, d_out: int) -> tuple[jax.Array, jax.
     shapes = f"x.shape={tuple(x.shape)}, packed.shape={tuple(packed.shape)}, d_out={d_out}"
     if packed.dtype != jnp.uint8 or packed.ndim != 2 or packed.shape[1] != -(-d_out // 4):
         raise TypeError(
-            f"{name}: packed must be uint8 (D_in, ceil(d_out / 4)), got {packed.dtype} "
-            f"({shapes})"
+            f"{name}: packed must be uint8 (D_in, ceil(d_out / 4)), got {packed.dtype} ({shapes})"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1 or x.shape[-1] != packed.shape[0]:
         raise ValueError(
-            f"{name}: expected float x (..., D_in) with packed's D_in, got x {x.dtype} "
-            f"({shapes})"
+            f"{name}: expected float x (..., D_in) with packed's D_in, got x {x.dtype} ({shapes})"
         )
     return x, packed
 
