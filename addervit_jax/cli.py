@@ -305,6 +305,9 @@ def train_command(argv: list[str]) -> int:
     ) as err:
         print(f"addervit train: {err}", file=sys.stderr)
         return 1
+    except train.ConversionInterrupted as err:
+        print(f"addervit train: {err}", file=sys.stderr)
+        return 128 + err.signal
     if summary["status"] != "finished":  # a signal, or a preemption of a multi-process run
         print(f"resume with: addervit train --workdir {workdir} --resume [same --config flags]")
         return 128 + summary.get("signal", signal.SIGTERM)

@@ -886,3 +886,85 @@ def test_a_conversion_fit_on_more_than_an_epoch_is_refused_and_a_long_warmup_nam
     config = _config(**{"config.num_epochs": 1, "config.warmup_epochs": 5})
     with pytest.warns(UserWarning, match=r"warmup_epochs=5 \(\d+ steps\) is not shorter than the"):
         train.check_inputs(config, train.make_inputs(config))
+
+
+def test_a_damaged_conversion_source_or_a_bad_model_option_is_refused_before_the_run_dir(
+    tmp_path, capsys
+):
+    source = tmp_path / "source"
+    train.train(_config(**{"config.variant": "multi", "config.total_steps": 2}), source)
+    raw = bytearray((source / train.PARAMS_FILE).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (source / train.PARAMS_FILE).write_bytes(bytes(raw))
+    run = tmp_path / "run"
+    config = _config(**{"config.init_from": str(source), "config.init_fit_batches": 1})
+    with pytest.raises(ValueError, match=r"init_from=.*source.*params.msgpack is damaged"):
+        train.train(config, run)
+    assert not run.exists()
+    capsys.readouterr()  # the source's training
+    config_file = tmp_path / "bogus.py"
+    config_file.write_text(
+        "from addervit_jax.configs import digits\n\n\ndef get_config():\n"
+        "    c = digits.get_config()\n    c.model.norm = 'bogus'\n    return c\n"
+    )
+    code, err = _cli(capsys, "train", "--config", str(config_file), "--workdir", str(run))
+    assert code == 1 and "model: AdderDense: unknown norm='bogus'" in _one_line(err)
+    assert not run.exists()
+
+
+def test_a_kill_right_after_a_checkpoint_loses_no_evaluation(tmp_path, monkeypatch):
+    class Killed(BaseException):
+        """Stands for a SIGKILL right after a checkpoint was committed."""
+
+    save = train.Checkpoints.save
+
+    def save_then_die(self, state, **meta):
+        save(self, state, **meta)
+        self.wait()
+        if int(state.step) == 2:
+            raise Killed
+
+    config = _config(
+        **{
+            "config.total_steps": 4,
+            "config.eval_every_steps": 1,
+            "config.checkpoint_every_steps": 2,
+        }
+    )
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Checkpoints, "save", save_then_die)
+        with pytest.raises(Killed):
+            train.train(config, run)
+    assert _steps(run) == [2]
+    train.train(config, run, resume=True)
+    evaluated = [r["step"] for r in logs.read_metrics(run) if r["split"] == "eval"]
+    assert evaluated == [1, 2, 3, 4]
+
+
+def test_a_stop_signal_during_the_conversion_fit_says_what_happened_and_how_to_resume(tmp_path):
+    import time
+
+    source = tmp_path / "source"
+    train.train(_config(**{"config.variant": "multi", "config.total_steps": 2}), source)
+    run = tmp_path / "run"
+    flags = [f"--{k}={v}" for k, v in TINY.items()]
+    flags += [f"--config.init_from={source}", "--config.init_fit_steps=10000000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "addervit_jax.cli", "train", f"--workdir={run}", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # the conversion says when it starts fitting
+        if line.startswith("converting init_from="):
+            break
+    time.sleep(1)  # into the fit
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert last.startswith("addervit train: interrupted by SIGTERM while converting init_from")
+    assert f"--workdir {run} --resume" in last
+    assert "Traceback" not in err
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

@@ -58,7 +58,7 @@ from addervit_jax.train.evaluation import (
     finished_run,
     load_teacher,
 )
-from addervit_jax.train.loop import RESUME_MODES, TrainingDiverged, train
+from addervit_jax.train.loop import RESUME_MODES, ConversionInterrupted, TrainingDiverged, train
 from addervit_jax.train.state import (
     TrainState,
     create_train_state,
@@ -89,6 +89,7 @@ __all__ = [
     "StepRecipe",
     "Teacher",
     "TrainState",
+    "ConversionInterrupted",
     "TrainingDiverged",
     "check_inputs",
     "check_sources_outside",

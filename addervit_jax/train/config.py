@@ -14,6 +14,7 @@ import warnings
 
 import jax
 import ml_collections
+from flax import nnx
 
 from addervit_jax import configs, data, models, optim
 from addervit_jax.train.distill import FEATURE_KERNELS
@@ -144,8 +145,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         problems += _dataset_mismatches(config)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+    overrides = model_overrides(config)
     try:
-        models.config(config.variant, **model_overrides(config))
+        models.config(config.variant, **overrides)
+        # built abstractly (nothing computed): the layers' own checks of their options
+        nnx.eval_shape(lambda: models.build(config.variant, rngs=nnx.Rngs(0), **overrides))
     except (ValueError, TypeError) as err:
         raise ValueError(f"invalid config: model: {err}") from err
 

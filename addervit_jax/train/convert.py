@@ -57,7 +57,8 @@ _LEARNING_RATE = 1e-2  # of the fit's Adam; the distance weights start from N(0,
 def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config of the finished run ``config.init_from``, refused, naming the field and why,
     unless it is a finished run (``evaluation.finished_run``, as a teacher is checked) of the same
-    family, dataset and feature shapes."""
+    family, dataset and feature shapes whose final state reads back (``restore``: its
+    ``params.msgpack``, verified), all before the new run's directory exists."""
     workdir = pathlib.Path(config.init_from)
     _, source = finished_run("init_from", workdir, whose="its")
     family = models.VARIANTS[config.variant].family
@@ -86,6 +87,10 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                 f"{_describe(source_sites.get(path))}, this run's is {_describe(shape)} "
                 f"({source.variant} -> {config.variant}); a converted site keeps its shape"
             )
+    try:
+        restore(workdir)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"init_from={str(workdir)!r}: {err}") from err
     return source
 
 
@@ -198,6 +203,11 @@ def convert(
     ]
     rng = np.random.default_rng(config.seed)
     _, order = sites.record_inputs(student, to_fit, images[:1])
+    print(
+        f"converting init_from={str(config.init_from)!r}: {len(copied)} parameters copied, "
+        f"{len(order)} sites to fit ({config.init_fit_steps} steps each, {len(images)} batches)",
+        flush=True,
+    )
     fits = []
     for path in order:  # depth order: each site sees the inputs the fitted ones before it give
         recorded, _ = sites.record_inputs(student, [path], images)
@@ -210,13 +220,16 @@ def convert(
         _set_running_statistics(site, x)
         before = _relative_error(site(x), target)
         _fit(site, x, target, config.init_fit_steps)
+        after = _relative_error(site(x), target)
+        name = ".".join(map(str, path))
+        print(f"  fitted {name}: relative error {before:.3g} -> {after:.3g}", flush=True)
         fits.append(
             {
                 "site": ".".join(map(str, path)),
                 "from": type(target_site).__name__,
                 "to": type(site).__name__,
                 "relative_error_before": before,
-                "relative_error_after": _relative_error(site(x), target),
+                "relative_error_after": after,
             }
         )
     record = {

@@ -55,7 +55,7 @@ from addervit_jax.train.workdir import (
     run_files,
 )
 
-__all__ = ["RESUME_MODES", "TrainingDiverged", "train"]
+__all__ = ["RESUME_MODES", "ConversionInterrupted", "TrainingDiverged", "train"]
 
 RESUME_MODES = (False, True, "auto")
 
@@ -98,6 +98,31 @@ class _StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class ConversionInterrupted(Exception):
+    """SIGTERM or SIGINT during the conversion of ``init_from``, before the run's first
+    checkpoint: nothing of the run is saved; ``--resume`` converts again (``signal``: its
+    number)."""
+
+    def __init__(self, signum: int, workdir: pathlib.Path):
+        self.signal = signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} while converting init_from, before "
+            f"the first checkpoint of {workdir}: nothing of the run is saved yet; resume with "
+            f"addervit train --workdir {workdir} --resume [same --config flags] to convert again"
+        )
+
+
+class _InterruptSignals(_StopSignals):
+    """SIGTERM/SIGINT raise :class:`ConversionInterrupted` at once (no step to finish first)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        super().__init__()
+        self.workdir = workdir
+
+    def _handle(self, signum, frame):
+        raise ConversionInterrupted(signum, self.workdir)
 
 
 class _Clock:
@@ -315,11 +340,17 @@ def _train_in(config, workdir, resume, inputs, teacher, teacher_info, logs):
                     if bad_loss is not None:
                         diverged(f"loss became {bad_loss}", done)
                     log.train(done, window, images_per_second=rate)
+                    # A step's evaluation is written before its checkpoint, so that no kill
+                    # loses it (after the checkpoint, a resumed run starts past the step); a
+                    # stop signal saves first, its grace time being short.
+                    stopping = stop.received is not None
+                    if evaluate_now and not stopping:
+                        log.eval(done, evaluate_all(state))
                     if save:
                         if not _finite(state, mesh):
                             diverged("the parameters or optimiser state became non-finite", done)
                         checkpoints.save(state, **clock.totals())
-                    if evaluate_now:
+                    if evaluate_now and stopping:
                         log.eval(done, evaluate_all(state))
                     clock.restart()
                 if stop.received is not None or preempted:
@@ -408,7 +439,9 @@ def _start(config, workdir, resume, checkpoints, mesh, total_steps, inputs):
     if resume:
         print(f"no checkpoint in {directory} yet: starting from step 0", flush=True)
     if config.get("init_from") is not None:
-        state = shard_state(convert.convert(config, state, inputs, workdir), mesh, config.fsdp)
+        with _InterruptSignals(workdir):
+            state = convert.convert(config, state, inputs, workdir)
+        state = shard_state(state, mesh, config.fsdp)
     return state, _Clock()
 
 
