@@ -968,3 +968,12 @@ def test_a_stop_signal_during_the_conversion_fit_says_what_happened_and_how_to_r
     assert f"--workdir {run} --resume" in last
     assert "Traceback" not in err
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+def test_the_pallas_backend_on_a_cpu_without_interpret_is_refused_in_one_line():
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU property")
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"backend='pallas' compiles for a GPU; on a CPU .*"):
+        ops.adder(x, w, backend="pallas")
+    assert ops.adder(x, w, backend="pallas", interpret=True).shape == (2, 4)

@@ -87,6 +87,14 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _lowering_platform() -> str:
+    """The platform being traced for: an abstract mesh's device (``kernels.compat.lower_for_cuda``
+    traces for CUDA on a CPU machine), else the default device's."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = getattr(device, "platform", None)
+    return platform if platform is not None else jax.default_backend()
+
+
 def _backend(options: AdderOptions, kernel: str, rows: tuple, shared: tuple, **rule) -> str:
     """The backend that runs ``kernel`` (a protocol function of :mod:`.backends`) on the
     operands: ``interpret`` selects the Pallas kernels under ``"auto"`` (interpret mode exists
@@ -98,6 +106,11 @@ def _backend(options: AdderOptions, kernel: str, rows: tuple, shared: tuple, **r
     if options.interpret and backend == "auto":
         backend = "pallas"
     resolved = _float64_to_xla(resolve_backend(backend), *rows, *shared)
+    if resolved == "pallas" and not options.interpret and _lowering_platform() == "cpu":
+        raise ValueError(
+            "adder: backend='pallas' compiles for a GPU; on a CPU it runs only with "
+            "interpret=True (slow, for tests): use backend='auto' (the native kernels) or 'xla'"
+        )
     if backend == "auto" and resolved == "pallas":
         w, e = shared
         resolved = selfcheck.kernel_backend(
