@@ -487,10 +487,15 @@ def test_model_sizes_are_checked_by_name(overrides, fragment):
         ({"config.total_steps": -5}, "total_steps=-5 must be 0"),
         ({"config.batch_size": 2000}, "batch_size=2000 is larger than the 1437 training"),
         ({"config.eval_split": "nosuch"}, "bad split 'nosuch'"),
+        ({"config.model.norm": "bogus"}, "model: AdderDense: unknown norm='bogus'"),
+        ({"config.model.nosuch": 1}, r"has no field\(s\) \['nosuch'\]; fields: \['attn'"),
+        ({"config.model.grad": "bogus"}, "grad"),
+        ({"config.distill.teacher": "/nonexistent"}, "distill.teacher='/nonexistent' is not a"),
+        ({"config.init_from": "/nonexistent"}, "init_from='/nonexistent' is not a finished"),
     ],
 )
 def test_bad_training_configs_fail_before_the_run_directory_exists(tmp_path, overrides, fragment):
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises((ValueError, FileNotFoundError), match=fragment):
         train.train(_config(**overrides), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
