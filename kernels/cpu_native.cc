@@ -1184,7 +1184,8 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
   }
   // Jobs: blocks of kRows rows, each coded by its job right before its product (the codes stay
   // in cache); where the rows make fewer jobs than 2 per thread (small batches), the columns are
-  // split too, in multiples of 16, each column job coding its rows again (L * K is small then).
+  // split too, in multiples of 16, each column job coding its rows again (L * K is small then),
+  // unless the whole product is small.
 #ifndef ADDERVIT_INT8_ROWS
 #define ADDERVIT_INT8_ROWS 256
 #endif
@@ -1193,8 +1194,12 @@ std::string int8_matmul(ffi::ThreadPool& pool, const float* xs, const int8_t* ws
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
   if (int cap = max_threads_from_env()) threads = std::min<long>(threads, cap);
   const long row_blocks = ceil_div(L, kRows);
-  const long col_blocks =
-      std::max<long>(1, std::min(ceil_div(N, 64), ceil_div(2 * threads, row_blocks)));
+  // a small product (batch-1 inference: 64 x 128 x 128) runs as one job on the calling thread:
+  // handing jobs to the pool and waiting for them costs more than the work
+  const bool small = L * K * N <= (1L << 21);
+  const long col_blocks = small ? 1
+                                : std::max<long>(1, std::min(ceil_div(N, 64),
+                                                             ceil_div(2 * threads, row_blocks)));
   const long cols = ceil_div(ceil_div(N, col_blocks), 16) * 16, col_jobs = ceil_div(N, cols);
   std::string failure;
   std::mutex failure_lock;
