@@ -138,6 +138,49 @@ def test_normalisation_gradients_match_float64_autodiff(lead):
         assert ref.rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("lead", [(40,), (4, 9)])
+def test_batch_norm_gradients_match_float64_autodiff_and_its_statistics_nnx(lead):
+    # norm="batch" in training: the same written-out backward over the batch and the tokens,
+    # against float64 autodiff; its forward and running statistics are nnx.BatchNorm's, bit for
+    # bit (the trained runs' numbers are unchanged)
+    layer = _randomise(layers.NormedDense(10, 6, norm="batch", rngs=nnx.Rngs(0)), seed=6)
+    layer.batch_norm.mean[...] = jnp.linspace(-1, 1, 6)
+    layer.batch_norm.var[...] = jnp.linspace(0.5, 2, 6)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(*lead, 10)).astype(np.float32) * 3 + 1
+    r = rng.normal(size=(*lead, 6)).astype(np.float32)
+    p = _params(layer)
+    twin = nnx.clone(layer)
+
+    @nnx.jit
+    def nnx_batch_norm(m, x):  # what the layer computed with nnx.BatchNorm in training
+        return m.batch_norm(m._site_similarity(x)) * m.mask[...] + m.bias[...]
+
+    want_y = nnx_batch_norm(twin, x)
+    got_y = nnx.jit(lambda m, x: m(x))(layer, x)
+    np.testing.assert_array_equal(np.asarray(got_y), np.asarray(want_y))
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(layer.batch_norm, name)[...]),
+            np.asarray(getattr(twin.batch_norm, name)[...]),
+        )
+    grads, dx = nnx.grad(lambda m, x: jnp.sum(m(x) * r), argnums=(0, 1))(layer, x)
+
+    def reference(x, kernel, mask, bias):
+        y = x @ kernel
+        axes = tuple(range(y.ndim - 1))
+        mean = y.mean(axes, keepdims=True)
+        z = (y - mean) / jnp.sqrt(((y - mean) ** 2).mean(axes, keepdims=True) + 1e-5)
+        return jnp.sum((z * mask + bias) * r)
+
+    with jax.enable_x64():
+        args = [jnp.asarray(a, jnp.float64) for a in (x, p["kernel"], p["mask"], p["bias"])]
+        want = [np.asarray(g) for g in jax.grad(reference, argnums=(0, 1, 2, 3))(*args)]
+    got = [dx, grads.kernel[...], grads.mask[...], grads.bias[...]]
+    for name, a, b in zip(("x", "kernel", "mask", "bias"), got, want, strict=True):
+        assert ref.rel_err(a, b) < 1e-4, name
+
+
 @pytest.mark.parametrize("grad", ["clipped", "addernet", "exact"])
 def test_adder_layer_gradients_follow_the_rule(grad):
     # Without the norm, y = F * adder(E * x, W) + b, so every gradient is a rule of ops.adder
