@@ -90,7 +90,7 @@ def resolve_backend(backend: str) -> str:
 def _lowering_platform() -> str:
     """The platform being traced for: an abstract mesh's device (``kernels.compat.lower_for_cuda``
     traces for CUDA on a CPU machine), else the default device's."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
     platform = getattr(device, "platform", None)
     return platform if platform is not None else jax.default_backend()
 

@@ -172,13 +172,16 @@ def _dataset_mismatches(config) -> list[str]:
     ]
 
 
-def check_inputs(config: ml_collections.ConfigDict, inputs: data.Inputs) -> None:
+def check_inputs(
+    config: ml_collections.ConfigDict, inputs: data.Inputs, *, warn: bool = True
+) -> None:
     """Fail before the run directory exists when the batches of ``inputs`` cannot train
     ``config``'s model: a batch larger than the training split, images of another size than the
     model's ``image_size`` (in-memory datasets keep their size; a model built for another one
     fails at its first step), a conversion fit on more batches than one epoch has (it would
-    hold them all in memory). Warns where the warm-up is not shorter than the run (the schedule
-    then warms up over all but the last step and never decays)."""
+    hold them all in memory). Warns (``warn``: a new run, not a resumed one, which was warned
+    when it started) where the warm-up is not shorter than the run (the schedule then warms up
+    over all but the last step and never decays)."""
     if inputs.steps_per_epoch < 1:
         raise ValueError(
             f"batch_size={config.batch_size} is larger than the {inputs.num_train} training "
@@ -193,7 +196,7 @@ def check_inputs(config: ml_collections.ConfigDict, inputs: data.Inputs) -> None
         )
     total = config.get("total_steps") or math.ceil(config.num_epochs * inputs.steps_per_epoch)
     warmup = int(config.warmup_epochs * inputs.steps_per_epoch)
-    if warmup >= total > 0:
+    if warn and warmup >= total > 0:
         warnings.warn(
             f"warmup_epochs={config.warmup_epochs:g} ({warmup} steps) is not shorter than the run "
             f"({total} steps): the learning rate warms up over {max(total - 1, 0)} steps and never "

@@ -256,7 +256,7 @@ def train(
     if resume:
         check_recorded_sources(config, workdir, teacher_info)  # the same teacher and source
     inputs = make_inputs(config)  # fails here on a split that selects no examples
-    check_inputs(config, inputs)
+    check_inputs(config, inputs, warn=not resume)
     is_main = jax.process_index() == 0
     replace = overwrite and bool(run_files(workdir))
     _barrier("addervit: run directory checked")  # by every process, before any writes into it
