@@ -1292,9 +1292,10 @@ const int8_t* unpack_ternary(ffi::ThreadPool& pool, const uint8_t* bytes, long K
       for (int i = 0; i < 4; ++i) t[b][i] = static_cast<int8_t>(((b >> (2 * i)) & 3) - 1);
     return t;
   }();
-  std::vector<int8_t> w;
+  std::vector<int8_t> w, dense;
   try {
     w.resize(K * P * 4);
+    if (4 * P != n) dense.resize(K * n);
   } catch (const std::bad_alloc&) {
     return nullptr;
   }
@@ -1306,7 +1307,6 @@ const int8_t* unpack_ternary(ffi::ThreadPool& pool, const uint8_t* bytes, long K
   // w holds 4 P >= n columns per row: where n is not a multiple of 4, its first n columns are
   // copied into a dense (K, n) matrix
   if (4 * P != n) {
-    std::vector<int8_t> dense(K * n);
     for (long k = 0; k < K; ++k) std::memcpy(&dense[k * n], &w[k * 4 * P], n);
     w.swap(dense);
   }
@@ -1341,7 +1341,8 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::U8> p
   return ffi::Error::Success();
 }
 
-// The sites' whole int8 step: the product and its rescale, y = sums * col / s + bias (Rescale).
+// The sites' whole int8 step: the product and its rescale, y = sums * col * (1 / s) + bias
+// (Rescale).
 ffi::Error Int8DenseImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S8> w, F32 col, F32 bias,
                          ffi::ResultBuffer<ffi::F32> y) {
   auto dx = x.dimensions(), dw = w.dimensions();
