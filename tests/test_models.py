@@ -189,3 +189,12 @@ def test_l1_attention_matches_float64(attn):
     assert np.linalg.norm(out - expected) / np.linalg.norm(expected) < 1e-4
     spread = 1.0 if attn == "l1" else 2.0 - 4.0 / np.pi
     np.testing.assert_allclose(t, 1.0 / np.sqrt(spread * 8), rtol=1e-6)
+
+
+def test_shift_weight_bits_is_a_model_option():
+    small = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_dim": 32}
+    model = models.build("qkv_2ffn_shift", rngs=nnx.Rngs(0), weight_bits=4, **small)
+    ranges = {s.shift_range for _, s in nnx.iter_modules(model) if isinstance(s, layers.ShiftDense)}
+    assert ranges == {(-7, 0)}  # DeepShift's 4 bits: a sign and exponents 2^-7..2^0
+    with pytest.raises(ValueError, match="weight_bits=4 is honoured by no site of this model"):
+        models.build("multi", rngs=nnx.Rngs(0), weight_bits=4, **small)

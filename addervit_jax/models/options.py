@@ -37,6 +37,7 @@ class LinearOptions:
     norm: str | None = None
     backend: str | None = None
     interpret: bool | None = None  # the Pallas kernels in interpret mode (CPU debugging)
+    weight_bits: int | None = None  # shift sites: DeepShift's bits per weight (layers.ShiftDense)
 
     def set_options(self) -> dict[str, Any]:
         """The options given explicitly (not None)."""
