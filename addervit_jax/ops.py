@@ -126,12 +126,11 @@ def int8_matmul(
         (``"pallas"``, ``"naive"``) runs ``"xla"``. Both give the same integers.
     """
     x, w = _int8_operands("int8_matmul", x, w)
-    lead, (d_in, d_out) = x.shape[:-1], w.shape
-    module = backends.get(resolve_backend(backend))
-    if getattr(module, "int8_matmul_available", lambda: False)():
-        rows = x.reshape(-1, d_in).astype(jnp.float32)
-        sums, scale = shard_rows(module.int8_matmul, (rows,), (w,))
-        return sums.reshape(*lead, d_out), scale.reshape(*lead, 1)
+    lead = x.shape[:-1]
+    native = _native_int8(backend, "int8_matmul", x, (w,))
+    if native is not None:
+        sums, scale = native
+        return sums.reshape(*lead, w.shape[1]), scale.reshape(*lead, 1)
     codes, scale = quantizers.absmax_int8(x.astype(jnp.float32))
     sums = lax.dot_general(
         codes.astype(jnp.int8),
@@ -140,6 +139,17 @@ def int8_matmul(
         preferred_element_type=jnp.int32,
     )
     return sums, scale
+
+
+def _native_int8(backend: str, kernel: str, x, shared: tuple, **static):
+    """``backend``'s native int8 ``kernel`` on the rows of ``x`` (its leading axes flattened,
+    spread over a mesh by ``shard_rows``) and ``shared``, or None where that backend has no
+    native int8 product (XLA's then serves)."""
+    module = backends.get(resolve_backend(backend))
+    if not getattr(module, "int8_matmul_available", lambda: False)():
+        return None
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return shard_rows(functools.partial(getattr(module, kernel), **static), (rows,), shared)
 
 
 def _int8_operands(name: str, x, w) -> tuple[jax.Array, jax.Array]:
@@ -185,12 +195,9 @@ def int8_dense(x, w, col, bias=None, *, backend: str = "auto") -> jax.Array:
     :func:`int8_matmul`'s sums. ``backend`` as in :func:`int8_matmul`."""
     x, w = _int8_operands("int8_dense", x, w)
     col, bias = _rescale_operands("int8_dense", w.shape[1], col, bias)
-    lead, (d_in, d_out) = x.shape[:-1], w.shape
-    module = backends.get(resolve_backend(backend))
-    if getattr(module, "int8_matmul_available", lambda: False)():
-        rows = x.reshape(-1, d_in).astype(jnp.float32)
-        y = shard_rows(module.int8_dense, (rows,), (w, col, bias))
-        return y.reshape(*lead, d_out)
+    y = _native_int8(backend, "int8_dense", x, (w, col, bias))
+    if y is not None:
+        return y.reshape(*x.shape[:-1], w.shape[1])
     sums, scale = int8_matmul(x, w, backend="xla")
     return _rescale(sums, col, scale, bias)
 
@@ -200,13 +207,9 @@ def ternary_dense(x, packed, d_out: int, col, bias=None, *, backend: str = "auto
     :func:`ternary_matmul`)."""
     x, packed = _ternary_operands("ternary_dense", x, packed, d_out)
     col, bias = _rescale_operands("ternary_dense", d_out, col, bias)
-    module = backends.get(resolve_backend(backend))
-    if getattr(module, "int8_matmul_available", lambda: False)():
-        lead, d_in = x.shape[:-1], packed.shape[0]
-        rows = x.reshape(-1, d_in).astype(jnp.float32)
-        kernel = functools.partial(module.ternary_dense, n=int(d_out))
-        y = shard_rows(kernel, (rows,), (packed, col, bias))
-        return y.reshape(*lead, d_out)
+    y = _native_int8(backend, "ternary_dense", x, (packed, col, bias), n=int(d_out))
+    if y is not None:
+        return y.reshape(*x.shape[:-1], d_out)
     sums, scale = ternary_matmul(x, packed, d_out, backend="xla")
     return _rescale(sums, col, scale, bias)
 
@@ -234,11 +237,8 @@ def ternary_matmul(
     (``quantizers.unpack_ternary``). Both give :func:`int8_matmul`'s integers on the unpacked
     codes."""
     x, packed = _ternary_operands("ternary_matmul", x, packed, d_out)
-    module = backends.get(resolve_backend(backend))
-    if getattr(module, "int8_matmul_available", lambda: False)():
-        lead, d_in = x.shape[:-1], packed.shape[0]
-        rows = x.reshape(-1, d_in).astype(jnp.float32)
-        kernel = functools.partial(module.ternary_matmul, n=int(d_out))
-        sums, scale = shard_rows(kernel, (rows,), (packed,))
-        return sums.reshape(*lead, d_out), scale.reshape(*lead, 1)
+    native = _native_int8(backend, "ternary_matmul", x, (packed,), n=int(d_out))
+    if native is not None:
+        sums, scale = native
+        return sums.reshape(*x.shape[:-1], d_out), scale.reshape(*x.shape[:-1], 1)
     return int8_matmul(x, quantizers.unpack_ternary(packed, d_out), backend="xla")

@@ -124,18 +124,25 @@ def test_normalisation_gradients_match_float64_autodiff(lead):
     grads, dx = nnx.grad(lambda m, x: jnp.sum(m(x) * r), argnums=(0, 1))(layer, x)
     p = _params(layer)
 
+    got = [dx, grads.kernel[...], grads.mask[...], grads.bias[...]]
+    want = _normalised_site_grads(x, r, p, axes=(-1,))
+    for name, a, b in zip(("x", "kernel", "mask", "bias"), got, want, strict=True):
+        assert ref.rel_err(a, b) < 1e-5, name
+
+
+def _normalised_site_grads(x, r, p, *, axes):
+    """float64 autodiff of ``sum(r * (mask * N(x @ kernel) + bias))``, N the normalisation over
+    ``axes``: the gradients of x, kernel, mask and bias."""
+
     def reference(x, kernel, mask, bias):
         y = x @ kernel
-        mean = y.mean(-1, keepdims=True)
-        z = (y - mean) / jnp.sqrt(((y - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+        mean = y.mean(axes, keepdims=True)
+        z = (y - mean) / jnp.sqrt(((y - mean) ** 2).mean(axes, keepdims=True) + 1e-5)
         return jnp.sum((z * mask + bias) * r)
 
     with jax.enable_x64():
         args = [jnp.asarray(a, jnp.float64) for a in (x, p["kernel"], p["mask"], p["bias"])]
-        want = [np.asarray(g) for g in jax.grad(reference, argnums=(0, 1, 2, 3))(*args)]
-    got = [dx, grads.kernel[...], grads.mask[...], grads.bias[...]]
-    for name, a, b in zip(("x", "kernel", "mask", "bias"), got, want, strict=True):
-        assert ref.rel_err(a, b) < 1e-5, name
+        return [np.asarray(g) for g in jax.grad(reference, argnums=(0, 1, 2, 3))(*args)]
 
 
 @pytest.mark.parametrize("lead", [(40,), (4, 9)])
@@ -165,17 +172,7 @@ def test_batch_norm_gradients_match_float64_autodiff_and_its_statistics_nnx(lead
             np.asarray(getattr(twin.batch_norm, name)[...]),
         )
     grads, dx = nnx.grad(lambda m, x: jnp.sum(m(x) * r), argnums=(0, 1))(layer, x)
-
-    def reference(x, kernel, mask, bias):
-        y = x @ kernel
-        axes = tuple(range(y.ndim - 1))
-        mean = y.mean(axes, keepdims=True)
-        z = (y - mean) / jnp.sqrt(((y - mean) ** 2).mean(axes, keepdims=True) + 1e-5)
-        return jnp.sum((z * mask + bias) * r)
-
-    with jax.enable_x64():
-        args = [jnp.asarray(a, jnp.float64) for a in (x, p["kernel"], p["mask"], p["bias"])]
-        want = [np.asarray(g) for g in jax.grad(reference, argnums=(0, 1, 2, 3))(*args)]
+    want = _normalised_site_grads(x, r, p, axes=tuple(range(x.ndim - 1)))
     got = [dx, grads.kernel[...], grads.mask[...], grads.bias[...]]
     for name, a, b in zip(("x", "kernel", "mask", "bias"), got, want, strict=True):
         assert ref.rel_err(a, b) < 1e-4, name
